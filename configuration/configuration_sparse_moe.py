@@ -1,0 +1,204 @@
+"""Configuration of lightarch's sparse mixture-of-experts decoder (`model_type="lightarch_sparse_moe"`).
+
+This file imports only transformers: it is copied next to `modeling_sparse_moe.py` when a model is saved, so that
+`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works where lightarch is not installed.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+ROUTER_MODES = ("top_k", "top_p")
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+@strict
+class SparseMoeConfig(PreTrainedConfig):
+    r"""
+    A decoder-only transformer whose feed-forward layers are sparse mixtures of experts.
+
+    Attention follows Mistral / Qwen3: RMSNorm, rotary embeddings (`rope_parameters`), grouped-query attention,
+    and per-layer `layer_types` mixing `"full_attention"` and `"sliding_attention"` (window `sliding_window`).
+
+    The feed-forward of layer `i` is a dense SwiGLU MLP for `i < first_k_dense_layers`, otherwise a mixture of
+    `num_experts` SwiGLU experts (plus `num_shared_experts` that every token uses, as in DeepSeekMoE).
+
+    Routing (`router_mode`):
+        - `"top_k"`: each token takes its `num_experts_per_tok` most probable experts (Mixtral / Qwen3-MoE);
+          `norm_topk_prob` renormalises their weights to sum to one.
+        - `"top_p"`: dynamic. A token takes experts in order of probability until their mass reaches
+          `router_top_p`, at least one and at most `max_experts_per_token`. Confident tokens use one expert,
+          uncertain ones use more. The selected weights are renormalised.
+
+    Load balancing:
+        - `router_aux_loss_coef`: Switch-Transformer auxiliary loss, per layer, padding masked.
+        - `router_z_loss_coef`: ST-MoE router z-loss (keeps router logits small).
+        - `router_jitter_noise`: multiplicative noise on the router input while training.
+        - `router_bias_update_rate`: DeepSeek-V3 auxiliary-loss-free balancing. A per-expert bias is added to the
+          scores used for *selection only*; after every optimizer step it moves by this rate towards equal load.
+          0 disables it.
+
+    Example:
+
+    ```python
+    >>> from configuration import SparseMoeConfig
+    >>> config = SparseMoeConfig(num_hidden_layers=4, layer_types=["sliding_attention"] * 3 + ["full_attention"])
+    ```
+    """
+
+    model_type = "lightarch_sparse_moe"
+    keys_to_ignore_at_inference = ["cache"]
+
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+        "layers.*.mlp.experts.down_proj": "rowwise",
+        "layers.*.mlp.experts": "moe_tp_experts",
+        "layers.*.mlp.shared_experts.gate_proj": "colwise",
+        "layers.*.mlp.shared_experts.up_proj": "colwise",
+        "layers.*.mlp.shared_experts.down_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    base_model_ep_plan = {
+        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+        "layers.*.mlp.experts.down_proj": "grouped_gemm",
+        "layers.*.mlp.experts": "ep_dispatch_experts",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    # Decoder
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1408
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    attention_bias: bool = False
+    attention_dropout: float | int = 0.0
+    use_qk_norm: bool = False
+    layer_types: list[str] | None = None
+    sliding_window: int | None = None
+
+    # Mixture of experts
+    num_experts: int = 8
+    moe_intermediate_size: int = 512
+    first_k_dense_layers: int = 0
+    num_shared_experts: int = 0
+    router_mode: str = "top_k"
+    num_experts_per_tok: int = 2
+    norm_topk_prob: bool = True
+    router_top_p: float = 0.5
+    max_experts_per_token: int = 4
+
+    # Load balancing
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    router_jitter_noise: float = 0.0
+    router_bias_update_rate: float = 0.0
+    output_router_logits: bool = False
+
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.layer_types is None:
+            attention = "sliding_attention" if self.sliding_window is not None else "full_attention"
+            self.layer_types = [attention] * self.num_hidden_layers
+        super().__post_init__(**kwargs)
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """Raise a ValueError naming the field and the fix for each inconsistent value."""
+
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {value}.")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings", "num_experts", "moe_intermediate_size"):
+            positive(name)
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`num_attention_heads` ({self.num_attention_heads}) must divide `hidden_size` ({self.hidden_size}); "
+                "change one of them or set `head_dim` explicitly."
+            )
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if (self.head_dim < 2 or self.head_dim % 2):
+            raise ValueError(f"`head_dim` must be an even number >= 2 for rotary embeddings, got {self.head_dim}.")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"`num_key_value_heads` ({self.num_key_value_heads}) must divide `num_attention_heads` "
+                f"({self.num_attention_heads}) for grouped-query attention."
+            )
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"`layer_types` has {len(self.layer_types)} entries but `num_hidden_layers` is "
+                f"{self.num_hidden_layers}; give one entry per layer."
+            )
+        for layer_type in self.layer_types:
+            if layer_type not in ATTENTION_LAYER_TYPES:
+                raise ValueError(f"`layer_types` entry {layer_type!r} is unknown; use one of {ATTENTION_LAYER_TYPES}.")
+        if "sliding_attention" in self.layer_types:
+            if self.sliding_window is None:
+                raise ValueError("`layer_types` contains 'sliding_attention' but `sliding_window` is None; set it.")
+            if self.sliding_window < 1:
+                raise ValueError(f"`sliding_window` must be >= 1, got {self.sliding_window}.")
+        if not 0 <= self.first_k_dense_layers <= self.num_hidden_layers:
+            raise ValueError(
+                f"`first_k_dense_layers` must be between 0 and `num_hidden_layers` ({self.num_hidden_layers}), "
+                f"got {self.first_k_dense_layers}."
+            )
+        if self.num_shared_experts < 0:
+            raise ValueError(f"`num_shared_experts` must be >= 0, got {self.num_shared_experts}.")
+        if self.router_mode not in ROUTER_MODES:
+            raise ValueError(f"`router_mode` must be one of {ROUTER_MODES}, got {self.router_mode!r}.")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"`num_experts_per_tok` ({self.num_experts_per_tok}) must be between 1 and `num_experts` "
+                f"({self.num_experts}); lower it or add experts."
+            )
+        if not 0.0 < self.router_top_p <= 1.0:
+            raise ValueError(f"`router_top_p` must be in (0, 1], got {self.router_top_p}.")
+        if not 1 <= self.max_experts_per_token <= self.num_experts:
+            raise ValueError(
+                f"`max_experts_per_token` ({self.max_experts_per_token}) must be between 1 and `num_experts` "
+                f"({self.num_experts}); lower it or add experts."
+            )
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise", "router_bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.router_jitter_noise >= 1:
+            raise ValueError(f"`router_jitter_noise` must be < 1 (it scales inputs by 1 ± noise), got "
+                             f"{self.router_jitter_noise}.")
+
+    @property
+    def experts_per_token_limit(self) -> int:
+        """How many expert slots a token can fill: `num_experts_per_tok` (top_k) or `max_experts_per_token` (top_p)."""
+        return self.num_experts_per_tok if self.router_mode == "top_k" else self.max_experts_per_token
+
+
+__all__ = ["SparseMoeConfig"]

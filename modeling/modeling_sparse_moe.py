@@ -1,0 +1,332 @@
+"""lightarch's sparse mixture-of-experts decoder: dynamic (top-p) or fixed (top-k) routing, hybrid sliding attention.
+
+Layout and weight names follow transformers' Qwen3-MoE / Mixtral / Mistral, so their checkpoints convert by
+renaming nothing (see `conversion.py`). Imports are relative so a saved folder loads with `trust_remote_code=True`.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GenericForSequenceClassification
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_sparse_moe import SparseMoeConfig
+from .layers import Attention, DecoderLayer, Experts, RMSNorm, RotaryEmbedding, Router
+
+
+@dataclass
+class SparseMoeModelOutputWithPast(MoeModelOutputWithPast):
+    r"""
+    router_indices (`tuple(torch.LongTensor)`, *optional*):
+        Per MoE layer, the experts each token selected, `(batch * seq, slots)`; `num_experts` marks an unused slot.
+    """
+
+    router_indices: tuple[torch.LongTensor, ...] | None = None
+
+
+@dataclass
+class SparseMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    r"""
+    aux_loss (`torch.FloatTensor`):
+        `router_aux_loss_coef * load_balancing_loss + router_z_loss_coef * router_z_loss`, already added to `loss`.
+    load_balancing_loss (`torch.FloatTensor`):
+        Switch-Transformer balance loss, the mean over MoE layers; 1.0 means perfectly balanced.
+    router_z_loss (`torch.FloatTensor`):
+        Mean squared log-partition of the router logits, the mean over MoE layers.
+    experts_per_token (`torch.FloatTensor` of shape `(num_moe_layers,)`):
+        Per MoE layer, the mean number of experts a (non-padding) token used.
+    router_indices (`tuple(torch.LongTensor)`):
+        See `SparseMoeModelOutputWithPast`.
+    """
+
+    load_balancing_loss: torch.FloatTensor | None = None
+    router_z_loss: torch.FloatTensor | None = None
+    experts_per_token: torch.FloatTensor | None = None
+    router_indices: tuple[torch.LongTensor, ...] | None = None
+
+
+def router_statistics(
+    router_logits: tuple[torch.Tensor, ...],
+    router_indices: tuple[torch.Tensor, ...],
+    num_experts: int,
+    attention_mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Balance loss, z-loss, experts per token and expert load, computed per MoE layer and masked for padding.
+
+    Unlike transformers' `load_balancing_loss_func`, each layer is balanced on its own (the loss is the mean of
+    per-layer losses, not one loss over all layers' tokens concatenated), counts are normalised by the number of
+    selections so dynamic top-p routing is measured fairly, and a 2D `attention_mask` that also covers cached
+    tokens is cut to the tokens of this forward.
+
+    Returns `load_balancing_loss` and `router_z_loss` (scalars), `experts_per_token` `(layers,)` and
+    `expert_load` `(layers, num_experts)`, the fraction of selections each expert received.
+    """
+    device = router_logits[0].device
+    num_rows = router_logits[0].shape[0]
+    token_mask = torch.ones(num_rows, device=device)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        sequence_length = num_rows // attention_mask.shape[0]
+        token_mask = attention_mask[:, -sequence_length:].reshape(-1).to(device=device, dtype=torch.float32)
+    num_tokens = token_mask.sum().clamp(min=1.0)
+
+    balance_losses, z_losses, experts_per_token, expert_loads = [], [], [], []
+    for layer_logits, layer_indices in zip(router_logits, router_indices):
+        probs = torch.softmax(layer_logits.float(), dim=-1)
+        selected = nn.functional.one_hot(layer_indices, num_experts + 1)[..., :num_experts].sum(dim=1).float()
+        selected = selected * token_mask[:, None]
+        load = selected.sum(dim=0) / selected.sum().clamp(min=1.0)
+        mean_prob = (probs * token_mask[:, None]).sum(dim=0) / num_tokens
+        balance_losses.append(num_experts * torch.sum(load * mean_prob))
+        z = torch.logsumexp(layer_logits.float(), dim=-1) ** 2
+        z_losses.append((z * token_mask).sum() / num_tokens)
+        experts_per_token.append(selected.sum() / num_tokens)
+        expert_loads.append(load)
+    return {
+        "load_balancing_loss": torch.stack(balance_losses).mean(),
+        "router_z_loss": torch.stack(z_losses).mean(),
+        "experts_per_token": torch.stack(experts_per_token).detach(),
+        "expert_load": torch.stack(expert_loads).detach(),
+    }
+
+
+class SparseMoePreTrainedModel(PreTrainedModel):
+    config: SparseMoeConfig
+    config_class = SparseMoeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderLayer"]
+    _skip_keys_device_placement = ["cache"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # top-p routing has data-dependent shapes
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(Router, index=0),
+        "router_indices": OutputRecorder(Router, index=2),
+        "hidden_states": DecoderLayer,
+        "attentions": Attention,
+    }
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, Experts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, Router):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias_update_rate > 0:
+                init.zeros_(module.e_score_correction_bias)
+                init.zeros_(module.tokens_per_expert)
+
+
+class SparseMoeModel(SparseMoePreTrainedModel):
+    def __init__(self, config: SparseMoeConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.has_sliding_layers = "sliding_attention" in config.layer_types
+        self.post_init()
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, cache) -> None:
+        """Clear errors for inputs that would otherwise fail deep inside, or silently give wrong results."""
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if input_ids is not None and input_ids.numel() > 0:
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(
+                    f"input_ids contain token id {low if low < 0 else high}, outside the vocabulary "
+                    f"[0, {self.vocab_size - 1}] (config.vocab_size={self.vocab_size}). Was the input made by "
+                    "another tokenizer, or does the tokenizer have more tokens than the model (resize_token_embeddings)?"
+                )
+        batch_size, sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        past_length = cache.get_seq_length() if cache is not None else 0
+        total_length = past_length + sequence_length
+        if attention_mask is not None and attention_mask.dim() == 2:
+            if attention_mask.shape[0] != batch_size or attention_mask.shape[1] != total_length:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)} but the input needs "
+                    f"({batch_size}, {total_length}): batch size x (cached tokens {past_length} + new tokens "
+                    f"{sequence_length}). Pass the mask the tokenizer returned for these inputs."
+                )
+        if total_length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"The sequence has {total_length} tokens (cached {past_length} + new {sequence_length}) but "
+                f"config.max_position_embeddings is {self.config.max_position_embeddings}. Truncate the input "
+                "(tokenizer(..., truncation=True, max_length=...)) or use a config with a larger limit."
+            )
+
+    @merge_with_config_defaults
+    @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SparseMoeModelOutputWithPast:
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, cache)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        # The masks may already have been prepared, e.g. by `generate`.
+        if not isinstance(causal_mask_mapping := attention_mask, dict):
+            mask_kwargs = {
+                "config": self.config,
+                "inputs_embeds": inputs_embeds,
+                "attention_mask": attention_mask,
+                "cache": cache,
+                "position_ids": position_ids,
+            }
+            causal_mask_mapping = {"full_attention": create_causal_mask(**mask_kwargs)}
+            if self.has_sliding_layers:
+                causal_mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for i, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask_mapping[self.config.layer_types[i]],
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return SparseMoeModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+
+
+class SparseMoeForCausalLM(SparseMoePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+    _fsdp_plan = {"lm_head": "keep_full_weight"}
+
+    def __init__(self, config: SparseMoeConfig) -> None:
+        super().__init__(config)
+        self.model = SparseMoeModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SparseMoeCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Next-token targets (shifted inside); -100 is ignored. The returned loss adds `aux_loss`.
+        output_router_logits (`bool`, *optional*):
+            Return each MoE layer's router logits. Router statistics are always computed when `labels` are given.
+        """
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
+        has_moe_layers = self.config.first_k_dense_layers < self.config.num_hidden_layers
+        record_router = has_moe_layers
+        outputs: SparseMoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=record_router,
+            output_router_indices=record_router,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **kwargs)
+
+        aux_loss = stats = None
+        if record_router:
+            stats = router_statistics(
+                outputs.router_logits, outputs.router_indices, self.config.num_experts, attention_mask
+            )
+            aux_loss = (
+                self.config.router_aux_loss_coef * stats["load_balancing_loss"]
+                + self.config.router_z_loss_coef * stats["router_z_loss"]
+            )
+            if loss is not None:
+                loss = loss + aux_loss.to(loss.device)
+
+        return SparseMoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits if output_router_logits else None,
+            load_balancing_loss=stats["load_balancing_loss"] if stats else None,
+            router_z_loss=stats["router_z_loss"] if stats else None,
+            experts_per_token=stats["experts_per_token"] if stats else None,
+            router_indices=outputs.router_indices if output_router_logits else None,
+        )
+
+
+class SparseMoeForSequenceClassification(GenericForSequenceClassification, SparseMoePreTrainedModel):
+    """A score head on the last non-padding token (as Qwen3-MoE / Mistral)."""
+
+    def __init__(self, config: SparseMoeConfig) -> None:
+        SparseMoePreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = SparseMoeModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+
+__all__ = [
+    "SparseMoeCausalLMOutputWithPast",
+    "SparseMoeForCausalLM",
+    "SparseMoeForSequenceClassification",
+    "SparseMoeModel",
+    "SparseMoeModelOutputWithPast",
+    "SparseMoePreTrainedModel",
+    "router_statistics",
+]
