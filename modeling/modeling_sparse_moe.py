@@ -112,6 +112,8 @@ class SparseMoePreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False  # top-p routing has data-dependent shapes
+    # transformers looks for `@use_experts_implementation` in this file's source; our experts live in layers.py.
+    _can_set_experts_implementation_cached_value = True
     _can_record_outputs = {
         "router_logits": OutputRecorder(Router, index=0),
         "router_indices": OutputRecorder(Router, index=2),
