@@ -9,6 +9,7 @@ from transformers import (
 
 from configuration import SparseMoeConfig
 
+from .conversion import from_transformers, to_transformers
 from .modeling_sparse_moe import (
     SparseMoeCausalLMOutputWithPast,
     SparseMoeForCausalLM,
@@ -38,5 +39,7 @@ __all__ = [
     "SparseMoeModel",
     "SparseMoeModelOutputWithPast",
     "SparseMoePreTrainedModel",
+    "from_transformers",
     "router_statistics",
+    "to_transformers",
 ]

@@ -21,6 +21,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from .checkpoint_checks import CheckedLoadingMixin
 from .configuration_sparse_moe import SparseMoeConfig
 from .layers import Attention, DecoderLayer, Experts, RMSNorm, RotaryEmbedding, Router
 
@@ -100,7 +101,7 @@ def router_statistics(
     }
 
 
-class SparseMoePreTrainedModel(PreTrainedModel):
+class SparseMoePreTrainedModel(CheckedLoadingMixin, PreTrainedModel):
     config: SparseMoeConfig
     config_class = SparseMoeConfig
     base_model_prefix = "model"

@@ -1,0 +1,76 @@
+"""Loading guards: a corrupt or incomplete checkpoint folder fails with an error naming the file or weights.
+
+transformers alone reports a truncated safetensors file as a bare `SafetensorError` without the file name, and loads
+a checkpoint with missing tensors after only a log message, leaving those weights random. lightarch models refuse.
+
+This file imports only transformers and safetensors: it is copied into saved model folders for `trust_remote_code`.
+"""
+
+import json
+import os
+
+from safetensors import safe_open
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+
+def check_checkpoint_folder(folder: str) -> None:
+    """Raise OSError naming the missing or unreadable file of a local checkpoint folder."""
+    config_path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise OSError(f"Checkpoint folder {folder} has no {CONFIG_NAME}; it is incomplete or not a model folder.")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, ValueError) as error:
+        raise OSError(f"{config_path} is not valid JSON ({error}); the checkpoint is corrupt.") from error
+
+    index_path = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_files = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as error:
+            raise OSError(f"{index_path} is corrupt ({error}).") from error
+    elif os.path.isfile(os.path.join(folder, SAFE_WEIGHTS_NAME)):
+        weight_files = [SAFE_WEIGHTS_NAME]
+    else:
+        return  # other formats (.bin, sharded without index, gguf): transformers reports those itself
+
+    for name in weight_files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise OSError(f"Checkpoint folder {folder} is missing the weight file {name}.")
+        try:
+            with safe_open(path, framework="pt") as weights:
+                weights.keys()
+        except Exception as error:  # safetensors raises its own error type for truncated or garbled files
+            raise OSError(f"Weight file {path} is corrupt or truncated ({error}); re-save or re-download it.") from error
+
+
+class CheckedLoadingMixin:
+    """`from_pretrained` that validates a local folder first and refuses missing backbone weights.
+
+    Pass `allow_missing_weights=True` when missing weights are intended (for example a new head, or experts added
+    on top of a converted checkpoint): they are then initialised by `_init_weights` as transformers does.
+    """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, allow_missing_weights: bool = False, **kwargs):
+        if os.path.isdir(str(pretrained_model_name_or_path)):
+            check_checkpoint_folder(str(pretrained_model_name_or_path))
+        user_wants_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        # A new task head (e.g. `score` when a classifier starts from a language model) may be missing; the backbone
+        # may not.
+        backbone = f"{cls.base_model_prefix}."
+        missing = sorted(key for key in loading_info.get("missing_keys", []) if key.startswith(backbone))
+        if missing and not allow_missing_weights:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise OSError(
+                f"The checkpoint {pretrained_model_name_or_path} lacks {len(missing)} weight(s) the model needs: "
+                f"{shown}. The checkpoint is incomplete or was saved by another architecture; pass "
+                "allow_missing_weights=True to initialise them randomly instead."
+            )
+        return (model, loading_info) if user_wants_info else model
