@@ -76,7 +76,7 @@ def router_statistics(
     device = router_logits[0].device
     num_rows = router_logits[0].shape[0]
     token_mask = torch.ones(num_rows, device=device)
-    if attention_mask is not None and attention_mask.dim() == 2:
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         sequence_length = num_rows // attention_mask.shape[0]
         token_mask = attention_mask[:, -sequence_length:].reshape(-1).to(device=device, dtype=torch.float32)
     num_tokens = token_mask.sum().clamp(min=1.0)
@@ -148,7 +148,7 @@ class SparseMoeModel(SparseMoePreTrainedModel):
         self.has_sliding_layers = "sliding_attention" in config.layer_types
         self.post_init()
 
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, cache) -> None:
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache) -> None:
         """Clear errors for inputs that would otherwise fail deep inside, or silently give wrong results."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -161,18 +161,21 @@ class SparseMoeModel(SparseMoePreTrainedModel):
                     "another tokenizer, or does the tokenizer have more tokens than the model (resize_token_embeddings)?"
                 )
         batch_size, sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        past_length = cache.get_seq_length() if cache is not None else 0
+        # Paged caches (continuous batching) pack requests into one row and pass positions explicitly.
+        past_length = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
         total_length = past_length + sequence_length
-        if attention_mask is not None and attention_mask.dim() == 2:
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             if attention_mask.shape[0] != batch_size or attention_mask.shape[1] != total_length:
                 raise ValueError(
                     f"attention_mask has shape {tuple(attention_mask.shape)} but the input needs "
                     f"({batch_size}, {total_length}): batch size x (cached tokens {past_length} + new tokens "
                     f"{sequence_length}). Pass the mask the tokenizer returned for these inputs."
                 )
+        if position_ids is not None and position_ids.numel() > 0:
+            total_length = int(position_ids.max()) + 1
         if total_length > self.config.max_position_embeddings:
             raise ValueError(
-                f"The sequence has {total_length} tokens (cached {past_length} + new {sequence_length}) but "
+                f"The sequence reaches {total_length} tokens (cached {past_length} + new {sequence_length}) but "
                 f"config.max_position_embeddings is {self.config.max_position_embeddings}. Truncate the input "
                 "(tokenizer(..., truncation=True, max_length=...)) or use a config with a larger limit."
             )
@@ -190,7 +193,7 @@ class SparseMoeModel(SparseMoePreTrainedModel):
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> SparseMoeModelOutputWithPast:
-        self._check_inputs(input_ids, inputs_embeds, attention_mask, cache)
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, cache)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:

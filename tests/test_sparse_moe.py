@@ -332,3 +332,23 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.randint(3, 97, (1, 17)))
     with pytest.raises(ValueError, match="max_position_embeddings is 16"):
         model.generate(torch.randint(3, 97, (1, 12)), max_new_tokens=8, do_sample=False)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "paged|eager"])
+def test_continuous_batching_matches_generate(attn_implementation):
+    """transformers' continuous batching (paged cache) gives the tokens of plain greedy `generate`."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    model = SparseMoeForCausalLM(tiny_sparse_moe_config(router_mode="top_p")).eval()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]  # the first is longer than the sliding window
+    expected = [model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False)[0, len(p):].tolist()
+                for p in prompts]
+    if attn_implementation != "sdpa":
+        model.set_attn_implementation(attn_implementation)
+    outputs = model.generate_batch(
+        prompts,
+        generation_config=GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=-1, pad_token_id=0),
+        continuous_batching_config=ContinuousBatchingConfig(num_blocks=16, max_batch_tokens=64),
+    )
+    assert [outputs[f"req_{i}"].generated_tokens for i in range(2)] == expected
