@@ -10,6 +10,7 @@ from transformers.modeling_rope_utils import RopeParameters
 
 ROUTER_MODES = ("top_k", "top_p")
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+SLIDING_WINDOW_IMPLEMENTATIONS = ("windowed", "mask")
 
 
 @strict
@@ -97,6 +98,9 @@ class SparseMoeConfig(PreTrainedConfig):
     use_qk_norm: bool = False
     layer_types: list[str] | None = None
     sliding_window: int | None = None
+    sliding_window_implementation: str = "windowed"
+    prefill_chunk_size: int | None = None
+    num_sink_tokens: int = 0
 
     # Mixture of experts
     num_experts: int = 8
@@ -167,6 +171,27 @@ class SparseMoeConfig(PreTrainedConfig):
                 raise ValueError("`layer_types` contains 'sliding_attention' but `sliding_window` is None; set it.")
             if self.sliding_window < 1:
                 raise ValueError(f"`sliding_window` must be >= 1, got {self.sliding_window}.")
+        if self.sliding_window_implementation not in SLIDING_WINDOW_IMPLEMENTATIONS:
+            raise ValueError(
+                f"`sliding_window_implementation` must be one of {SLIDING_WINDOW_IMPLEMENTATIONS}, got "
+                f"{self.sliding_window_implementation!r}."
+            )
+        if self.prefill_chunk_size is not None and self.prefill_chunk_size < 1:
+            raise ValueError(
+                f"`prefill_chunk_size` must be a positive number of tokens (or None to disable chunked prefill), "
+                f"got {self.prefill_chunk_size}."
+            )
+        if self.num_sink_tokens < 0:
+            raise ValueError(f"`num_sink_tokens` must be >= 0, got {self.num_sink_tokens}.")
+        if self.num_sink_tokens > 0:
+            if any(layer_type != "sliding_attention" for layer_type in self.layer_types):
+                raise ValueError(
+                    "`num_sink_tokens` > 0 (attention sinks, bounded streaming cache) needs every layer to be "
+                    "'sliding_attention'; a full-attention layer's cache grows with the sequence. Set `layer_types` "
+                    "to all sliding layers or `num_sink_tokens=0`."
+                )
+            if self.sliding_window_implementation != "windowed":
+                raise ValueError("`num_sink_tokens` > 0 needs `sliding_window_implementation='windowed'`.")
         if not 0 <= self.first_k_dense_layers <= self.num_hidden_layers:
             raise ValueError(
                 f"`first_k_dense_layers` must be between 0 and `num_hidden_layers` ({self.num_hidden_layers}), "

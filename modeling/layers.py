@@ -20,6 +20,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .long_context import BlockAttentionMask, block_attention, sink_attention
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm, computed in float32 (T5 / Llama style)."""
@@ -163,6 +165,11 @@ class Attention(nn.Module):
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
 
+        if isinstance(attention_mask, BlockAttentionMask):  # long-context path: windowed / chunked compute
+            attn_output = self._block_attention(query_states, key_states, value_states, attention_mask, cache)
+            attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+            return self.o_proj(attn_output), None
+
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -179,6 +186,26 @@ class Attention(nn.Module):
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
+
+
+    def _block_attention(self, query_states, key_states, value_states, mask: BlockAttentionMask, cache):
+        use_sdpa = self.config._attn_implementation == "sdpa"
+        if not mask.num_sink_tokens:
+            return block_attention(self, query_states, key_states, value_states, mask, self.scaling, use_sdpa)
+        if cache is not None:
+            layer = cache.layers[self.layer_idx]
+            sink_keys, sink_values, tokens_before = layer.sink_keys, layer.sink_values, layer.tokens_before_update
+        else:  # one forward over the whole sequence: the sinks are its first tokens
+            sink_keys = key_states[:, :, : mask.num_sink_tokens]
+            sink_values = value_states[:, :, : mask.num_sink_tokens]
+            tokens_before = 0
+
+        def rotate(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            cos, sin = mask.rotary_emb(states, positions[None])
+            return apply_rotary_pos_emb(states, states, cos, sin)[0]
+
+        return sink_attention(self, query_states, key_states, value_states, sink_keys, sink_values, tokens_before,
+                              mask, self.scaling, use_sdpa, rotate)
 
 
 class MLP(nn.Module):

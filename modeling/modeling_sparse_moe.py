@@ -24,6 +24,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .checkpoint_checks import CheckedLoadingMixin
 from .configuration_sparse_moe import SparseMoeConfig
 from .layers import Attention, DecoderLayer, Experts, RMSNorm, RotaryEmbedding, Router
+from .long_context import BlockAttentionMask, SinkSlidingWindowLayer, default_block_size, install_sink_layers
 
 
 @dataclass
@@ -173,6 +174,8 @@ class SparseMoeModel(SparseMoePreTrainedModel):
                 )
         if position_ids is not None and position_ids.numel() > 0:
             total_length = int(position_ids.max()) + 1
+        if self.config.num_sink_tokens:
+            return  # streaming: attention sinks keep every attended distance below sinks + window
         if total_length > self.config.max_position_embeddings:
             raise ValueError(
                 f"The sequence reaches {total_length} tokens (cached {past_length} + new {sequence_length}) but "
@@ -198,24 +201,44 @@ class SparseMoeModel(SparseMoePreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        if self.config.num_sink_tokens and isinstance(cache, DynamicCache):
+            if not all(isinstance(layer, SinkSlidingWindowLayer) for layer in cache.layers):
+                install_sink_layers(cache, self.config)  # e.g. the DynamicCache that `generate` built
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        # The masks may already have been prepared, e.g. by `generate`.
-        if not isinstance(causal_mask_mapping := attention_mask, dict):
-            mask_kwargs = {
-                "config": self.config,
-                "inputs_embeds": inputs_embeds,
-                "attention_mask": attention_mask,
-                "cache": cache,
-                "position_ids": position_ids,
-            }
-            causal_mask_mapping = {"full_attention": create_causal_mask(**mask_kwargs)}
-            if self.has_sliding_layers:
-                causal_mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        chunk_size = self.config.prefill_chunk_size
+        sequence_length = inputs_embeds.shape[1]
+        if chunk_size is not None and cache is not None and sequence_length > chunk_size:
+            # Chunked prefill: the cache carries the state between chunks, so peak memory is bounded by the chunk
+            # (and the window of sliding layers) instead of the prompt length.
+            past_length = cache.get_seq_length()
+            hidden_chunks = []
+            for start in range(0, sequence_length, chunk_size):
+                end = min(start + chunk_size, sequence_length)
+                chunk_mask = attention_mask
+                if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+                    chunk_mask = attention_mask[:, : past_length + end]
+                hidden_chunks.append(
+                    self._decoder_layers(inputs_embeds[:, start:end], chunk_mask, position_ids[:, start:end], cache,
+                                         use_cache, in_chunks=True, **kwargs)
+                )
+            hidden_states = torch.cat(hidden_chunks, dim=1)
+        else:
+            hidden_states = self._decoder_layers(inputs_embeds, attention_mask, position_ids, cache, use_cache,
+                                                 in_chunks=False, **kwargs)
+        hidden_states = self.norm(hidden_states)
+        return SparseMoeModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
+    def _decoder_layers(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, in_chunks, **kwargs):
+        """Run every decoder layer over `inputs_embeds`, with the mask each layer type needs."""
+        causal_mask_mapping = attention_mask
+        # The masks may already have been prepared, e.g. by `generate`.
+        if not isinstance(attention_mask, dict):
+            causal_mask_mapping = self._attention_masks(inputs_embeds, attention_mask, position_ids, cache, in_chunks,
+                                                        kwargs.get("output_attentions"))
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for i, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
@@ -228,8 +251,53 @@ class SparseMoeModel(SparseMoePreTrainedModel):
                 use_cache=use_cache,
                 **kwargs,
             )
-        hidden_states = self.norm(hidden_states)
-        return SparseMoeModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+        return hidden_states
+
+    def _attention_masks(self, inputs_embeds, attention_mask, position_ids, cache, in_chunks, output_attentions):
+        """One mask per layer type present.
+
+        Sliding layers get a `BlockAttentionMask` (block-local windowed compute) unless the config asks for
+        transformers' mask-only sliding window, attention weights are requested, or the attention backend is not
+        eager / sdpa (e.g. the paged kernels of continuous batching). Full layers get one during chunked prefill.
+        """
+        block_attention_usable = (
+            self.config._attn_implementation in ("eager", "sdpa")
+            and not (output_attentions or self.config.output_attentions)
+            and (attention_mask is None or attention_mask.dim() == 2)
+            and not (self.training and self.config.attention_dropout > 0)
+        )
+        mask_kwargs = {
+            "config": self.config,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "cache": cache,
+            "position_ids": position_ids,
+        }
+        # A chunk after cached tokens (our chunked prefill, or generate(prefill_chunk_size=...)) would otherwise build
+        # a chunk x sequence mask for full layers.
+        past_length = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+        in_chunks = in_chunks or (past_length > 0 and inputs_embeds.shape[1] > 1)
+        masks = {}
+        if "full_attention" in self.config.layer_types:
+            if in_chunks and block_attention_usable:
+                masks["full_attention"] = BlockAttentionMask(attention_mask, None, default_block_size(None))
+            else:
+                masks["full_attention"] = create_causal_mask(**mask_kwargs)
+        if self.has_sliding_layers:
+            window = self.config.sliding_window
+            if block_attention_usable and self.config.sliding_window_implementation == "windowed":
+                masks["sliding_attention"] = BlockAttentionMask(
+                    attention_mask, window, default_block_size(window), self.config.num_sink_tokens, self.rotary_emb
+                )
+            elif self.config.num_sink_tokens:
+                raise ValueError(
+                    f"Attention sinks (num_sink_tokens={self.config.num_sink_tokens}) run on the eager and sdpa "
+                    f"attention implementations, without output_attentions; got "
+                    f"attn_implementation={self.config._attn_implementation!r}."
+                )
+            else:
+                masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        return masks
 
 
 class SparseMoeForCausalLM(SparseMoePreTrainedModel, GenerationMixin):
