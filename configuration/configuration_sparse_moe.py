@@ -220,10 +220,42 @@ class SparseMoeConfig(PreTrainedConfig):
             raise ValueError(f"`router_jitter_noise` must be < 1 (it scales inputs by 1 ± noise), got "
                              f"{self.router_jitter_noise}.")
 
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "SparseMoeConfig":
+        """A named starting point (see `SPARSE_MOE_PRESETS`); keyword arguments override its fields."""
+        if name not in SPARSE_MOE_PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(SPARSE_MOE_PRESETS)}.")
+        return cls(**{**SPARSE_MOE_PRESETS[name], **overrides})
+
     @property
     def experts_per_token_limit(self) -> int:
         """How many expert slots a token can fill: `num_experts_per_tok` (top_k) or `max_experts_per_token` (top_p)."""
         return self.num_experts_per_tok if self.router_mode == "top_k" else self.max_experts_per_token
 
 
-__all__ = ["SparseMoeConfig"]
+_SMALL = dict(
+    vocab_size=8192, hidden_size=256, intermediate_size=512, moe_intermediate_size=256, num_hidden_layers=6,
+    num_attention_heads=4, num_key_value_heads=2, num_experts=8, router_mode="top_p", router_top_p=0.6,
+    max_experts_per_token=3,
+)
+
+# Named starting points. Long-context presets combine sliding layers (cache bounded by the window) with few global
+# layers; `prefill_chunk_size` bounds prefill memory.
+SPARSE_MOE_PRESETS: dict[str, dict] = {
+    # all layers see everything: the simplest model, limited to its trained length
+    "full-attention": dict(_SMALL, max_position_embeddings=4096),
+    # 5 sliding : 1 global, for documents up to 256K tokens on a CPU
+    "hybrid-long": dict(
+        _SMALL, sliding_window=512, max_position_embeddings=262144, prefill_chunk_size=4096,
+        layer_types=["sliding_attention"] * 5 + ["full_attention"], rope_parameters={"rope_type": "default",
+                                                                                     "rope_theta": 1000000.0},
+    ),
+    # all sliding with attention sinks: unbounded streaming generation at constant memory
+    "streaming": dict(
+        _SMALL, sliding_window=512, num_sink_tokens=4, prefill_chunk_size=4096,
+        layer_types=["sliding_attention"] * 6,
+    ),
+}
+
+
+__all__ = ["SPARSE_MOE_PRESETS", "SparseMoeConfig"]

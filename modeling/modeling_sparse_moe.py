@@ -69,7 +69,7 @@ def router_statistics(
     Unlike transformers' `load_balancing_loss_func`, each layer is balanced on its own (the loss is the mean of
     per-layer losses, not one loss over all layers' tokens concatenated), counts are normalised by the number of
     selections so dynamic top-p routing is measured fairly, and a 2D `attention_mask` that also covers cached
-    tokens is cut to the tokens of this forward.
+    tokens is cut to the tokens of this forward (a 1D mask gives one weight per router row directly).
 
     Returns `load_balancing_loss` and `router_z_loss` (scalars), `experts_per_token` `(layers,)` and
     `expert_load` `(layers, num_experts)`, the fraction of selections each expert received.
@@ -80,6 +80,8 @@ def router_statistics(
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         sequence_length = num_rows // attention_mask.shape[0]
         token_mask = attention_mask[:, -sequence_length:].reshape(-1).to(device=device, dtype=torch.float32)
+    elif isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 1:  # already one entry per row
+        token_mask = attention_mask.to(device=device, dtype=torch.float32)
     num_tokens = token_mask.sum().clamp(min=1.0)
 
     balance_losses, z_losses, experts_per_token, expert_loads = [], [], [], []
@@ -180,7 +182,9 @@ class SparseMoeModel(SparseMoePreTrainedModel):
             raise ValueError(
                 f"The sequence reaches {total_length} tokens (cached {past_length} + new {sequence_length}) but "
                 f"config.max_position_embeddings is {self.config.max_position_embeddings}. Truncate the input "
-                "(tokenizer(..., truncation=True, max_length=...)) or use a config with a larger limit."
+                "(tokenizer(..., truncation=True, max_length=...)), or for long documents use a sliding-window "
+                "preset with chunked prefill, SparseMoeConfig.from_preset('hybrid-long') (prefill_chunk_size, "
+                "up to 262144 tokens) or 'streaming' (attention sinks, unbounded)."
             )
 
     @merge_with_config_defaults
@@ -359,9 +363,8 @@ class SparseMoeForCausalLM(SparseMoePreTrainedModel, GenerationMixin):
 
         aux_loss = stats = None
         if record_router:
-            stats = router_statistics(
-                outputs.router_logits, outputs.router_indices, self.config.num_experts, attention_mask
-            )
+            router_logits, router_indices, token_mask = self._router_records_per_layer(outputs, attention_mask)
+            stats = router_statistics(router_logits, router_indices, self.config.num_experts, token_mask)
             aux_loss = (
                 self.config.router_aux_loss_coef * stats["load_balancing_loss"]
                 + self.config.router_z_loss_coef * stats["router_z_loss"]
@@ -382,6 +385,27 @@ class SparseMoeForCausalLM(SparseMoePreTrainedModel, GenerationMixin):
             experts_per_token=stats["experts_per_token"] if stats else None,
             router_indices=outputs.router_indices if output_router_logits else None,
         )
+
+
+    def _router_records_per_layer(self, outputs, attention_mask):
+        """(router_logits, router_indices, token_mask) with one entry per MoE layer.
+
+        Chunked prefill runs every layer once per chunk, so each MoE layer is recorded once per chunk: concatenate
+        its chunks, and order the padding mask the same way (chunk, then batch, then position).
+        """
+        router_logits, router_indices = outputs.router_logits, outputs.router_indices
+        num_moe_layers = self.config.num_hidden_layers - self.config.first_k_dense_layers
+        if len(router_logits) == num_moe_layers:
+            return router_logits, router_indices, attention_mask
+        router_logits = tuple(torch.cat(router_logits[layer::num_moe_layers]) for layer in range(num_moe_layers))
+        router_indices = tuple(torch.cat(router_indices[layer::num_moe_layers]) for layer in range(num_moe_layers))
+        token_mask = None
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            batch_size = attention_mask.shape[0]
+            new_tokens = attention_mask[:, -(router_logits[0].shape[0] // batch_size) :]
+            chunks = new_tokens.split(self.config.prefill_chunk_size, dim=1)
+            token_mask = torch.cat([chunk.reshape(-1) for chunk in chunks])
+        return router_logits, router_indices, token_mask
 
 
 class SparseMoeForSequenceClassification(GenericForSequenceClassification, SparseMoePreTrainedModel):
