@@ -29,7 +29,7 @@ class SparseMoeConfig(PreTrainedConfig):
           `norm_topk_prob` renormalises their weights to sum to one.
         - `"top_p"`: dynamic. A token takes experts in order of probability until their mass reaches
           `router_top_p`, at least one and at most `max_experts_per_token`. Confident tokens use one expert,
-          uncertain ones use more. The selected weights are renormalised.
+          uncertain ones use more. `norm_topk_prob` renormalises the selected weights here too.
 
     Load balancing:
         - `router_aux_loss_coef`: Switch-Transformer auxiliary loss, per layer, padding masked.

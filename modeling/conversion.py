@@ -320,7 +320,7 @@ def _load_weights(
         for key in state_dict:
             loaded[key]._is_hf_initialized = True
         target.initialize_weights()
-    pass
+    target.tie_weights()
     return missing
 
 

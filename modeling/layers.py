@@ -226,7 +226,8 @@ class MLP(nn.Module):
 class Experts(nn.Module):
     """SwiGLU experts stored as 3D tensors (Mixtral / Qwen3-MoE layout); `experts_implementation` picks the kernel.
 
-    An index equal to `num_experts` is a sentinel: that slot is skipped.
+    The eager forward skips a slot whose index equals `num_experts`; the other implementations do not, so
+    `SparseMoeBlock` passes only real (token, expert) pairs.
     """
 
     def __init__(self, config) -> None:

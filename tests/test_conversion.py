@@ -17,7 +17,9 @@ from transformers import (
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
 )
+from transformers.testing_utils import CaptureLogger
 
+import modeling.conversion
 from configuration import SparseMoeConfig
 from modeling import SparseMoeForCausalLM, from_transformers, to_transformers
 from modeling.conversion import config_to_transformers
@@ -108,14 +110,15 @@ def max_diff(model_a, model_b) -> float:
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_mixtral(attn_implementation):
-    source = tiny_mixtral(attn_implementation)
+    source = tiny_mixtral(attn_implementation, router_jitter_noise=0.05)  # jitter acts in training only
     converted = check_conversion(source, MixtralForCausalLM)
     config = converted.config
     assert (config.router_mode, config.norm_topk_prob, config.first_k_dense_layers) == ("top_k", True, 0)
     assert (config.num_experts, config.moe_intermediate_size, config.use_qk_norm) == (4, 48, False)
     assert config.layer_types == ["full_attention"] * 2
     assert config.router_z_loss_coef == 0.0
-    assert config.router_aux_loss_coef == source.config.router_aux_loss_coef
+    assert config.router_aux_loss_coef == source.config.router_aux_loss_coef != SparseMoeConfig().router_aux_loss_coef
+    assert config.router_jitter_noise == 0.05 and to_transformers(converted).config.router_jitter_noise == 0.05
 
 
 def test_mixtral_conversion_is_sensitive_to_routing():
@@ -288,6 +291,14 @@ def test_architecture_is_picked_automatically(overrides, expected):
     converted = to_transformers(model)
     assert type(converted) is expected
     assert_same_state_dict(model.state_dict(), converted.state_dict())
+    assert max_diff(model, converted) <= ATOL
+
+
+def test_training_only_settings_are_dropped_with_a_warning():
+    model = SparseMoeForCausalLM(lightarch_config(router_z_loss_coef=1e-3)).eval()
+    with CaptureLogger(modeling.conversion.logger) as captured:
+        converted = to_transformers(model, "mixtral")
+    assert "router_z_loss_coef" in captured.out
     assert max_diff(model, converted) <= ATOL
 
 
