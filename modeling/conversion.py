@@ -190,6 +190,8 @@ def _check_expressible(config: SparseMoeConfig, architecture: str) -> None:
             f"layer_types={config.layer_types}",
             f"{target} uses one attention type for every layer; mixed full/sliding layers are lightarch-only",
         )
+    if config.num_sink_tokens > 0:
+        refuse(f"num_sink_tokens={config.num_sink_tokens}", "attention sinks (streaming attention) are lightarch-only")
     if config.router_bias_update_rate > 0:
         refuse(
             f"router_bias_update_rate={config.router_bias_update_rate}",

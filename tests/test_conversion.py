@@ -264,6 +264,8 @@ def lightarch_config(**overrides) -> SparseMoeConfig:
         (dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4), None, "layer_types"),
         (dict(use_qk_norm=True, layer_types=["sliding_attention", "full_attention"], sliding_window=4), None,
          "layer_types"),
+        (dict(first_k_dense_layers=2, layer_types=["sliding_attention"] * 2, sliding_window=4, num_sink_tokens=1),
+         "mistral", "num_sink_tokens"),
         (dict(first_k_dense_layers=1), "mixtral", "first_k_dense_layers"),
         (dict(norm_topk_prob=False), "mixtral", "norm_topk_prob"),
         (dict(use_qk_norm=True), "mixtral", "use_qk_norm"),
