@@ -370,7 +370,14 @@ class SparseMoeForCausalLM(SparseMoePreTrainedModel, GenerationMixin):
                 + self.config.router_z_loss_coef * stats["router_z_loss"]
             )
             if loss is not None:
-                loss = loss + aux_loss.to(loss.device)
+                aux_share = aux_loss
+                num_items_in_batch = kwargs.get("num_items_in_batch")
+                if num_items_in_batch is not None:
+                    # Gradient accumulation: the LM loss of this micro-batch is a share of the step's token total;
+                    # give the auxiliary loss the same share, or it would count once per micro-batch.
+                    local_items = (labels[..., 1:] != -100).sum()
+                    aux_share = aux_loss * (local_items / num_items_in_batch).to(aux_loss.dtype)
+                loss = loss + aux_share.to(loss.device)
 
         return SparseMoeCausalLMOutputWithPast(
             loss=loss,

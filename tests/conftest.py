@@ -1,6 +1,9 @@
 """Shared fixtures: tiny configs so every test runs in seconds on 2 CPU cores, with no hub access."""
 
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads crawl on a shared CPU
+
 import sys
 from pathlib import Path
 

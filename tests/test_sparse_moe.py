@@ -162,6 +162,16 @@ def test_outputs_report_experts_per_token_per_layer_and_loss_includes_aux_terms(
     lm_loss = model.loss_function(logits=output.logits, labels=labels, vocab_size=config.vocab_size)
     torch.testing.assert_close(output.loss, lm_loss + output.aux_loss)
 
+    # Gradient accumulation: two halves with the step's token count add up to the full batch, auxiliary loss too.
+    num_items = int((labels[:, 1:] != -100).sum())
+    halves = [model(input_ids[i : i + 1], attention_mask=attention_mask[i : i + 1], labels=labels[i : i + 1],
+                    num_items_in_batch=num_items) for i in (0, 1)]
+    whole = model(input_ids, attention_mask=attention_mask, labels=labels)
+    per_row_aux = torch.stack([h.aux_loss for h in halves])
+    row_share = torch.tensor([int((labels[i, 1:] != -100).sum()) / num_items for i in (0, 1)])
+    torch.testing.assert_close(halves[0].loss + halves[1].loss,
+                               whole.loss - whole.aux_loss + (per_row_aux * row_share).sum())
+
     top_k = SparseMoeForCausalLM(tiny_sparse_moe_config(num_experts_per_tok=3))
     assert top_k(input_ids, attention_mask=attention_mask).experts_per_token.tolist() == [3.0, 3.0, 3.0]
 
