@@ -76,7 +76,8 @@ def test_remote_code_loads_in_a_fresh_process_without_lightarch(saved_model, tmp
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         with torch.no_grad():
             logits = model(expected["input_ids"]).logits
-        assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
+        # thread counts may differ from the parent process, so allow float summation-order noise
+        torch.testing.assert_close(logits, expected["logits"], atol=1e-6, rtol=1e-5)
         generated = model.generate(expected["input_ids"], max_new_tokens=4, do_sample=False)
         assert generated.shape == (2, 13)
         print("REMOTE-CODE-OK")
