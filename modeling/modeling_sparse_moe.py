@@ -155,6 +155,8 @@ class SparseMoeModel(SparseMoePreTrainedModel):
         """Clear errors for inputs that would otherwise fail deep inside, or silently give wrong results."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if torch.compiler.is_compiling():
+            return  # export / compile trace: data-dependent checks cannot run there
         if input_ids is not None and input_ids.numel() > 0:
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.vocab_size:

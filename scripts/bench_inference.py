@@ -1,0 +1,397 @@
+#!/usr/bin/env python
+"""CPU inference benchmark of a lightarch "realtime" model: latency per backend, and batching throughput.
+
+The realtime preset is the small interactive model the main job trains (scripts/train.py defaults: 4 layers, width
+128, 8 top-p experts, byte-level BPE on the standard library); pass --model_dir to load another folder. With
+--train_if_missing the main job is run first when the folder does not exist.
+
+Latency, end to end (prefill + greedy decode), one request of --prompt_tokens held-out tokens + --new_tokens:
+
+    torch_fp32          model.generate
+    torch_int8          torch.ao dynamic int8 of the nn.Linear layers (experts stay fp32: they are 3D tensors)
+    onnx_fp32           ONNX Runtime, modeling.deploy.OrtDecoder on scripts/export_onnx.py's graph
+    onnx_int8           the same graph after ONNX Runtime dynamic int8 quantization (router kept float)
+    bnb_int8            bitsandbytes LLM.int8 (modeling.deploy.load_quantized)
+
+Variants run interleaved round by round (the order rotates) so background load hits them alike; p50 / p95 are over
+all runs. Throughput: --throughput_requests requests with prompt lengths spread from --min_prompt to --max_prompt
+tokens, each generating --new_tokens: padded `generate` in batches of --padded_batch_size (arrival order) against
+one warm continuous-batching manager (paged cache sized by modeling.deploy.cpu_continuous_batching_config). Greedy
+outputs of both are compared. Writes results.json, results.md and latency.png into --output_dir.
+
+    python scripts/bench_inference.py --model_dir outputs/sparse_moe
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, HfArgumentParser  # noqa: E402
+
+import modeling  # noqa: E402,F401  (registers the lightarch Auto classes)
+from modeling.deploy import (  # noqa: E402
+    OrtDecoder,
+    bnb_quantization_config,
+    cpu_continuous_batching_config,
+    export_onnx_decoder,
+    heldout_texts,
+    heldout_token_stream,
+    load_quantized,
+    memory_report,
+    paged_cache_bytes,
+    quantize_onnx_int8,
+)
+
+logger = logging.getLogger("bench_inference")
+LATENCY_VARIANTS = ("torch_fp32", "torch_int8", "onnx_fp32", "onnx_int8", "bnb_int8")
+TARGETS = {"onnx_int8_speedup": 1.7, "continuous_batching_speedup": 2.0, "p50_ms": 120.0}
+
+
+@dataclass
+class BenchArguments:
+    model_dir: str = field(default="outputs/sparse_moe", metadata={"help": "Folder of the saved realtime model."})
+    train_if_missing: bool = field(
+        default=False, metadata={"help": "Run scripts/train.py (the main job) into --model_dir if it has no model."}
+    )
+    output_dir: str = field(default="outputs/bench_inference", metadata={"help": "Where results are written."})
+    variants: str = field(default=",".join(LATENCY_VARIANTS),
+                          metadata={"help": f"Comma-separated latency variants, from {LATENCY_VARIANTS}."})
+    prompt_tokens: int = field(default=64, metadata={"help": "Prompt length of the latency requests."})
+    new_tokens: int = field(default=16, metadata={"help": "Greedy tokens generated per request."})
+    rounds: int = field(default=10, metadata={"help": "Latency rounds; each runs every variant on every prompt."})
+    prompts: int = field(default=3, metadata={"help": "Distinct held-out prompts per round."})
+    warmup: int = field(default=2, metadata={"help": "Untimed runs per variant before timing."})
+    throughput_requests: int = field(default=32, metadata={"help": "Requests in the throughput test."})
+    min_prompt: int = field(default=8, metadata={"help": "Shortest prompt of the throughput test."})
+    max_prompt: int = field(default=256, metadata={"help": "Longest prompt of the throughput test."})
+    padded_batch_size: int = field(default=8, metadata={"help": "Batch size of the padded-generate baseline."})
+    throughput_rounds: int = field(default=3, metadata={"help": "Timed repetitions of each throughput mode."})
+    cb_max_batch_tokens: int = field(
+        default=512, metadata={"help": "Tokens per continuous-batching forward (prefill chunks share it)."}
+    )
+    num_threads: int = field(default=0, metadata={"help": "torch / ONNX Runtime threads; 0 = every available CPU."})
+    seed: int = field(default=0, metadata={"help": "Seed for the prompt-length spread."})
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def write_atomically(path: Path, data: str | bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
+    os.replace(tmp, path)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def ensure_model(args: BenchArguments) -> None:
+    if os.path.isfile(os.path.join(args.model_dir, "config.json")):
+        return
+    if not args.train_if_missing:
+        raise ValueError(f"--model_dir {args.model_dir} has no model. Train one (python scripts/train.py "
+                         f"--output_dir {args.model_dir}) or pass --train_if_missing.")
+    logger.info("Training the realtime model into %s (scripts/train.py)", args.model_dir)
+    subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "train.py"), "--output_dir", args.model_dir],
+                   check=True)
+
+
+def latency_runners(args, model, folder: Path, onnx_dir: Path, variants: list[str]) -> dict:
+    """name -> callable(prompt (1, T) LongTensor) generating exactly args.new_tokens tokens; plus footprints."""
+    new = args.new_tokens
+    config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                              pad_token_id=model.config.pad_token_id or 0, eos_token_id=model.config.eos_token_id)
+    runners, memory = {}, {"torch_fp32": memory_report(model)["total_bytes"]}
+
+    def torch_runner(m):
+        def run(prompt):
+            with torch.inference_mode():
+                return m.generate(prompt, generation_config=config)[0, prompt.shape[1]:].numpy()
+        return run
+
+    if "torch_fp32" in variants:
+        runners["torch_fp32"] = torch_runner(model)
+    if "torch_int8" in variants:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear},
+                                                               dtype=torch.qint8)
+        runners["torch_int8"] = torch_runner(quantized)
+    if "onnx_fp32" in variants or "onnx_int8" in variants:
+        export_onnx_decoder(model, onnx_dir / "model.onnx")
+        quantize_onnx_int8(onnx_dir / "model.onnx", onnx_dir / "model_int8.onnx")
+        for name, file in (("onnx_fp32", "model.onnx"), ("onnx_int8", "model_int8.onnx")):
+            if name in variants:
+                decoder = OrtDecoder(onnx_dir / file, args.num_threads)
+                runners[name] = (lambda d: lambda prompt: d.generate(prompt.numpy(), max_new_tokens=new,
+                                                                     eos_token_id=-1)[0, prompt.shape[1]:])(decoder)
+                memory[name + "_file"] = (onnx_dir / file).stat().st_size
+    if "bnb_int8" in variants:
+        bnb_model = load_quantized(folder, bnb_quantization_config(model.config, bits=8)).eval()
+        runners["bnb_int8"] = torch_runner(bnb_model)
+        memory["bnb_int8"] = memory_report(bnb_model)["total_bytes"]
+        nf4 = load_quantized(folder, bnb_quantization_config(model.config, bits=4))
+        memory["bnb_nf4"] = memory_report(nf4)["total_bytes"]
+        del nf4
+    return runners, memory
+
+
+def measure_latency(args, runners: dict, prompts: list[torch.Tensor]) -> dict:
+    reference = {i: runners["torch_fp32"](p) for i, p in enumerate(prompts)} if "torch_fp32" in runners else None
+    agreement = {}
+    for name, run in runners.items():
+        for _ in range(args.warmup):
+            run(prompts[0])
+        if reference is not None:
+            same = [float(np.mean(run(p) == reference[i])) for i, p in enumerate(prompts)]
+            agreement[name] = float(np.mean(same))
+    times = {name: [] for name in runners}
+    names = list(runners)
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for prompt in prompts:
+            for name in order:
+                start = time.perf_counter()
+                runners[name](prompt)
+                times[name].append(1000 * (time.perf_counter() - start))
+    return {name: {"p50_ms": percentile(t, 50), "p95_ms": percentile(t, 95), "mean_ms": statistics.fmean(t),
+                   "runs": len(t), "greedy_agreement_with_torch_fp32": agreement.get(name)}
+            for name, t in times.items()}
+
+
+def measure_throughput(args, model, stream: list[int]) -> dict:
+    rng = np.random.default_rng(args.seed)
+    lengths = np.linspace(args.min_prompt, args.max_prompt, args.throughput_requests).astype(int)
+    rng.shuffle(lengths)  # arrival order mixes short and long prompts
+    starts = rng.integers(0, len(stream) - args.max_prompt - 1, size=len(lengths))
+    prompts = [stream[s : s + n] for s, n in zip(starts, lengths)]
+    new = args.new_tokens
+    pad = model.config.pad_token_id or 0
+    generation_config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=pad,
+                                         eos_token_id=model.config.eos_token_id)
+
+    def padded():
+        outputs = []
+        for i in range(0, len(prompts), args.padded_batch_size):
+            batch = prompts[i : i + args.padded_batch_size]
+            width = max(map(len, batch))
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            with torch.inference_mode():
+                out = model.generate(ids, attention_mask=mask, generation_config=generation_config)
+            outputs += out[:, width:].tolist()
+        return outputs
+
+    cb_config = cpu_continuous_batching_config(model.config, max_concurrent_requests=args.throughput_requests,
+                                               max_request_tokens=args.max_prompt + new,
+                                               max_batch_tokens=args.cb_max_batch_tokens)
+    cb_model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    manager = cb_model.init_continuous_batching(
+        generation_config=GenerationConfig(max_new_tokens=new, do_sample=False, pad_token_id=pad, eos_token_id=-1),
+        continuous_batching_config=cb_config,
+    )
+    manager.start()
+
+    def continuous():
+        ids = [manager.add_request(p, max_new_tokens=new) for p in prompts]
+        done = {}
+        deadline = time.monotonic() + 600
+        while len(done) < len(ids) and time.monotonic() < deadline:
+            result = manager.get_result(timeout=1)
+            if result is not None and result.is_finished():
+                done[result.request_id] = result.generated_tokens
+        if len(done) < len(ids):
+            raise RuntimeError(f"continuous batching finished {len(done)} of {len(ids)} requests in 600 s")
+        return [done[i] for i in ids]
+
+    try:
+        continuous()  # warm the manager (first batches pay setup)
+        padded_out, cb_out = padded(), continuous()
+        timings = {"padded_generate": [], "continuous_batching": []}
+        for _ in range(args.throughput_rounds):
+            for name, fn in (("padded_generate", padded), ("continuous_batching", continuous)):
+                start = time.perf_counter()
+                fn()
+                timings[name].append(time.perf_counter() - start)
+        cache_bytes = manager.batch_processor.cache.cache_tensor.nbytes
+    finally:
+        manager.stop(block=True, timeout=60)
+    tokens = len(prompts) * new
+    identical = sum(a == b for a, b in zip(padded_out, cb_out))
+    result = {name: {"median_seconds": statistics.median(t), "tokens_per_second": tokens / statistics.median(t)}
+              for name, t in timings.items()}
+    result.update({
+        "requests": len(prompts), "new_tokens_each": new, "prompt_lengths": sorted(int(n) for n in lengths),
+        "identical_outputs": identical,
+        "speedup": result["padded_generate"]["median_seconds"] / result["continuous_batching"]["median_seconds"],
+        "paged_cache_bytes": cache_bytes,
+        "paged_cache_estimate_bytes": paged_cache_bytes(model.config, cb_config),
+        "cb_config": {"num_blocks": cb_config.num_blocks, "page_size": cb_config.page_size,
+                      "max_batch_tokens": cb_config.max_batch_tokens},
+    })
+    return result
+
+
+def plot(latency: dict, throughput: dict, path: Path) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
+    names = list(latency)
+    x = np.arange(len(names))
+    left.bar(x - 0.2, [latency[n]["p50_ms"] for n in names], 0.4, label="p50")
+    left.bar(x + 0.2, [latency[n]["p95_ms"] for n in names], 0.4, label="p95")
+    left.axhline(TARGETS["p50_ms"], color="gray", linestyle="--", linewidth=1, label="p50 target")
+    left.set_xticks(x, names, rotation=15)
+    left.set_ylabel("ms per request")
+    left.set_title("Latency: 1 request, prompt + greedy tokens")
+    left.legend()
+    modes = ["padded_generate", "continuous_batching"]
+    right.bar(modes, [throughput[m]["tokens_per_second"] for m in modes], color=["tab:gray", "tab:green"])
+    right.set_ylabel("generated tokens / s")
+    right.set_title(f"Throughput: {throughput['requests']} mixed requests")
+    right.tick_params(axis="x", rotation=15)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    write_atomically(path, buffer.getvalue())
+
+
+def render_markdown(results: dict) -> str:
+    lat, thr = results["latency"], results["throughput"]
+    base = lat.get("torch_fp32", {}).get("p50_ms")
+    lines = [
+        "# Inference benchmark (CPU)", "",
+        f"Model: `{results['model_dir']}` ({results['parameters']:,} parameters). Request: "
+        f"{results['args']['prompt_tokens']} prompt tokens + {results['args']['new_tokens']} greedy tokens, batch 1. "
+        f"{results['environment']['available_cpus']} CPU(s), {results['environment']['torch_num_threads']} torch "
+        "threads.", "",
+        "| variant | p50 ms | p95 ms | speed-up vs torch fp32 (p50) | greedy agreement with torch fp32 | memory |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in lat.items():
+        speed = f"{base / row['p50_ms']:.2f}x" if base else "-"
+        agreement = row.get("greedy_agreement_with_torch_fp32")
+        memory = results["memory_bytes"].get(name, results["memory_bytes"].get(name + "_file"))
+        lines.append(f"| {name} | {row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {speed} | "
+                     f"{'-' if agreement is None else f'{agreement:.1%}'} | "
+                     f"{'-' if memory is None else f'{memory / 2**20:.2f} MB'} |")
+    lines += [
+        "", f"Throughput, {thr['requests']} requests of {min(thr['prompt_lengths'])}-{max(thr['prompt_lengths'])} "
+        f"prompt tokens, {thr['new_tokens_each']} new tokens each:", "",
+        "| mode | median s | generated tokens/s |", "|---|---|---|",
+        f"| padded generate (batches of {results['args']['padded_batch_size']}) | "
+        f"{thr['padded_generate']['median_seconds']:.2f} | {thr['padded_generate']['tokens_per_second']:.1f} |",
+        f"| continuous batching (warm manager) | {thr['continuous_batching']['median_seconds']:.2f} | "
+        f"{thr['continuous_batching']['tokens_per_second']:.1f} |",
+        "", f"Continuous batching speed-up: {thr['speedup']:.2f}x; identical greedy outputs: "
+        f"{thr['identical_outputs']}/{thr['requests']}; paged KV cache {thr['paged_cache_bytes'] / 2**20:.1f} MB.",
+        "", "| target | measured | met |", "|---|---|---|",
+    ]
+    for name, target, measured in results["targets"]:
+        lines.append(f"| {name} >= {target} | {measured:.2f} | {'yes' if measured >= target else 'no'} |"
+                     if name != "p50_ms" else
+                     f"| realtime p50 < {target} ms (best variant) | {measured:.1f} | "
+                     f"{'yes' if measured < target else 'no'} |")
+    lines += ["", f"Load average during the run: {results['environment']['load_average']}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser(BenchArguments, description=__doc__.split("\n\n")[0])
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy, level in (("onnx_ir", logging.WARNING), ("onnxscript", logging.WARNING), ("bitsandbytes", logging.ERROR)):
+        logging.getLogger(noisy).setLevel(level)  # per-initializer / per-matmul lines
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in LATENCY_VARIANTS]
+    if unknown or not variants:
+        raise ValueError(f"--variants {args.variants!r}: use a comma-separated subset of {LATENCY_VARIANTS}.")
+    if not 1 <= args.min_prompt <= args.max_prompt:
+        raise ValueError(f"Need 1 <= --min_prompt <= --max_prompt, got {args.min_prompt} and {args.max_prompt}.")
+    ensure_model(args)
+    threads = args.num_threads or available_cpus()
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    limit = model.config.max_position_embeddings
+    if max(args.prompt_tokens, args.max_prompt) + args.new_tokens > limit:
+        raise ValueError(f"Prompts of up to {max(args.prompt_tokens, args.max_prompt)} tokens + {args.new_tokens} new "
+                         f"exceed the model's max_position_embeddings ({limit}).")
+    texts, source = heldout_texts(args.model_dir)
+    stream = heldout_token_stream(tokenizer, texts)
+    prompts = [torch.tensor([stream[i * 997 % (len(stream) - args.prompt_tokens):][: args.prompt_tokens]])
+               for i in range(args.prompts)]
+
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as onnx_dir:
+        runners, memory = latency_runners(args, model, Path(args.model_dir), Path(onnx_dir), variants)
+        latency = measure_latency(args, runners, prompts)
+        del runners
+    gc.collect()
+    throughput = measure_throughput(args, model, stream)
+
+    targets = []
+    if "torch_fp32" in latency and "onnx_int8" in latency:
+        targets.append(("onnx_int8_speedup", TARGETS["onnx_int8_speedup"],
+                        latency["torch_fp32"]["p50_ms"] / latency["onnx_int8"]["p50_ms"]))
+    targets.append(("continuous_batching_speedup", TARGETS["continuous_batching_speedup"], throughput["speedup"]))
+    targets.append(("p50_ms", TARGETS["p50_ms"], min(row["p50_ms"] for row in latency.values())))
+    results = {
+        "args": asdict(args),
+        "model_dir": args.model_dir,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "config": {k: getattr(model.config, k) for k in ("hidden_size", "num_hidden_layers", "num_experts",
+                                                         "router_mode", "moe_intermediate_size", "vocab_size")},
+        "heldout_source": source,
+        "latency": latency,
+        "throughput": throughput,
+        "memory_bytes": memory,
+        "targets": targets,
+        "environment": {
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "available_cpus": available_cpus(), "torch_num_threads": threads,
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+        },
+    }
+    write_atomically(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    write_atomically(output_dir / "results.md", render_markdown(results))
+    plot(latency, throughput, output_dir / "latency.png")
+    logger.info("Results written to %s", output_dir)
+    return results
+
+
+if __name__ == "__main__":
+    main()
