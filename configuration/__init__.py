@@ -3,3 +3,7 @@
 from .configuration_sparse_moe import SparseMoeConfig
 
 __all__ = ["SparseMoeConfig"]
+
+from .configuration_adaptive_depth import AdaptiveDepthConfig  # noqa: E402
+
+__all__ += ["AdaptiveDepthConfig"]

@@ -43,3 +43,34 @@ __all__ = [
     "router_statistics",
     "to_transformers",
 ]
+
+# ---- Adaptive depth (early exits, complexity estimator, per-token early exit, self-speculative decoding) ----
+from configuration import AdaptiveDepthConfig  # noqa: E402
+
+from .modeling_adaptive_depth import (  # noqa: E402
+    AdaptiveDepthCausalLMOutputWithPast,
+    AdaptiveDepthForCausalLM,
+    AdaptiveDepthForSequenceClassification,
+    AdaptiveDepthGenerateOutput,
+    AdaptiveDepthModel,
+    AdaptiveDepthPreTrainedModel,
+)
+
+AutoConfig.register(AdaptiveDepthConfig.model_type, AdaptiveDepthConfig, exist_ok=True)
+AutoModel.register(AdaptiveDepthConfig, AdaptiveDepthModel, exist_ok=True)
+AutoModelForCausalLM.register(AdaptiveDepthConfig, AdaptiveDepthForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(AdaptiveDepthConfig, AdaptiveDepthForSequenceClassification, exist_ok=True)
+AdaptiveDepthConfig.register_for_auto_class()
+AdaptiveDepthModel.register_for_auto_class("AutoModel")
+AdaptiveDepthForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+AdaptiveDepthForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+__all__ += [
+    "AdaptiveDepthCausalLMOutputWithPast",
+    "AdaptiveDepthConfig",
+    "AdaptiveDepthForCausalLM",
+    "AdaptiveDepthForSequenceClassification",
+    "AdaptiveDepthGenerateOutput",
+    "AdaptiveDepthModel",
+    "AdaptiveDepthPreTrainedModel",
+]

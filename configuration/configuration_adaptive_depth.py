@@ -1,0 +1,136 @@
+"""Configuration of lightarch's adaptive-depth decoder (`model_type="lightarch_adaptive"`).
+
+It extends `SparseMoeConfig` (every decoder and mixture-of-experts field, and their validation, is inherited) with
+early exits, a complexity estimator and the inference policies. This file imports only transformers and its sibling
+`configuration_sparse_moe.py`: both are copied into a saved model folder, so `trust_remote_code=True` works where
+lightarch is not installed.
+"""
+
+from huggingface_hub.dataclasses import strict
+
+from .configuration_sparse_moe import SparseMoeConfig
+
+EXIT_POLICIES = ("full", "estimator", "confidence")
+ESTIMATOR_TARGETS = ("correct", "loss")
+
+
+@strict
+class AdaptiveDepthConfig(SparseMoeConfig):
+    r"""
+    A SparseMoe decoder (dense when `first_k_dense_layers == num_hidden_layers`) with early exits.
+
+    Exits:
+        - `exit_layers`: strictly increasing depths in `[1, num_hidden_layers]`, the last one `num_hidden_layers`
+          (the deep path). Exit `d` reads the residual stream after `d` layers through its own RMSNorm and the shared
+          LM head (or classifier). A shallow path is a prefix of the deep one: nothing is computed twice.
+          Default: every `max(1, num_hidden_layers // 4)` layers, plus the last.
+        - `exit_loss_weights`: one weight per exit for training (LayerSkip / DeeBERT train every exit). The loss is
+          `sum(w_i * loss_i) / sum(w_i)`. Default: all 1.
+
+    Complexity estimator (whole-input routing):
+        - `estimator_input_layer`: it reads the hidden states after this many layers (0: the embeddings); at most
+          `exit_layers[0]`, so those layers belong to every path.
+        - `estimator_hidden_size`: width of its small MLP. It predicts, for the whole input, the earliest exit that
+          suffices (a distribution over exits); routing takes the earliest exit whose cumulative probability
+          reaches `estimator_threshold`.
+        - `estimator_loss_weight`, `estimator_target` (`"correct"`: the earliest exit whose answer tokens are all
+          right; `"loss"`: the earliest exit whose loss is within `estimator_loss_tolerance` nats of the last
+          exit's), `estimator_detach_features` (True: the estimator's loss does not train the backbone).
+
+    Inference (`exit_policy`, or `exit_policy=` / `exit_threshold=` per call to `forward` and `generate`):
+        - `"full"`: every layer, the plain model.
+        - `"estimator"`: whole-input routing, threshold `estimator_threshold`.
+        - `"confidence"`: per-token early exit (CALM): a token leaves at the first exit where the softmax margin
+          (top-1 minus top-2 probability) reaches `confidence_threshold`; later layers get its key/value from its
+          exit hidden state so later tokens attend to every layer.
+        A threshold of 0 always takes the first exit; 1 always the last.
+
+    Example:
+
+    ```python
+    >>> from configuration import AdaptiveDepthConfig
+    >>> config = AdaptiveDepthConfig(num_hidden_layers=8, first_k_dense_layers=8, exit_layers=[2, 4, 8])
+    ```
+    """
+
+    model_type = "lightarch_adaptive"
+
+    exit_layers: list[int] | None = None
+    exit_loss_weights: list[float] | None = None
+    exit_policy: str = "full"
+    estimator_threshold: float = 0.5
+    confidence_threshold: float = 0.9
+    estimator_input_layer: int = 1
+    estimator_hidden_size: int = 64
+    estimator_loss_weight: float = 1.0
+    estimator_target: str = "correct"
+    estimator_loss_tolerance: float = 0.1
+    estimator_detach_features: bool = True
+
+    def __post_init__(self, **kwargs):
+        if self.exit_layers is None:
+            step = max(1, self.num_hidden_layers // 4)
+            self.exit_layers = sorted(set(range(step, self.num_hidden_layers + 1, step)) | {self.num_hidden_layers})
+        if self.exit_loss_weights is None:
+            self.exit_loss_weights = [1.0] * len(self.exit_layers)
+        super().__post_init__(**kwargs)
+
+    def _check_values(self) -> None:
+        super()._check_values()
+        layers, n = self.exit_layers, self.num_hidden_layers
+        if not layers:
+            raise ValueError(f"`exit_layers` must not be empty; give at least the last layer, e.g. [{n}].")
+        if any(not isinstance(d, int) or isinstance(d, bool) for d in layers):
+            raise ValueError(f"`exit_layers` must hold integer depths, got {layers}.")
+        if any(b <= a for a, b in zip(layers, layers[1:])):
+            raise ValueError(f"`exit_layers` must be strictly increasing (sorted, no repeats), got {layers}.")
+        if layers[0] < 1 or layers[-1] > n:
+            raise ValueError(
+                f"`exit_layers` entries must be depths in [1, num_hidden_layers={n}], got {layers}."
+            )
+        if layers[-1] != n:
+            raise ValueError(
+                f"`exit_layers` must end with num_hidden_layers ({n}), the deep path; got {layers}. Append {n}."
+            )
+        weights = self.exit_loss_weights
+        if len(weights) != len(layers):
+            raise ValueError(
+                f"`exit_loss_weights` has {len(weights)} entries but `exit_layers` has {len(layers)}; give one weight "
+                "per exit (or None for equal weights)."
+            )
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"`exit_loss_weights` must be >= 0 with a positive sum, got {weights}.")
+        if self.exit_policy not in EXIT_POLICIES:
+            raise ValueError(f"`exit_policy` must be one of {EXIT_POLICIES}, got {self.exit_policy!r}.")
+        for name in ("estimator_threshold", "confidence_threshold"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1] (0: always the first exit, 1: always the last), "
+                                 f"got {value}.")
+        if not 0 <= self.estimator_input_layer <= layers[0]:
+            raise ValueError(
+                f"`estimator_input_layer` must be between 0 (the embeddings) and the first exit ({layers[0]}) so its "
+                f"layers belong to every path, got {self.estimator_input_layer}."
+            )
+        if self.estimator_hidden_size < 1:
+            raise ValueError(f"`estimator_hidden_size` must be >= 1, got {self.estimator_hidden_size}.")
+        for name in ("estimator_loss_weight", "estimator_loss_tolerance"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.estimator_target not in ESTIMATOR_TARGETS:
+            raise ValueError(f"`estimator_target` must be one of {ESTIMATOR_TARGETS}, got {self.estimator_target!r}.")
+        if self.prefill_chunk_size is not None:
+            raise ValueError("`prefill_chunk_size` (chunked prefill) is not supported by adaptive depth; set it to None.")
+        if self.num_sink_tokens:
+            raise ValueError("`num_sink_tokens` (attention sinks) is not supported by adaptive depth; set it to 0.")
+
+    def threshold_for(self, policy: str) -> float:
+        """The configured threshold of `policy` (the full policy has none: 1.0, never exit early)."""
+        if policy == "estimator":
+            return self.estimator_threshold
+        if policy == "confidence":
+            return self.confidence_threshold
+        return 1.0
+
+
+__all__ = ["AdaptiveDepthConfig", "EXIT_POLICIES"]

@@ -1,0 +1,277 @@
+"""Passkey retrieval, the long-context probe of Landmark Attention and LongLoRA: a 5-digit number hidden in filler.
+
+A prompt is
+
+    <bos> There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz
+    you about the important information there. The grass is green. The sky is blue. ... The pass key is 71432.
+    Remember it. 71432 is the pass key. ... Here we go. There and back again. What is the pass key? The pass key is
+
+and the model must continue with the digits `7 1 4 3 2`. The key line sits at a chosen depth of the filler (0.0:
+right after the introduction, 1.0: right before the question).
+
+Everything works on token ids of a tiny deterministic word-level tokenizer (`build_tokenizer`, from the `tokenizers`
+library, saved with the model as a `PreTrainedTokenizerFast`): every word and punctuation mark is one token and
+every digit is its own token, so a prompt of exactly `length` tokens is easy to build (`PasskeyTask.build`) and the
+answer is exactly one token per digit.
+
+Used by `scripts/train_passkey.py` (training data) and `scripts/eval_long_context.py` (accuracy by length x depth).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+import torch
+
+INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there."
+)
+FILLER_SENTENCES = (
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is yellow.",
+    "Here we go.",
+    "There and back again.",
+)
+KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+NUM_DIGITS = 5
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>"}
+DIGITS = tuple(str(d) for d in range(10))
+_WORD_PATTERN = re.compile(r"\d|\w+|[^\w\s]")
+
+
+def _words(text: str) -> list[str]:
+    """How the tokenizer splits `text`: words, single punctuation marks and single digits."""
+    return _WORD_PATTERN.findall(text)
+
+
+def vocabulary() -> list[str]:
+    """Special tokens, the ten digits, then every word / punctuation mark of the templates (sorted)."""
+    words = set()
+    for text in (INTRO, *FILLER_SENTENCES, KEY_LINE.format(key=""), QUESTION):
+        words.update(_words(text))
+    words -= set(DIGITS)
+    return [*SPECIAL_TOKENS.values(), *DIGITS, *sorted(words)]
+
+
+def build_tokenizer():
+    """A `PreTrainedTokenizerFast`: word-level over `vocabulary()`, digits split one per token, `<bos>` prepended.
+
+    `decode` joins tokens with spaces ("The pass key is 7 1 4 3 2 ."); `passkey_from_text` reads digits back.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate(vocabulary())}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins word-level tokens with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=1 << 30, **SPECIAL_TOKENS)
+
+
+@dataclass
+class PasskeyPrompt:
+    """One prompt. `input_ids` has exactly the requested length and ends with the question; `answer_ids` are the
+    digit tokens the model must generate next."""
+
+    input_ids: list[int]
+    answer_ids: list[int]
+    passkey: str
+    key_start: int  # index in input_ids of the key line's first token
+    key_end: int  # index one past the key line's last token
+    depth: float  # achieved depth: filler tokens before the key line / all filler tokens
+    requested_depth: float
+
+
+class PasskeyTask:
+    """Builds passkey prompts of an exact token length at a chosen depth, and scores answers, for one tokenizer."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+        def ids(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        self.bos_ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self.intro_ids = ids(INTRO)
+        self.sentence_ids = [ids(sentence) for sentence in FILLER_SENTENCES]
+        self.question_ids = ids(QUESTION)
+        self.digit_ids = [tokenizer.convert_tokens_to_ids(digit) for digit in DIGITS]
+        if tokenizer.unk_token_id in {*self.intro_ids, *self.question_ids, *sum(self.sentence_ids, [])}:
+            raise ValueError("The tokenizer does not cover the passkey templates; use passkey.build_tokenizer().")
+        prefix, suffix = KEY_LINE.split("{key}", 1)[0], KEY_LINE.split("{key}", 1)[1]
+        middle, end = suffix.split("{key}")
+        self.key_parts = (ids(prefix), ids(middle), ids(end))
+        self.key_line_length = sum(map(len, self.key_parts)) + 2 * NUM_DIGITS
+
+    @property
+    def min_length(self) -> int:
+        """The shortest prompt: bos, introduction, key line and question with no filler."""
+        return len(self.bos_ids) + len(self.intro_ids) + self.key_line_length + len(self.question_ids)
+
+    def random_passkey(self, rng: random.Random) -> str:
+        return str(rng.randint(10 ** (NUM_DIGITS - 1), 10**NUM_DIGITS - 1))
+
+    def key_line_ids(self, passkey: str) -> list[int]:
+        digits = [self.digit_ids[int(d)] for d in passkey]
+        prefix, middle, end = self.key_parts
+        return prefix + digits + middle + digits + end
+
+    def filler(self, num_tokens: int, first_sentence: int = 0) -> tuple[list[int], list[int]]:
+        """`num_tokens` filler tokens cycling through the sentences from `first_sentence`, and the sentence
+        boundaries (token offsets where a sentence starts, plus the end); the last sentence may be cut short."""
+        tokens, boundaries, index = [], [0], first_sentence
+        while len(tokens) < num_tokens:
+            tokens.extend(self.sentence_ids[index % len(self.sentence_ids)])
+            boundaries.append(min(len(tokens), num_tokens))
+            index += 1
+        return tokens[:num_tokens], boundaries
+
+    def build(self, length: int, depth: float, passkey: str | None = None, rng: random.Random | None = None,
+              first_sentence: int | None = None) -> PasskeyPrompt:
+        """A prompt of exactly `length` tokens with the key line at `depth` (0..1) of the filler.
+
+        The key line starts at the sentence boundary nearest to `depth * filler_tokens`, so the achieved depth
+        differs from the requested one by at most half a sentence (`PasskeyPrompt.depth` is the exact value).
+        `rng` draws the passkey (when not given) and the first filler sentence (when not given).
+        """
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"depth must be in [0, 1], got {depth}")
+        if length < self.min_length:
+            raise ValueError(f"A passkey prompt needs at least {self.min_length} tokens, got length={length}.")
+        rng = rng or random.Random(0)
+        passkey = passkey if passkey is not None else self.random_passkey(rng)
+        if len(passkey) != NUM_DIGITS or not passkey.isdigit():
+            raise ValueError(f"passkey must be {NUM_DIGITS} digits, got {passkey!r}")
+        if first_sentence is None:
+            first_sentence = rng.randrange(len(self.sentence_ids))
+        budget = length - self.min_length
+        filler, boundaries = self.filler(budget, first_sentence)
+        split = min(boundaries, key=lambda b: (abs(b - depth * budget), b))
+        key_line = self.key_line_ids(passkey)
+        head = self.bos_ids + self.intro_ids + filler[:split]
+        input_ids = head + key_line + filler[split:] + self.question_ids
+        assert len(input_ids) == length, (len(input_ids), length)
+        return PasskeyPrompt(
+            input_ids=input_ids,
+            answer_ids=[self.digit_ids[int(d)] for d in passkey],
+            passkey=passkey,
+            key_start=len(head),
+            key_end=len(head) + len(key_line),
+            depth=split / budget if budget else depth,
+            requested_depth=depth,
+        )
+
+    def training_example(self, length: int, rng: random.Random, label_key_echo: bool = True) -> dict[str, list[int]]:
+        """`input_ids` = a prompt of `length - NUM_DIGITS` tokens (uniform random depth) + the answer digits; `labels`
+        are -100 except on the answer digits (and, with `label_key_echo`, on the key's second occurrence inside the
+        key line, a short-range copy that teaches the copying circuit early)."""
+        prompt = self.build(length - NUM_DIGITS, rng.random(), rng=rng)
+        input_ids = prompt.input_ids + prompt.answer_ids
+        labels = [-100] * len(prompt.input_ids) + prompt.answer_ids
+        if label_key_echo:
+            prefix, middle, _ = self.key_parts
+            echo = prompt.key_start + len(prefix) + NUM_DIGITS + len(middle)
+            labels[echo : echo + NUM_DIGITS] = input_ids[echo : echo + NUM_DIGITS]
+        return {"input_ids": input_ids, "labels": labels}
+
+    def passkey_from_ids(self, generated_ids) -> str:
+        """The digits the model generated: the first `NUM_DIGITS` generated tokens, each mapped to its digit (a
+        non-digit token becomes '?'), so only an exact match of all five digits equals the passkey."""
+        lookup = {token: digit for digit, token in zip(DIGITS, self.digit_ids)}
+        ids = generated_ids.tolist() if isinstance(generated_ids, torch.Tensor) else list(generated_ids)
+        return "".join(lookup.get(int(token), "?") for token in ids[:NUM_DIGITS])
+
+
+def passkey_from_text(text: str) -> str:
+    """The digits at the start of a generated text, spaces ignored ("7 1 4 3 2 . Remember" -> "71432")."""
+    match = re.match(r"\s*((?:\d\s*)+)", text)
+    return re.sub(r"\s", "", match.group(1)) if match else ""
+
+
+def score(predicted: str, passkey: str) -> dict[str, float]:
+    """`exact`: 1.0 when all digits match (nothing more, nothing less); `digits`: fraction of positions right."""
+    predicted = predicted[: len(passkey) + 1]
+    exact = float(predicted == passkey)
+    digits = sum(p == t for p, t in zip(predicted, passkey)) / len(passkey)
+    return {"exact": exact, "digits": digits}
+
+
+@torch.no_grad()
+def evaluate_passkey(model, task: PasskeyTask, lengths, depths, samples: int, seed: int = 0,
+                     max_batch_tokens: int = 65536, progress=None) -> dict:
+    """Greedy exact-match accuracy for every (length, depth) cell, `samples` prompts each.
+
+    Prompts of one cell share a length, so they are batched without padding (at most `max_batch_tokens` prompt
+    tokens per `generate` call); the model's chunked prefill (`prefill_chunk_size`) bounds memory. The prompts of a
+    cell depend only on (seed, length, depth). `progress` is called with the number of prompts done.
+
+    Returns {"cells": {length: {depth: {exact, digits, count, achieved_depth, predictions}}},
+             "overall": {length: {exact, digits, count}}} (keys as strings, JSON-ready).
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    pad_token_id = task.tokenizer.pad_token_id
+    cells, overall = {}, {}
+    for length in lengths:
+        row = {}
+        for depth in depths:
+            rng = random.Random(f"passkey-{seed}-{length}-{depth}")
+            prompts = [task.build(length, depth, rng=rng) for _ in range(samples)]
+            batch_size = max(1, max_batch_tokens // length)
+            predictions, exact, digits = [], [], []
+            for start in range(0, len(prompts), batch_size):
+                batch = prompts[start : start + batch_size]
+                input_ids = torch.tensor([p.input_ids for p in batch], device=device)
+                output = model.generate(
+                    input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=NUM_DIGITS,
+                    min_new_tokens=NUM_DIGITS, do_sample=False, pad_token_id=pad_token_id,
+                )
+                for prompt, generated in zip(batch, output[:, length:]):
+                    predicted = task.passkey_from_ids(generated)
+                    result = score(predicted, prompt.passkey)
+                    predictions.append({"passkey": prompt.passkey, "predicted": predicted})
+                    exact.append(result["exact"])
+                    digits.append(result["digits"])
+                if progress is not None:
+                    progress(len(batch))
+            row[str(depth)] = {
+                "exact": sum(exact) / len(exact),
+                "digits": sum(digits) / len(digits),
+                "count": len(exact),
+                "achieved_depth": sum(p.depth for p in prompts) / len(prompts),
+                "predictions": predictions,
+            }
+        cells[str(length)] = row
+        overall[str(length)] = {
+            "exact": sum(c["exact"] * c["count"] for c in row.values()) / sum(c["count"] for c in row.values()),
+            "digits": sum(c["digits"] * c["count"] for c in row.values()) / sum(c["count"] for c in row.values()),
+            "count": sum(c["count"] for c in row.values()),
+        }
+    return {"cells": cells, "overall": overall}
+
+
+__all__ = [
+    "FILLER_SENTENCES",
+    "INTRO",
+    "KEY_LINE",
+    "NUM_DIGITS",
+    "QUESTION",
+    "PasskeyPrompt",
+    "PasskeyTask",
+    "build_tokenizer",
+    "evaluate_passkey",
+    "passkey_from_text",
+    "score",
+    "vocabulary",
+]

@@ -1,0 +1,305 @@
+"""Passkey task (modeling/passkey.py) and the long-context scripts (train_passkey, eval_long_context,
+bench_long_context) end to end on micro configs. The whole file runs in well under 30 s on 2 CPU cores."""
+
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from modeling.passkey import (
+    FILLER_SENTENCES,
+    NUM_DIGITS,
+    PasskeyTask,
+    build_tokenizer,
+    passkey_from_text,
+    score,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY_BENCH_OVERRIDES = ("hidden_size=32,intermediate_size=64,moe_intermediate_size=16,num_attention_heads=2,"
+                        "num_key_value_heads=1,vocab_size=128,sliding_window=32,prefill_chunk_size=128,"
+                        "num_hidden_layers=3,num_experts=4,max_experts_per_token=2")
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def task():
+    return PasskeyTask(build_tokenizer())
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------------- passkey task
+
+
+def test_tokenizer_one_token_per_digit_and_word(task):
+    tokenizer = task.tokenizer
+    ids = tokenizer("The pass key is 71432.", add_special_tokens=False)["input_ids"]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    assert tokens == ["The", "pass", "key", "is", "7", "1", "4", "3", "2", "."]
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer("Here we go.")["input_ids"][0] == tokenizer.bos_token_id  # <bos> prepended
+
+
+@pytest.mark.parametrize("length", [90, 128, 257, 1000])
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_prompt_has_exact_length_and_key_at_depth(task, length, depth):
+    prompt = task.build(length, depth, rng=random.Random(length))
+    assert len(prompt.input_ids) == length
+    assert prompt.input_ids[-len(task.question_ids):] == task.question_ids
+    # the key line is where the prompt says, with the passkey digits in it, twice
+    key_line = task.key_line_ids(prompt.passkey)
+    assert prompt.input_ids[prompt.key_start:prompt.key_end] == key_line
+    assert prompt.answer_ids == [task.digit_ids[int(d)] for d in prompt.passkey]
+    text = task.tokenizer.decode(prompt.input_ids[prompt.key_start:prompt.key_end]).replace(" ", "")
+    assert text.count(prompt.passkey) == 2
+    # depth: fraction of the filler before the key, within half of the longest sentence of the request
+    filler_start = len(task.bos_ids) + len(task.intro_ids)
+    filler_total = length - task.min_length
+    before = prompt.key_start - filler_start
+    assert prompt.depth == pytest.approx(before / filler_total)
+    longest_sentence = max(map(len, task.sentence_ids))
+    assert abs(before - depth * filler_total) <= longest_sentence / 2 + 1e-9
+    if depth == 0.0:
+        assert prompt.key_start == filler_start
+    if depth == 1.0:
+        assert prompt.key_end == length - len(task.question_ids)
+
+
+def test_prompt_validation_and_determinism(task):
+    with pytest.raises(ValueError, match="at least"):
+        task.build(task.min_length - 1, 0.5)
+    with pytest.raises(ValueError, match="depth"):
+        task.build(200, 1.5)
+    first = task.build(300, 0.3, rng=random.Random(7))
+    again = task.build(300, 0.3, rng=random.Random(7))
+    other = task.build(300, 0.3, rng=random.Random(8))
+    assert first == again and first.passkey != other.passkey
+    assert len(first.passkey) == NUM_DIGITS
+    # the minimal prompt has no filler at all
+    assert len(task.build(task.min_length, 0.5, passkey="12345").input_ids) == task.min_length
+    # filler cycles through the sentences
+    text = task.tokenizer.decode(task.build(400, 0.5, passkey="12345").input_ids)
+    for sentence in FILLER_SENTENCES:
+        assert sentence.rstrip(".") in text
+
+
+def test_training_example_labels_only_answer_and_echo(task):
+    example = task.training_example(150, random.Random(0), label_key_echo=True)
+    assert len(example["input_ids"]) == len(example["labels"]) == 150
+    labelled = [(i, label) for i, label in enumerate(example["labels"]) if label != -100]
+    assert len(labelled) == 2 * NUM_DIGITS
+    assert all(example["input_ids"][i] == label and label in task.digit_ids for i, label in labelled)
+    assert [i for i, _ in labelled][-NUM_DIGITS:] == list(range(150 - NUM_DIGITS, 150))  # the answer at the end
+    without_echo = task.training_example(150, random.Random(0), label_key_echo=False)
+    assert sum(label != -100 for label in without_echo["labels"]) == NUM_DIGITS
+
+
+def test_scoring(task):
+    assert score("71432", "71432") == {"exact": 1.0, "digits": 1.0}
+    assert score("71433", "71432") == {"exact": 0.0, "digits": 0.8}
+    assert score("7143", "71432")["exact"] == 0.0
+    assert score("714321", "71432")["exact"] == 0.0  # an extra digit is not an exact match
+    assert score("", "71432") == {"exact": 0.0, "digits": 0.0}
+    assert passkey_from_text(" 7 1 4 3 2 . Remember it") == "71432"
+    assert passkey_from_text("The 71432") == ""
+    ids = [task.digit_ids[7], task.digit_ids[1], task.tokenizer.convert_tokens_to_ids("."), task.digit_ids[3]]
+    assert task.passkey_from_ids(ids) == "71?3"
+    assert task.passkey_from_ids(torch.tensor([task.digit_ids[d] for d in (7, 1, 4, 3, 2, 9)])) == "71432"
+
+
+# ------------------------------------------------------------------------------------------- train + eval scripts
+
+
+MICRO_TRAIN = [
+    "--hidden_size", "32", "--layer_types", "sliding,full", "--num_attention_heads", "2", "--num_key_value_heads",
+    "1", "--sliding_window", "16", "--num_experts", "2", "--num_experts_per_tok", "1", "--moe_intermediate_size",
+    "16", "--prefill_chunk_size", "64", "--min_length", "80", "--max_length", "112", "--tokens_per_batch", "256",
+    "--max_steps", "3", "--warmup_steps", "0", "--logging_steps", "1", "--eval_samples", "1", "--num_threads", "1",
+    "--disable_tqdm", "True",
+]
+
+
+@pytest.fixture(scope="module")
+def trained_folder(tmp_path_factory):
+    train_passkey = load_script("train_passkey")
+    output_dir = tmp_path_factory.mktemp("passkey") / "model"
+    results = train_passkey.main([*MICRO_TRAIN, "--output_dir", str(output_dir)])
+    return output_dir, results
+
+
+def test_train_passkey_writes_a_loadable_folder(trained_folder, task):
+    output_dir, results = trained_folder
+    assert results["train_steps"] == 3 and results["train_time_seconds"] > 0
+    assert 0.0 <= results["accuracy_at_max_length"] <= 1.0 and results["eval_prompts_at_max_length"] == 5
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "results.json", "README.md", "training.png"):
+        assert (output_dir / name).is_file(), name
+    assert (output_dir / "training.png").read_bytes().startswith(PNG_MAGIC)
+    assert json.loads((output_dir / "results.json").read_text())["train_steps"] == 3
+    card = (output_dir / "README.md").read_text()
+    assert "${" not in card and "112" in card
+    assert not list(output_dir.parent.glob(".*tmp*"))  # the atomic save left nothing behind
+
+    model = AutoModelForCausalLM.from_pretrained(output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    assert model.config.layer_types == ["sliding_attention", "full_attention"]
+    assert model.config.prefill_chunk_size == 64
+    assert tokenizer.get_vocab() == task.tokenizer.get_vocab()
+    prompt = PasskeyTask(tokenizer).build(100, 0.5, passkey="12345")
+    assert prompt.input_ids == task.build(100, 0.5, passkey="12345").input_ids
+
+
+def test_curriculum_grows_lengths_and_keeps_tokens_per_batch():
+    train_passkey = load_script("train_passkey")
+    data_args = train_passkey.DataArguments(min_length=96, max_length=1024, curriculum_fraction=0.5,
+                                            tokens_per_batch=2048)
+    dataset = train_passkey.CurriculumDataset(PasskeyTask(build_tokenizer()), data_args, total_batches=100, seed=0)
+    assert dataset.length_cap(0) == 96 and dataset.length_cap(50) == 1024 and dataset.length_cap(99) == 1024
+    assert dataset.length_cap(25) == 96 + (1024 - 96) // 2
+    stream = iter(dataset)
+    batch = next(stream)
+    assert batch["input_ids"].shape == batch["labels"].shape
+    length = batch["input_ids"].shape[1]
+    assert length % 16 == 0 and 96 <= length <= 1024
+    assert batch["input_ids"].shape[0] == 2048 // length
+
+
+def test_train_passkey_rejects_bad_arguments(tmp_path):
+    train_passkey = load_script("train_passkey")
+    with pytest.raises(SystemExit):
+        train_passkey.main([*MICRO_TRAIN, "--min_length", "20", "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        train_passkey.main([*MICRO_TRAIN, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path)])
+
+
+def test_eval_long_context_writes_grid(trained_folder, tmp_path):
+    eval_long_context = load_script("eval_long_context")
+    output_dir, _ = trained_folder
+    results = eval_long_context.main([
+        "--model", str(output_dir), "--lengths", "96,160", "--depths", "0,0.5,1", "--samples", "2",
+        "--num_threads", "1", "--output_dir", str(tmp_path),
+    ])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert saved["lengths"] == [96, 160] and saved["depths"] == [0.0, 0.5, 1.0]
+    assert saved["train_length"] == 112  # read from the model folder
+    cells = saved["evaluation"]["cells"]
+    assert set(cells) == {"96", "160"} and all(set(row) == {"0.0", "0.5", "1.0"} for row in cells.values())
+    for row in cells.values():
+        for cell in row.values():
+            assert cell["count"] == 2 and 0.0 <= cell["exact"] <= cell["digits"] <= 1.0
+            assert all(len(p["predicted"]) == 5 and len(p["passkey"]) == 5 for p in cell["predictions"])
+    table = (tmp_path / "results.md").read_text()
+    assert "| 96 (train) |" in table and "| 160 |" in table and saved["verdict"] in table
+    assert saved["verdict"].startswith("trained at <= 112 tokens")
+    assert (tmp_path / "heatmap.png").read_bytes().startswith(PNG_MAGIC)
+
+    # shards of a grid (here another length) merge into one table
+    shard = eval_long_context.main([
+        "--model", str(output_dir), "--lengths", "128", "--depths", "0,0.5,1", "--samples", "1", "--num_threads", "1",
+        "--output_dir", str(tmp_path / "shard"),
+    ])
+    merged = eval_long_context.main(["--merge", f"{tmp_path},{tmp_path / 'shard'}", "--output_dir",
+                                     str(tmp_path / "merged")])
+    assert merged["lengths"] == [96, 128, 160] and merged["merged_from"] == 2
+    assert merged["evaluation"]["cells"]["128"] == shard["evaluation"]["cells"]["128"]
+    assert merged["evaluation"]["overall"]["96"] == results["evaluation"]["overall"]["96"]
+    assert "| 128 |" in (tmp_path / "merged" / "results.md").read_text()
+    hole = json.loads(json.dumps(results))
+    hole["lengths"], hole["evaluation"]["cells"] = [160], {"160": {"0.0": results["evaluation"]["cells"]["160"]["0.0"]}}
+    (tmp_path / "hole").mkdir()
+    (tmp_path / "hole" / "results.json").write_text(json.dumps(hole))
+    with pytest.raises(SystemExit):  # a grid with holes is refused
+        eval_long_context.main(["--merge", f"{tmp_path / 'shard'},{tmp_path / 'hole'}", "--output_dir",
+                                str(tmp_path / "bad")])
+
+
+def test_verdict_sentence():
+    verdict = load_script("eval_long_context").verdict
+    overall = {"1024": {"exact": 1.0}, "2048": {"exact": 0.95}, "4096": {"exact": 0.4}, "8192": {"exact": 0.0}}
+    text = verdict(overall, [1024, 2048, 4096, 8192], 1024, 0.9)
+    assert text == ("trained at <= 1024 tokens; accuracy >= 90% up to 2048 tokens (2x the training length), falls "
+                    "to 40% at 4096 and 0% at 8192.")
+    assert "already at 1024" in verdict({"1024": {"exact": 0.5}}, [1024], 1024, 0.9)
+
+
+# --------------------------------------------------------------------------------------------------- benchmark
+
+
+def test_bench_long_context_tiny(tmp_path):
+    bench = load_script("bench_long_context")
+    results = bench.main([
+        "--lengths", "256,512", "--config_overrides", TINY_BENCH_OVERRIDES, "--isolation", "inprocess",
+        "--repeats", "1", "--num_threads", "1", "--generate_length", "300", "--generate_new_tokens", "3",
+        "--output_dir", str(tmp_path),
+    ])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results)) and saved["complete"]
+    expected = {"hybrid/windowed", "hybrid/mask", "hybrid/full", "dense/windowed", "dense/mask", "dense/mistral",
+                "streaming/windowed"}
+    assert set(saved["prefill"]) == expected
+    for name, rows in saved["prefill"].items():
+        assert set(rows) == {"256", "512"}, name
+        for row in rows.values():
+            assert row["status"] == "ok", (name, row)
+            assert row["seconds"] > 0 and row["cpu_seconds"] >= 0 and row["peak_rss_mb"] > 0
+            assert row["rss_increase_mb"] >= 0 and row["tokens_per_s"] > 0
+    # implementations of the same function agree before anything is timed
+    assert set(saved["equivalence_max_abs_logit_diff"]) == {"hybrid/mask", "dense/mask", "dense/mistral"}
+    assert all(v < 1e-3 for v in saved["equivalence_max_abs_logit_diff"].values())
+    # streaming: the cache holds sinks + window per layer, whatever n
+    streaming = saved["prefill"]["streaming/windowed"]
+    assert streaming["256"]["cached_tokens"] == streaming["512"]["cached_tokens"] == 3 * (4 + 32 - 1)
+    # the hybrid's global layer keeps every token, its sliding layers keep window - 1
+    assert saved["prefill"]["hybrid/windowed"]["512"]["cached_tokens"] == 512 + 2 * 31
+    e2e = saved["end_to_end_generate"]
+    assert e2e["status"] == "ok" and e2e["generated_tokens"] == 3 and e2e["seconds"] > 0
+    assert e2e["decode_tokens_per_s"] > 0
+    md = (tmp_path / "results.md").read_text()
+    for name in expected:
+        assert name in md
+    assert "| 256 |" in md and "| 512 |" in md and "## Targets" in md
+    assert (tmp_path / "results.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_bench_single_measurement_in_a_fresh_process():
+    """The subprocess isolation: one real child process reports its own peak RSS."""
+    bench = load_script("bench_long_context")
+    spec = {"family": "dense", "variant": "windowed", "n": 128, "kind": "prefill", "new_tokens": 0, "seed": 0,
+            "num_threads": 1, "overrides": bench.parse_overrides(TINY_BENCH_OVERRIDES)}
+    result = bench.run_in_subprocess(spec, max_seconds=120, max_memory_mb=8000)
+    assert result["status"] == "ok", result
+    assert result["peak_rss_mb"] >= result["baseline_rss_mb"] > 50 and result["seconds"] > 0
+    killed = bench.run_in_subprocess(dict(spec, n=4096), max_seconds=120, max_memory_mb=1)
+    assert killed["status"] == "OOM" and "killed" in killed["detail"]
+
+
+def test_bench_skip_logic():
+    bench = load_script("bench_long_context")
+    args = bench.BenchArguments(max_seconds_per_run=100)
+    ok = {"status": "ok", "seconds": 10.0, "rss_increase_mb": 100.0, "baseline_rss_mb": 500.0}
+    quadratic = [(1000, dict(ok, seconds=1.0)), (2000, dict(ok, seconds=4.0))]
+    assert bench.skip_reason(quadratic, 4000, args, 10_000) is None  # predicted 16 s
+    assert bench.skip_reason(quadratic, 16000, args, 10_000).startswith("skipped (predicted 256 s")
+    assert bench.skip_reason([(1000, {"status": "OOM"})], 2000, args, 10_000) == "skipped (OOM at n=1000)"
+    memory = [(1000, dict(ok, seconds=0.1)), (2000, dict(ok, seconds=0.2, rss_increase_mb=400.0))]
+    assert "MB" in bench.skip_reason(memory, 8000, args, 2000)
+    assert bench.parse_lengths("1K,512,200000,1K") == [512, 1024, 200000]
