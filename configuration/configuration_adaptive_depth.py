@@ -120,7 +120,8 @@ class AdaptiveDepthConfig(SparseMoeConfig):
         if self.estimator_target not in ESTIMATOR_TARGETS:
             raise ValueError(f"`estimator_target` must be one of {ESTIMATOR_TARGETS}, got {self.estimator_target!r}.")
         if self.prefill_chunk_size is not None:
-            raise ValueError("`prefill_chunk_size` (chunked prefill) is not supported by adaptive depth; set it to None.")
+            raise ValueError("`prefill_chunk_size` (chunked prefill) is not supported by adaptive depth; set it to "
+                             "None.")
         if self.num_sink_tokens:
             raise ValueError("`num_sink_tokens` (attention sinks) is not supported by adaptive depth; set it to 0.")
 

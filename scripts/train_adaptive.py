@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,8 +143,8 @@ class DataArguments:
     )
     num_threads: int = field(
         default=1,
-        metadata={"help": "torch threads (0: torch's default). The default 1: this model's matrices are small, and on a "
-                  "CPU shared with other jobs more threads oversubscribe it (measured 8x slower products)."},
+        metadata={"help": "torch threads (0: torch's default). The default 1: this model's matrices are small, and "
+                  "on a CPU shared with other jobs more threads oversubscribe it (measured 8x slower products)."},
     )
 
 
@@ -249,7 +251,8 @@ def parse_args(argv: list[str] | None = None):
     check(adaptive_args.estimator_batch_size >= 1, "--estimator_batch_size must be >= 1.")
     check(adaptive_args.calibration_threshold_steps >= 2, "--calibration_threshold_steps must be >= 2.")
     check(adaptive_args.time_budget_minutes >= 0, "--time_budget_minutes must be >= 0 (0 disables it).")
-    check(adaptive_args.time_budget_minutes == 0 or 0 <= adaptive_args.reserve_minutes < adaptive_args.time_budget_minutes,
+    budget = adaptive_args.time_budget_minutes
+    check(budget == 0 or 0 <= adaptive_args.reserve_minutes < budget,
           "--reserve_minutes must be >= 0 and below --time_budget_minutes.")
     for name in ("easy_tolerance", "hard_tolerance"):
         check(0.0 <= getattr(adaptive_args, name) <= 1.0, f"--{name} must be in [0, 1].")
@@ -434,8 +437,9 @@ def main(argv: list[str] | None = None) -> dict:
     if adaptive_args.estimator_steps:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(name.startswith("model.estimator."))
+        phase2_dir = tempfile.mkdtemp(prefix="train_adaptive_phase2_")  # nothing is saved there (save_strategy="no")
         phase2_args = TrainingArguments(
-            output_dir=str(output_dir / "phase2"), use_cpu=True, max_steps=adaptive_args.estimator_steps,
+            output_dir=phase2_dir, use_cpu=True, max_steps=adaptive_args.estimator_steps,
             per_device_train_batch_size=adaptive_args.estimator_batch_size,
             learning_rate=adaptive_args.estimator_learning_rate, lr_scheduler_type="cosine", warmup_steps=20,
             logging_steps=training_args.logging_steps, save_strategy="no", eval_strategy="no", report_to="none",
@@ -449,6 +453,7 @@ def main(argv: list[str] | None = None) -> dict:
         phase2_start = time.perf_counter()
         phase2.train()
         phase2_seconds = time.perf_counter() - phase2_start
+        shutil.rmtree(phase2_dir, ignore_errors=True)
         history += [{**e, "step": e["step"] + trainer.state.global_step} for e in phase2.history]
         for parameter in model.parameters():
             parameter.requires_grad_(True)

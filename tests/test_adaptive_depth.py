@@ -20,7 +20,6 @@ from modeling import (
     AdaptiveDepthModel,
     SparseMoeForCausalLM,
 )
-from modeling.layers import DecoderLayer
 from modeling.modeling_adaptive_depth import earliest_sufficient_exit, route_from_estimate, softmax_margin
 
 
@@ -275,7 +274,8 @@ def test_cached_decoding_equals_uncached(policy):
 
 
 def test_generate_routes_on_the_prompt_like_a_forward_whose_estimator_mask_is_the_prompt():
-    """Training and teacher-forced evaluation see the answer too; `estimator_mask` keeps the estimator on the question."""
+    """Training and teacher-forced evaluation also see the answer: `estimator_mask` keeps the estimator on the
+    question."""
     model = confident_model(exit_policy="estimator")
     with torch.no_grad():
         model.model.estimator.out.weight.mul_(30)  # spread the estimates
