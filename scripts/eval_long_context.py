@@ -99,9 +99,25 @@ def verdict(overall: dict, lengths: list[int], train_length: int | None, good: f
             break
         reach = n
     if reach is None:
-        n, accuracy = accuracies[0]
-        return (f"{trained}; accuracy below {100 * good:.0f}% already at {n} tokens ({100 * accuracy:.0f}%), the "
-                "shortest length evaluated.")
+        # Below the mark from the start: say how well it holds its own accuracy at the training length instead.
+        inside = [(n, a) for n, a in accuracies if train_length and n <= train_length] or accuracies[:1]
+        base_n, base = inside[-1]
+        text = (f"{trained}; accuracy {100 * base:.0f}% at {base_n} tokens (below {100 * good:.0f}% already "
+                f"there)")
+        later = [(n, a) for n, a in accuracies if n > base_n]
+        held = base_n
+        for n, accuracy in later:
+            if accuracy < base - 0.15:
+                break
+            held = n
+        if held > base_n:
+            text += f", within 15 points of that up to {held} tokens"
+        dropped = [(n, a) for n, a in later if n > held]
+        if dropped:
+            text += f", falls to {100 * dropped[0][1]:.0f}% at {dropped[0][0]}"
+            if len(dropped) > 1:
+                text += f" and {100 * dropped[-1][1]:.0f}% at {dropped[-1][0]}"
+        return text + "."
     text = f"{trained}; accuracy >= {100 * good:.0f}% up to {reach} tokens"
     if train_length and reach > train_length:
         text += f" ({reach / train_length:.0f}x the training length)"
