@@ -306,3 +306,13 @@ def test_bench_skip_logic():
     memory = [(1000, dict(ok, seconds=0.1)), (2000, dict(ok, seconds=0.2, rss_increase_mb=400.0))]
     assert "MB" in bench.skip_reason(memory, 8000, args, 2000)
     assert bench.parse_lengths("1K,512,200000,1K") == [512, 1024, 200000]
+
+
+@pytest.mark.parametrize("script", ["bench_long_context", "train_passkey", "eval_long_context"])
+def test_help_documents_every_option(script, capsys):
+    module = load_script(script)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--output_dir" in text and "--num_threads" in text
