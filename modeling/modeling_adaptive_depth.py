@@ -41,6 +41,8 @@ from .modeling_sparse_moe import (
     SparseMoeModel,
     SparseMoeModelOutputWithPast,
     SparseMoePreTrainedModel,
+    aux_loss_share,
+    router_aux_loss,
     router_statistics,
 )
 
@@ -530,10 +532,9 @@ class AdaptiveDepthForCausalLM(AdaptiveDepthPreTrainedModel, GenerationMixin):
         if record_router:
             stats = router_statistics(outputs.router_logits, outputs.router_indices, self.config.num_experts,
                                       attention_mask)
-            aux_loss = (self.config.router_aux_loss_coef * stats["load_balancing_loss"]
-                        + self.config.router_z_loss_coef * stats["router_z_loss"])
+            aux_loss = router_aux_loss(self.config, stats)
             if loss is not None:
-                loss = loss + aux_loss.to(loss.device)
+                loss = loss + aux_loss_share(aux_loss, labels, kwargs.get("num_items_in_batch")).to(loss.device)
 
         return AdaptiveDepthCausalLMOutputWithPast(
             loss=loss,

@@ -104,6 +104,26 @@ def router_statistics(
     }
 
 
+def router_aux_loss(config: SparseMoeConfig, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The auxiliary term a MoE model adds to its loss: weighted balance loss plus weighted z-loss."""
+    return (config.router_aux_loss_coef * stats["load_balancing_loss"]
+            + config.router_z_loss_coef * stats["router_z_loss"])
+
+
+def aux_loss_share(
+    aux_loss: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None
+) -> torch.Tensor:
+    """The part of `aux_loss` this micro-batch adds to the loss.
+
+    Under gradient accumulation the LM loss of a micro-batch is its share of the step's token total
+    (`num_items_in_batch`); the auxiliary loss gets the same share, or it would count once per micro-batch.
+    """
+    if num_items_in_batch is None:
+        return aux_loss
+    local_items = (labels[..., 1:] != -100).sum()
+    return aux_loss * (local_items / num_items_in_batch).to(aux_loss.dtype)
+
+
 class SparseMoePreTrainedModel(CheckedLoadingMixin, PreTrainedModel):
     config: SparseMoeConfig
     config_class = SparseMoeConfig
@@ -367,19 +387,9 @@ class SparseMoeForCausalLM(SparseMoePreTrainedModel, GenerationMixin):
         if record_router:
             router_logits, router_indices, token_mask = self._router_records_per_layer(outputs, attention_mask)
             stats = router_statistics(router_logits, router_indices, self.config.num_experts, token_mask)
-            aux_loss = (
-                self.config.router_aux_loss_coef * stats["load_balancing_loss"]
-                + self.config.router_z_loss_coef * stats["router_z_loss"]
-            )
+            aux_loss = router_aux_loss(self.config, stats)
             if loss is not None:
-                aux_share = aux_loss
-                num_items_in_batch = kwargs.get("num_items_in_batch")
-                if num_items_in_batch is not None:
-                    # Gradient accumulation: the LM loss of this micro-batch is a share of the step's token total;
-                    # give the auxiliary loss the same share, or it would count once per micro-batch.
-                    local_items = (labels[..., 1:] != -100).sum()
-                    aux_share = aux_loss * (local_items / num_items_in_batch).to(aux_loss.dtype)
-                loss = loss + aux_share.to(loss.device)
+                loss = loss + aux_loss_share(aux_loss, labels, kwargs.get("num_items_in_batch")).to(loss.device)
 
         return SparseMoeCausalLMOutputWithPast(
             loss=loss,
@@ -435,5 +445,7 @@ __all__ = [
     "SparseMoeModel",
     "SparseMoeModelOutputWithPast",
     "SparseMoePreTrainedModel",
+    "aux_loss_share",
+    "router_aux_loss",
     "router_statistics",
 ]
