@@ -7,9 +7,17 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from configuration import SparseMoeConfig
+from configuration import AdaptiveDepthConfig, SparseMoeConfig
 
 from .conversion import from_transformers, to_transformers
+from .modeling_adaptive_depth import (
+    AdaptiveDepthCausalLMOutputWithPast,
+    AdaptiveDepthForCausalLM,
+    AdaptiveDepthForSequenceClassification,
+    AdaptiveDepthGenerateOutput,
+    AdaptiveDepthModel,
+    AdaptiveDepthPreTrainedModel,
+)
 from .modeling_sparse_moe import (
     SparseMoeCausalLMOutputWithPast,
     SparseMoeForCausalLM,
@@ -20,18 +28,32 @@ from .modeling_sparse_moe import (
     router_statistics,
 )
 
-AutoConfig.register(SparseMoeConfig.model_type, SparseMoeConfig, exist_ok=True)
-AutoModel.register(SparseMoeConfig, SparseMoeModel, exist_ok=True)
-AutoModelForCausalLM.register(SparseMoeConfig, SparseMoeForCausalLM, exist_ok=True)
-AutoModelForSequenceClassification.register(SparseMoeConfig, SparseMoeForSequenceClassification, exist_ok=True)
 
-# Saved folders carry the code, so they load with trust_remote_code=True where lightarch is not installed.
-SparseMoeConfig.register_for_auto_class()
-SparseMoeModel.register_for_auto_class("AutoModel")
-SparseMoeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-SparseMoeForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+def _register(config_class, model_class, causal_lm_class, classifier_class) -> None:
+    """Register one architecture with the Auto classes, and for remote code: saved folders then carry their code,
+    so they load with trust_remote_code=True where lightarch is not installed."""
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    config_class.register_for_auto_class()
+    for auto_class, model in (
+        (AutoModel, model_class),
+        (AutoModelForCausalLM, causal_lm_class),
+        (AutoModelForSequenceClassification, classifier_class),
+    ):
+        auto_class.register(config_class, model, exist_ok=True)
+        model.register_for_auto_class(auto_class.__name__)
+
+
+_register(SparseMoeConfig, SparseMoeModel, SparseMoeForCausalLM, SparseMoeForSequenceClassification)
+_register(AdaptiveDepthConfig, AdaptiveDepthModel, AdaptiveDepthForCausalLM, AdaptiveDepthForSequenceClassification)
 
 __all__ = [
+    "AdaptiveDepthCausalLMOutputWithPast",
+    "AdaptiveDepthConfig",
+    "AdaptiveDepthForCausalLM",
+    "AdaptiveDepthForSequenceClassification",
+    "AdaptiveDepthGenerateOutput",
+    "AdaptiveDepthModel",
+    "AdaptiveDepthPreTrainedModel",
     "SparseMoeCausalLMOutputWithPast",
     "SparseMoeConfig",
     "SparseMoeForCausalLM",
@@ -42,35 +64,4 @@ __all__ = [
     "from_transformers",
     "router_statistics",
     "to_transformers",
-]
-
-# ---- Adaptive depth (early exits, complexity estimator, per-token early exit, self-speculative decoding) ----
-from configuration import AdaptiveDepthConfig  # noqa: E402
-
-from .modeling_adaptive_depth import (  # noqa: E402
-    AdaptiveDepthCausalLMOutputWithPast,
-    AdaptiveDepthForCausalLM,
-    AdaptiveDepthForSequenceClassification,
-    AdaptiveDepthGenerateOutput,
-    AdaptiveDepthModel,
-    AdaptiveDepthPreTrainedModel,
-)
-
-AutoConfig.register(AdaptiveDepthConfig.model_type, AdaptiveDepthConfig, exist_ok=True)
-AutoModel.register(AdaptiveDepthConfig, AdaptiveDepthModel, exist_ok=True)
-AutoModelForCausalLM.register(AdaptiveDepthConfig, AdaptiveDepthForCausalLM, exist_ok=True)
-AutoModelForSequenceClassification.register(AdaptiveDepthConfig, AdaptiveDepthForSequenceClassification, exist_ok=True)
-AdaptiveDepthConfig.register_for_auto_class()
-AdaptiveDepthModel.register_for_auto_class("AutoModel")
-AdaptiveDepthForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-AdaptiveDepthForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
-
-__all__ += [
-    "AdaptiveDepthCausalLMOutputWithPast",
-    "AdaptiveDepthConfig",
-    "AdaptiveDepthForCausalLM",
-    "AdaptiveDepthForSequenceClassification",
-    "AdaptiveDepthGenerateOutput",
-    "AdaptiveDepthModel",
-    "AdaptiveDepthPreTrainedModel",
 ]
