@@ -39,6 +39,12 @@ class SparseMoeConfig(PreTrainedConfig):
           scores used for *selection only*; after every optimizer step it moves by this rate towards equal load.
           0 disables it.
 
+    Position encoding (Llama 4 / SmolLM3 field names):
+        - `no_rope_layers`: one entry per layer, 1 = rotary embeddings, 0 = no position encoding (NoPE). None: all
+          rotary. NoPE global layers next to rotary sliding layers (iRoPE) generalise beyond the trained length.
+        - `attn_temperature_tuning`: on NoPE layers, scale queries by `log(floor((pos + 1) / floor_scale) + 1) *
+          attn_scale + 1`, sharpening attention over long contexts (Llama 4).
+
     Example:
 
     ```python
@@ -101,6 +107,10 @@ class SparseMoeConfig(PreTrainedConfig):
     sliding_window_implementation: str = "windowed"
     prefill_chunk_size: int | None = None
     num_sink_tokens: int = 0
+    no_rope_layers: list[int] | None = None
+    attn_temperature_tuning: bool = False
+    floor_scale: int = 8192
+    attn_scale: float = 0.1
 
     # Mixture of experts
     num_experts: int = 8
@@ -192,6 +202,16 @@ class SparseMoeConfig(PreTrainedConfig):
                 )
             if self.sliding_window_implementation != "windowed":
                 raise ValueError("`num_sink_tokens` > 0 needs `sliding_window_implementation='windowed'`.")
+        if self.no_rope_layers is not None:
+            if len(self.no_rope_layers) != self.num_hidden_layers or any(v not in (0, 1) for v in self.no_rope_layers):
+                raise ValueError(
+                    f"`no_rope_layers` must hold one 0 (no position encoding) or 1 (rotary) per layer "
+                    f"({self.num_hidden_layers} layers), got {self.no_rope_layers}."
+                )
+        if self.floor_scale < 1:
+            raise ValueError(f"`floor_scale` must be >= 1 token, got {self.floor_scale}.")
+        if self.attn_scale < 0:
+            raise ValueError(f"`attn_scale` must be >= 0, got {self.attn_scale}.")
         if not 0 <= self.first_k_dense_layers <= self.num_hidden_layers:
             raise ValueError(
                 f"`first_k_dense_layers` must be between 0 and `num_hidden_layers` ({self.num_hidden_layers}), "

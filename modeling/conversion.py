@@ -192,6 +192,8 @@ def _check_expressible(config: SparseMoeConfig, architecture: str) -> None:
         )
     if config.num_sink_tokens > 0:
         refuse(f"num_sink_tokens={config.num_sink_tokens}", "attention sinks (streaming attention) are lightarch-only")
+    if config.no_rope_layers is not None and 0 in config.no_rope_layers:
+        refuse(f"no_rope_layers={config.no_rope_layers}", "every layer there uses rotary embeddings")
     if config.router_bias_update_rate > 0:
         refuse(
             f"router_bias_update_rate={config.router_bias_update_rate}",

@@ -132,6 +132,8 @@ class Attention(nn.Module):
         self.is_causal = True
         self.layer_type = config.layer_types[layer_idx]
         self.sliding_window = config.sliding_window if self.layer_type == "sliding_attention" else None
+        self.use_rope = config.no_rope_layers is None or bool(config.no_rope_layers[layer_idx])
+        self.temperature_tuning = config.attn_temperature_tuning and not self.use_rope
 
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
@@ -159,8 +161,14 @@ class Attention(nn.Module):
         key_states = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
-        cos, sin = position_embeddings
-        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if self.use_rope:
+            cos, sin = position_embeddings
+            query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        elif self.temperature_tuning:  # Llama 4: sharper attention far into a long context, for NoPE layers
+            positions = kwargs["position_ids"].to(query_states.dtype)[:, None, :, None]
+            query_states = query_states * (
+                torch.log1p(torch.floor((positions + 1.0) / self.config.floor_scale)) * self.config.attn_scale + 1.0
+            )
 
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
@@ -201,6 +209,8 @@ class Attention(nn.Module):
             tokens_before = 0
 
         def rotate(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            if not self.use_rope:
+                return states
             cos, sin = mask.rotary_emb(states, positions[None])
             return apply_rotary_pos_emb(states, states, cos, sin)[0]
 

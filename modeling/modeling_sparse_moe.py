@@ -220,43 +220,69 @@ class SparseMoeModel(SparseMoePreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        positions_to_keep: int = 0,
         **kwargs: Unpack[TransformersKwargs],
     ) -> SparseMoeModelOutputWithPast:
+        r"""
+        positions_to_keep (`int`, *optional*, defaults to 0):
+            Return `last_hidden_state` for the last `positions_to_keep` positions only (0: all). The causal LM passes
+            its integer `logits_to_keep`, so a chunked prefill of a long prompt never holds every position's hidden
+            state: with sliding layers, its memory then stays flat in the prompt length.
+        """
         self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, cache)
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if self.config.num_sink_tokens and isinstance(cache, DynamicCache):
             if not all(isinstance(layer, SinkSlidingWindowLayer) for layer in cache.layers):
                 install_sink_layers(cache, self.config)  # e.g. the DynamicCache that `generate` built
+        sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            device = (input_ids if input_ids is not None else inputs_embeds).device
+            position_ids = torch.arange(sequence_length, device=device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
         chunk_size = self.config.prefill_chunk_size
-        sequence_length = inputs_embeds.shape[1]
         if chunk_size is not None and cache is not None and sequence_length > chunk_size:
-            # Chunked prefill: the cache carries the state between chunks, so peak memory is bounded by the chunk
-            # (and the window of sliding layers) instead of the prompt length.
-            past_length = cache.get_seq_length()
-            hidden_chunks = []
-            for start in range(0, sequence_length, chunk_size):
-                end = min(start + chunk_size, sequence_length)
-                chunk_mask = attention_mask
-                if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-                    chunk_mask = attention_mask[:, : past_length + end]
-                hidden_chunks.append(
-                    self._decoder_layers(inputs_embeds[:, start:end], chunk_mask, position_ids[:, start:end], cache,
-                                         use_cache, in_chunks=True, **kwargs)
-                )
-            hidden_states = torch.cat(hidden_chunks, dim=1)
+            hidden_states = self._chunked_prefill(input_ids, inputs_embeds, attention_mask, position_ids, cache,
+                                                  use_cache, positions_to_keep, **kwargs)
         else:
+            if inputs_embeds is None:
+                inputs_embeds = self.embed_tokens(input_ids)
             hidden_states = self._decoder_layers(inputs_embeds, attention_mask, position_ids, cache, use_cache,
                                                  in_chunks=False, **kwargs)
+        if positions_to_keep > 0:
+            hidden_states = hidden_states[:, -positions_to_keep:]
         hidden_states = self.norm(hidden_states)
         return SparseMoeModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+
+    def _chunked_prefill(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache,
+                         positions_to_keep, **kwargs) -> torch.Tensor:
+        """Run a long input in chunks of `prefill_chunk_size`, the cache carrying the state between chunks.
+
+        Each chunk is embedded on its own and only the chunks holding one of the last `positions_to_keep` positions
+        are kept (all when 0), so peak memory is bounded by the chunk (and the window of sliding layers, plus the KV
+        of global layers) instead of the prompt length.
+        """
+        chunk_size = self.config.prefill_chunk_size
+        sequence_length = position_ids.shape[1]
+        first_kept = sequence_length - positions_to_keep if positions_to_keep > 0 else 0
+        past_length = cache.get_seq_length()
+        kept_chunks = []
+        for start in range(0, sequence_length, chunk_size):
+            end = min(start + chunk_size, sequence_length)
+            if inputs_embeds is not None:
+                chunk_embeds = inputs_embeds[:, start:end]
+            else:
+                chunk_embeds = self.embed_tokens(input_ids[:, start:end])
+            chunk_mask = attention_mask
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+                chunk_mask = attention_mask[:, : past_length + end]
+            hidden_states = self._decoder_layers(chunk_embeds, chunk_mask, position_ids[:, start:end], cache,
+                                                 use_cache, in_chunks=True, **kwargs)
+            if end > first_kept:
+                kept_chunks.append(hidden_states)
+        return kept_chunks[0] if len(kept_chunks) == 1 else torch.cat(kept_chunks, dim=1)
 
     def _decoder_layers(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, in_chunks, **kwargs):
         """Run every decoder layer over `inputs_embeds`, with the mask each layer type needs."""
@@ -364,7 +390,15 @@ class SparseMoeForCausalLM(SparseMoePreTrainedModel, GenerationMixin):
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
         has_moe_layers = self.config.first_k_dense_layers < self.config.num_hidden_layers
-        record_router = has_moe_layers
+        sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        chunk_size = self.config.prefill_chunk_size
+        uses_cache = cache is not None or (use_cache if use_cache is not None else self.config.use_cache)
+        chunked_prefill = chunk_size is not None and uses_cache and sequence_length > chunk_size
+        # Router records grow with the prompt: a chunked prefill (a long prompt at inference) keeps them only when
+        # they are asked for, so its memory stays bounded.
+        record_router = has_moe_layers and (
+            not chunked_prefill or labels is not None or output_router_logits or self.training
+        )
         outputs: SparseMoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -374,6 +408,7 @@ class SparseMoeForCausalLM(SparseMoePreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_router_logits=record_router,
             output_router_indices=record_router,
+            positions_to_keep=logits_to_keep if isinstance(logits_to_keep, int) and labels is None else 0,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from configuration import SparseMoeConfig
 from modeling import SparseMoeForCausalLM
-from modeling.layers import RotaryEmbedding, apply_rotary_pos_emb
+from modeling.layers import Attention, RotaryEmbedding, apply_rotary_pos_emb
 from modeling.long_context import BlockAttentionMask, block_attention, sink_attention
 
 
@@ -150,14 +150,35 @@ def _largest_tensor_during_prefill(length: int, **overrides) -> int:
     return recorder.largest
 
 
-def test_windowed_chunked_prefill_never_builds_a_sequence_sized_attention_tensor():
-    """All-sliding model: the largest tensor grows with n only through n x hidden, never n x n."""
+def test_windowed_chunked_prefill_memory_does_not_grow_with_the_prompt():
+    """All-sliding model, chunked prefill keeping one position: no tensor grows with n (embeddings, hidden states and
+    router records are per chunk); the mask-only path materialises n x n scores."""
     n = 1024
-    windowed = _largest_tensor_during_prefill(n, prefill_chunk_size=128)
     mask_only = _largest_tensor_during_prefill(n, sliding_window_implementation="mask")
-    assert mask_only >= n * n  # the mask path materialises n x n scores
-    assert windowed <= n * 32  # input embeddings / hidden states (hidden_size=32) are the largest tensors
-    assert _largest_tensor_during_prefill(2 * n, prefill_chunk_size=128) <= 2 * n * 32
+    assert mask_only >= n * n
+    windowed = _largest_tensor_during_prefill(n, prefill_chunk_size=128)
+    assert windowed < n * 32  # below one n x hidden tensor (hidden_size=32)
+    assert _largest_tensor_during_prefill(4 * n, prefill_chunk_size=128) == windowed
+
+
+def test_chunked_prefill_keeping_the_last_positions_equals_one_shot():
+    config = _hybrid(prefill_chunk_size=5)
+    chunked = SparseMoeForCausalLM(config).eval()
+    one_shot = SparseMoeForCausalLM(_hybrid()).eval()
+    one_shot.load_state_dict(chunked.state_dict())
+    input_ids = torch.randint(3, 97, (2, 23))
+    with torch.no_grad():
+        expected = one_shot(input_ids, use_cache=True).logits
+        for keep in (1, 3, 7):  # inside the last chunk, and across chunks
+            got = chunked(input_ids, use_cache=True, logits_to_keep=keep)
+            assert got.logits.shape == (2, keep, config.vocab_size)
+            torch.testing.assert_close(got.logits, expected[:, -keep:], atol=1e-5, rtol=1e-4)
+            assert got.router_logits is None and got.aux_loss is None  # router records are not kept
+        hidden = chunked.model(input_ids, use_cache=True, positions_to_keep=4).last_hidden_state
+        assert hidden.shape == (2, 4, config.hidden_size)
+        # asking for the router keeps its records for every chunk
+        recorded = chunked(input_ids, use_cache=True, logits_to_keep=1, output_router_logits=True)
+        assert recorded.experts_per_token is not None
 
 
 def test_sink_attention_equals_streamingllm_reference():
@@ -260,3 +281,50 @@ def test_sinks_refuse_paged_attention():
     model.set_attn_implementation("paged|eager")
     with pytest.raises(ValueError, match="num_sink_tokens=2"):
         model(torch.randint(3, 97, (1, 5)))
+
+
+def test_no_rope_layer_attends_without_positions():
+    """Reference: a NoPE layer's output rebuilt from its projections with plain causal attention, no rotation."""
+    config = _hybrid(no_rope_layers=[1, 0, 1])
+    config._attn_implementation = "eager"
+    attention = Attention(config, layer_idx=1).eval()  # the global layer
+    hidden = torch.randn(2, 11, config.hidden_size)
+    positions = torch.arange(11)[None]
+    with torch.no_grad():
+        shape = (2, 11, -1, attention.head_dim)
+        query = attention.q_proj(hidden).view(shape).transpose(1, 2)
+        key = attention.k_proj(hidden).view(shape).transpose(1, 2)
+        value = attention.v_proj(hidden).view(shape).transpose(1, 2)
+        reference = naive_attention(query, key, value, None, None, attention.scaling, attention.num_key_value_groups)
+        causal = torch.full((11, 11), float("-inf")).triu(1)[None, None]
+        output, _ = attention(hidden, RotaryEmbedding(config)(hidden, positions), causal, position_ids=positions)
+    torch.testing.assert_close(output, attention.o_proj(reference.reshape(2, 11, -1)), atol=1e-5, rtol=1e-4)
+
+
+def test_no_rope_layers_keep_chunked_prefill_exact():
+    model = SparseMoeForCausalLM(_hybrid(no_rope_layers=[1, 0, 1])).eval()  # global layer without RoPE (iRoPE)
+    chunked = SparseMoeForCausalLM(_hybrid(no_rope_layers=[1, 0, 1], prefill_chunk_size=4)).eval()
+    chunked.load_state_dict(model.state_dict())
+    input_ids = torch.randint(3, 97, (2, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(input_ids, use_cache=True).logits, model(input_ids).logits,
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_attention_temperature_tuning_scales_nope_queries_after_floor_scale():
+    base = dict(no_rope_layers=[1, 0, 1], attn_temperature_tuning=True, floor_scale=4, attn_scale=0.5)
+    tuned = SparseMoeForCausalLM(_hybrid(**base)).eval()
+    plain = SparseMoeForCausalLM(_hybrid(**{**base, "attn_temperature_tuning": False})).eval()
+    plain.load_state_dict(tuned.state_dict())
+    input_ids = torch.randint(3, 97, (1, 12))
+    with torch.no_grad():
+        tuned_logits, plain_logits = tuned(input_ids).logits, plain(input_ids).logits
+    # positions 0..2 have floor((p + 1) / 4) = 0: scale 1, identical; later positions are sharpened
+    torch.testing.assert_close(tuned_logits[:, :3], plain_logits[:, :3])
+    assert not torch.allclose(tuned_logits[:, 4:], plain_logits[:, 4:])
+
+
+@pytest.mark.parametrize("value", [[1, 0], [1, 2, 0]])
+def test_config_rejects_bad_no_rope_layers(value):
+    with pytest.raises(ValueError, match="no_rope_layers"):
+        _hybrid(no_rope_layers=value)
