@@ -520,3 +520,85 @@ def vocabulary() -> list[str]:
 def split_words(text: str) -> list[str]:
     """How the word-level tokenizer splits text: placeholders, words (with inner hyphens) and punctuation."""
     return re.findall(r"<image>|<audio>|[\w]+(?:-[\w]+)*|[^\w\s]", text)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measurements on aligned embeddings (the model computes the embeddings; these only compare them)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _normalize(embeddings) -> np.ndarray:
+    array = np.asarray(embeddings, dtype=np.float64)
+    return array / np.maximum(np.linalg.norm(array, axis=-1, keepdims=True), 1e-12)
+
+
+def recall_at_1(queries, query_labels, gallery, gallery_labels) -> float:
+    """Fraction of queries whose most similar (cosine) gallery item has the query's class.
+
+    The pairs are class-level (a picture of a sneaker and any voice saying "sneaker" match), so a hit is the nearest
+    gallery item being of the right class; with one gallery item per class this is zero-shot classification.
+    """
+    similarity = _normalize(queries) @ _normalize(gallery).T
+    nearest = np.asarray(gallery_labels)[similarity.argmax(axis=1)]
+    return float(np.mean(nearest == np.asarray(query_labels)))
+
+
+def class_centroids(embeddings, labels, num_classes: int = len(CLASS_NAMES)) -> np.ndarray:
+    """(num_classes, D) unit-length mean embedding of each class."""
+    embeddings, labels = _normalize(embeddings), np.asarray(labels)
+    missing = [c for c in range(num_classes) if not np.any(labels == c)]
+    if missing:
+        raise ValueError(f"class centroids need every class; classes {missing} have no item.")
+    return _normalize(np.stack([embeddings[labels == c].mean(axis=0) for c in range(num_classes)]))
+
+
+def centroid_misalignment(queries, query_labels, targets, target_labels) -> float:
+    """Fraction of queries closer (cosine) to another class's centroid in the target modality than to their own."""
+    centroids = class_centroids(targets, target_labels)
+    similarity = _normalize(queries) @ centroids.T
+    return float(np.mean(similarity.argmax(axis=1) != np.asarray(query_labels)))
+
+
+def modality_alignment_error(embeddings: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict:
+    """The modality alignment error reported by `scripts/eval_multimodal.py` (defined in the README).
+
+    `embeddings`: modality -> (aligned embeddings (N, D), class labels (N,)). For every ordered pair of modalities
+    (A, B), the error of A->B is the fraction of A's items whose aligned embedding is closer to the centroid of a
+    different class in B than to the centroid of its own class in B. The modality alignment error is the mean over
+    all ordered pairs: 0 when every item sits nearest its own class in every other modality, about 0.9 (1 - 1/10)
+    for unrelated embedding spaces. Returns {"error": mean, "pairs": {"A->B": error}}.
+    """
+    pairs = {}
+    for a, (a_emb, a_labels) in embeddings.items():
+        for b, (b_emb, b_labels) in embeddings.items():
+            if a != b:
+                pairs[f"{a}->{b}"] = centroid_misalignment(a_emb, a_labels, b_emb, b_labels)
+    return {"error": float(np.mean(list(pairs.values()))), "pairs": pairs}
+
+
+def class_similarity_matrix(a_emb, a_labels, b_emb, b_labels, num_classes: int = len(CLASS_NAMES)) -> np.ndarray:
+    """(num_classes, num_classes) mean cosine similarity between A's items of class i and B's items of class j."""
+    similarity = _normalize(a_emb) @ _normalize(b_emb).T
+    a_labels, b_labels = np.asarray(a_labels), np.asarray(b_labels)
+    matrix = np.zeros((num_classes, num_classes))
+    for i in range(num_classes):
+        for j in range(num_classes):
+            matrix[i, j] = similarity[np.ix_(a_labels == i, b_labels == j)].mean()
+    return matrix
+
+
+def answer_accuracy(questions: Sequence[Question], predictions: Sequence[str]) -> dict:
+    """Exact-match accuracy (whitespace and case normalised) overall and per question kind."""
+    if len(questions) != len(predictions):
+        raise ValueError(f"{len(questions)} questions but {len(predictions)} predictions.")
+
+    def norm(text: str) -> str:
+        return " ".join(split_words(text.lower()))
+
+    per_kind: dict[str, list[bool]] = {}
+    for question, prediction in zip(questions, predictions):
+        per_kind.setdefault(question.kind, []).append(norm(prediction) == norm(question.answer))
+    everything = [hit for hits in per_kind.values() for hit in hits]
+    return {"accuracy": float(np.mean(everything)) if everything else 0.0,
+            "per_kind": {kind: float(np.mean(hits)) for kind, hits in per_kind.items()},
+            "count": len(everything)}
