@@ -355,7 +355,7 @@ class MoeStatsCallback(TrainerCallback):
                 "train_history": self.train_history,
                 "eval_history": self.eval_history,
             }
-            _write_atomically(folder / STATS_FILE, json.dumps(data).encode("utf-8"))
+            write_atomically(folder / STATS_FILE, json.dumps(data).encode("utf-8"))
 
     def _update_time(self) -> None:
         if self._session_start is not None:
@@ -442,7 +442,8 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _figure_to_png(fig) -> bytes:
+def figure_to_png(fig) -> bytes:
+    """Render a matplotlib figure to PNG bytes (for `write_atomically`) and close it."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
@@ -451,7 +452,8 @@ def _figure_to_png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (scripts run headless)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -470,7 +472,7 @@ def plot_loss_curves(
     """PNG: train LM loss per step (+ moving average), held-out loss points, and the unigram baseline; second
     panel: mean experts per token per MoE layer over training. `logged_train_loss` ((step, loss) pairs from
     the Trainer's log) fills steps the per-step history lacks (e.g. before a resume from a checkpoint without it)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_loss, ax_route) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
 
     steps = [e["step"] for e in train_history]
@@ -507,7 +509,7 @@ def plot_loss_curves(
     ax_route.set_title("Dynamic routing during training")
     ax_route.grid(alpha=0.3)
     fig.tight_layout()
-    return _figure_to_png(fig)
+    return figure_to_png(fig)
 
 
 def plot_expert_load(
@@ -517,7 +519,7 @@ def plot_expert_load(
     max_experts_per_token: int | None = None,
 ) -> bytes:
     """PNG: heatmap of the fraction of selections per (MoE layer, expert), and mean experts per token per layer."""
-    plt = _pyplot()
+    plt = pyplot()
     load = torch.tensor(expert_load, dtype=torch.float64)
     num_layers, num_experts = load.shape
     labels = list(layer_labels) if layer_labels else [f"layer {i}" for i in range(num_layers)]
@@ -550,7 +552,7 @@ def plot_expert_load(
     ax_bar.set_xlabel(xlabel)
     ax_bar.set_title("Experts per token (held-out)")
     fig.tight_layout()
-    return _figure_to_png(fig)
+    return figure_to_png(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -586,8 +588,11 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write a file through a temporary sibling and `os.replace`."""
+def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write a file through a temporary sibling and `os.replace`: readers never see half a file."""
+    path = Path(path)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     with open(tmp, "wb") as f:
         f.write(data)

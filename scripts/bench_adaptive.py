@@ -53,7 +53,7 @@ from modeling.adaptive_depth_data import (  # noqa: E402
     time_generation,
     time_greedy_loop,
 )
-from modeling.training import _figure_to_png, _pyplot, atomic_save_pretrained  # noqa: E402
+from modeling.training import figure_to_png, pyplot, atomic_save_pretrained  # noqa: E402
 
 TARGETS = {"easy_min_layer_reduction": 0.60, "easy_max_accuracy_drop": 0.01, "hard_max_accuracy_drop": 0.005}
 POLICIES = ("full", "estimator", "confidence")
@@ -230,7 +230,7 @@ def check_targets(results: dict) -> dict:
 
 def plot_curves(results: dict) -> bytes:
     """PNG: accuracy against mean layers per token as the threshold moves, per split, both policies."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(SPLITS), figsize=(13, 5))
     num_layers = results["num_layers"]
     for ax, split in zip(axes, SPLITS):
@@ -264,7 +264,7 @@ def plot_curves(results: dict) -> bytes:
     fig.suptitle("Accuracy-compute curves as the threshold moves (exits at " +
                  ", ".join(map(str, results["exit_layers"])) + "; dotted: the 60% saving target on easy)")
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    return _figure_to_png(fig)
+    return figure_to_png(fig)
 
 
 def markdown(results: dict) -> str:

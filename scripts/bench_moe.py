@@ -45,6 +45,7 @@ if str(PROJECT_ROOT) not in sys.path:  # runs from a plain checkout too
 
 from configuration import SparseMoeConfig  # noqa: E402
 from modeling.layers import MLP, SparseMoeBlock  # noqa: E402
+from modeling.training import write_atomically  # noqa: E402
 
 logger = logging.get_logger("bench_moe")
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm")
@@ -205,12 +206,6 @@ def environment(num_threads: int) -> dict:
         "available_cpus": available_cpus(),
         "torch_num_threads": num_threads,
     }
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def markdown_table(results: dict) -> str:

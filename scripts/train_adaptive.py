@@ -60,7 +60,7 @@ from modeling.adaptive_depth_data import (  # noqa: E402
     sample_problems,
     threshold_grid,
 )
-from modeling.training import _pyplot, _figure_to_png, atomic_save_pretrained, render_model_card  # noqa: E402
+from modeling.training import figure_to_png, pyplot, atomic_save_pretrained, render_model_card  # noqa: E402
 
 logger = logging.getLogger("train_adaptive")
 MODEL_CARD_TEMPLATE = REPO_ROOT / "model_cards" / "adaptive_depth.md"
@@ -359,7 +359,7 @@ def calibrate(model, tokenizer, problems: dict[str, list], easy_tolerance: float
 
 def plot_training(history: list[dict], calibration: dict, exit_layers: list[int]) -> bytes:
     """PNG: per-exit train loss over steps, and per-exit accuracy on the calibration questions per split."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
     for depth in exit_layers:
         points = [(e["step"], e[f"loss_exit_{depth}"]) for e in history if f"loss_exit_{depth}" in e]
@@ -388,7 +388,7 @@ def plot_training(history: list[dict], calibration: dict, exit_layers: list[int]
     ax_acc.legend(fontsize=8)
     ax_acc.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    return _figure_to_png(fig)
+    return figure_to_png(fig)
 
 
 def format_seconds(seconds: float) -> str:
