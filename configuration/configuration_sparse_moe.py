@@ -275,6 +275,14 @@ SPARSE_MOE_PRESETS: dict[str, dict] = {
         _SMALL, sliding_window=512, num_sink_tokens=4, prefill_chunk_size=4096,
         layer_types=["sliding_attention"] * 6,
     ),
+    # interactive use on a CPU (scripts/bench_inference.py): ~1.7M parameters, narrow and shallow because at batch 1
+    # a decoding step costs per-layer overhead, not FLOPs; top-k routing keeps shapes static (ONNX, paged batching);
+    # the vocabulary of scripts/train.py's byte-level BPE, and its 3 sliding : 1 global layout.
+    "realtime": dict(
+        vocab_size=2048, hidden_size=96, intermediate_size=384, moe_intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=8, router_mode="top_k", num_experts_per_tok=2,
+        sliding_window=64, layer_types=["sliding_attention"] * 3 + ["full_attention"], max_position_embeddings=1024,
+    ),
 }
 
 

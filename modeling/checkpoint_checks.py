@@ -47,8 +47,34 @@ def check_checkpoint_folder(folder: str) -> None:
             raise OSError(f"Weight file {path} is corrupt or truncated ({error}); re-save or re-download it.") from error
 
 
+def disable_bnb_cpu_packing(model) -> int:
+    """Make every bitsandbytes `Linear4bit` use the generic CPU path; returns how many layers were switched.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 `Linear4bit.forward` repacks its weight in place at the first inference
+    forward (`support_avx512bf16_for_cpu`, set in `Linear4bit.__init__` from `has_avx512bf16()`), for a bf16 kernel.
+    That kernel fails inside bitsandbytes ("shape '[32, 0]' is invalid") unless in_features is a multiple of 64 and
+    out_features of 32, and it was not faster here than the generic path, which dequantizes exactly what is saved.
+    The switch must happen before the first forward; afterwards the weights are already repacked.
+    """
+    switched = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            quant_state = getattr(module.weight, "quant_state", None)
+            if quant_state is not None and getattr(quant_state, "packing_format_for_cpu", False):
+                raise RuntimeError(
+                    "This 4-bit model already ran inference with bitsandbytes' packed CPU kernel, which changed its "
+                    "weights in place; reload it and call disable_bnb_cpu_packing before the first forward."
+                )
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
+
+
 class CheckedLoadingMixin:
     """`from_pretrained` that validates a local folder first and refuses missing backbone weights.
+
+    A 4-bit bitsandbytes model is switched to bitsandbytes' generic CPU kernel (`disable_bnb_cpu_packing`), so plain
+    `from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))` runs on every CPU.
 
     Pass `allow_missing_weights=True` when missing weights are intended (for example a new head, or experts added
     on top of a converted checkpoint): they are then initialised by `_init_weights` as transformers does.
@@ -73,4 +99,5 @@ class CheckedLoadingMixin:
                 f"{shown}. The checkpoint is incomplete or was saved by another architecture; pass "
                 "allow_missing_weights=True to initialise them randomly instead."
             )
+        disable_bnb_cpu_packing(model)
         return (model, loading_info) if user_wants_info else model

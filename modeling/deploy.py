@@ -17,8 +17,8 @@ What gets adapted or quantized, and why:
   `nn.Linear` weights and has no grouped / batched-expert kernel, and storing them as per-expert `Linear4bit` modules would
   change the checkpoint layout that Mixtral / Qwen3-MoE conversion, the tensor- and expert-parallel plans and
   `experts_implementation` rely on. The router is a `Router` module (not `nn.Linear`), so it also stays in float32, as
-  does `lm_head` (transformers skips the output layer) and the embeddings. `load_quantized` also switches off
-  bitsandbytes' packed AVX512-BF16 CPU kernel (see `disable_bnb_cpu_packing`).
+  does `lm_head` (transformers skips the output layer) and the embeddings. lightarch's `from_pretrained` switches off
+  bitsandbytes' packed AVX512-BF16 CPU kernel (`checkpoint_checks.disable_bnb_cpu_packing`).
 - **Continuous batching** (`cpu_continuous_batching_config`, `TokenBudgetMiddleware`): a paged cache sized for a few
   requests instead of transformers' RAM-sized default, and a per-request token budget for `transformers serve`.
 - **ONNX** (`OnnxDecoderStep`, `export_onnx_decoder`, `quantize_onnx_int8`, `OrtDecoder`): one decoding step with an
@@ -34,6 +34,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
+
+from .checkpoint_checks import disable_bnb_cpu_packing
 
 # ----------------------------------------------------------------------------------------------------------- LoRA
 
@@ -309,33 +311,11 @@ def bnb_quantization_config(
     return quantization_config
 
 
-def disable_bnb_cpu_packing(model: nn.Module) -> int:
-    """Make every bitsandbytes `Linear4bit` use the generic CPU path; returns how many layers were switched.
-
-    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit weight at its first inference forward for a bf16
-    kernel. That kernel (1) fails inside bitsandbytes ("shape '[32, 0]' is invalid") unless in_features is a multiple
-    of 64 and out_features of 32, and (2) rounds the scales to bf16 and transposes them, and `save_pretrained` does not
-    undo it: a 4-bit model saved after inference reloads with scrambled scales. It is not faster here (measured:
-    within noise of the generic path). The generic path dequantizes exactly what is saved.
-    """
-    switched = 0
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu") and module.support_avx512bf16_for_cpu:
-            quant_state = getattr(module.weight, "quant_state", None)
-            if quant_state is not None and getattr(quant_state, "packing_format_for_cpu", False):
-                raise RuntimeError(
-                    "This 4-bit model already ran inference with bitsandbytes' packed CPU kernel, which changed its "
-                    "scales in place; reload it and call disable_bnb_cpu_packing before the first forward."
-                )
-            module.support_avx512bf16_for_cpu = False
-            switched += 1
-    return switched
-
-
 def load_quantized(path, quantization_config, **kwargs):
     """`AutoModelForCausalLM.from_pretrained(path, quantization_config=...)`, checked, for CPU inference and saving.
 
-    Runs `check_quantization_config` first and `disable_bnb_cpu_packing` after loading.
+    Runs `check_quantization_config` first and `disable_bnb_cpu_packing` after loading (lightarch's `from_pretrained`
+    already does; this covers models loaded through another class).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 

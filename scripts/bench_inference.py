@@ -1,9 +1,13 @@
 #!/usr/bin/env python
 """CPU inference benchmark of a lightarch "realtime" model: latency per backend, and batching throughput.
 
-The realtime preset is the small interactive model the main job trains (scripts/train.py defaults: 4 layers, width
-128, 8 top-p experts, byte-level BPE on the standard library); pass --model_dir to load another folder. With
---train_if_missing the main job is run first when the folder does not exist.
+The model is `SparseMoeConfig.from_preset("realtime")` (4 layers, width 96, 8 experts, top-2 routing, the 2048-token
+byte-level BPE of the main job) trained by the main job, scripts/train.py, on the standard library. With
+--train_if_missing (the default) the main job is run first when --model_dir holds no model:
+
+    python scripts/train.py --output_dir outputs/realtime --vocab_size 2048 --config_overrides '<the preset as JSON>'
+
+Pass --model_dir to load another folder; results.json records which preset fields the folder's config differs in.
 
 Latency, end to end (prefill + greedy decode), one request of --prompt_tokens held-out tokens + --new_tokens:
 
@@ -19,7 +23,7 @@ tokens, each generating --new_tokens: padded `generate` in batches of --padded_b
 one warm continuous-batching manager (paged cache sized by modeling.deploy.cpu_continuous_batching_config). Greedy
 outputs of both are compared. Writes results.json, results.md and latency.png into --output_dir.
 
-    python scripts/bench_inference.py --model_dir outputs/sparse_moe
+    flock /tmp/lightarch_bench.lock python scripts/bench_inference.py
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, HfArgumentParser  # noqa: E402
 
 import modeling  # noqa: E402,F401  (registers the lightarch Auto classes)
+from configuration.configuration_sparse_moe import SPARSE_MOE_PRESETS  # noqa: E402
 from modeling.deploy import (  # noqa: E402
     OrtDecoder,
     bnb_quantization_config,
@@ -68,9 +73,11 @@ TARGETS = {"onnx_int8_speedup": 1.7, "continuous_batching_speedup": 2.0, "p50_ms
 
 @dataclass
 class BenchArguments:
-    model_dir: str = field(default="outputs/sparse_moe", metadata={"help": "Folder of the saved realtime model."})
+    model_dir: str = field(default="outputs/realtime", metadata={"help": "Folder of the saved realtime model."})
+    preset: str = field(default="realtime", metadata={"help": "SparseMoeConfig preset the model is trained with."})
     train_if_missing: bool = field(
-        default=False, metadata={"help": "Run scripts/train.py (the main job) into --model_dir if it has no model."}
+        default=True,
+        metadata={"help": "Run scripts/train.py (the main job) with --preset into --model_dir if it has no model."},
     )
     output_dir: str = field(default="outputs/bench_inference", metadata={"help": "Where results are written."})
     variants: str = field(default=",".join(LATENCY_VARIANTS),
@@ -109,15 +116,30 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
+def train_command(preset: str, output_dir: str) -> list[str]:
+    """scripts/train.py (the main job) training `preset`: its vocabulary through --vocab_size (the BPE tokenizer is
+    trained to that size), every other field through --config_overrides."""
+    fields = dict(SPARSE_MOE_PRESETS[preset])
+    vocab_size = fields.pop("vocab_size")
+    return [sys.executable, str(REPO_ROOT / "scripts" / "train.py"), "--output_dir", output_dir,
+            "--vocab_size", str(vocab_size), "--config_overrides", json.dumps(fields)]
+
+
+def preset_differences(config, preset: str) -> dict:
+    """`{field: (preset value, model value)}` where the loaded model does not follow the preset."""
+    return {name: (value, getattr(config, name)) for name, value in SPARSE_MOE_PRESETS[preset].items()
+            if getattr(config, name) != value}
+
+
 def ensure_model(args: BenchArguments) -> None:
     if os.path.isfile(os.path.join(args.model_dir, "config.json")):
         return
+    command = train_command(args.preset, args.model_dir)
     if not args.train_if_missing:
-        raise ValueError(f"--model_dir {args.model_dir} has no model. Train one (python scripts/train.py "
-                         f"--output_dir {args.model_dir}) or pass --train_if_missing.")
-    logger.info("Training the realtime model into %s (scripts/train.py)", args.model_dir)
-    subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "train.py"), "--output_dir", args.model_dir],
-                   check=True)
+        raise ValueError(f"--model_dir {args.model_dir} has no model. Train one ({' '.join(command[1:])}) or pass "
+                         "--train_if_missing true.")
+    logger.info("Training the %s preset into %s: %s", args.preset, args.model_dir, " ".join(command[1:]))
+    subprocess.run(command, check=True)
 
 
 def latency_runners(args, model, folder: Path, onnx_dir: Path, variants: list[str]) -> dict:
@@ -338,6 +360,8 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [v for v in variants if v not in LATENCY_VARIANTS]
     if unknown or not variants:
         raise ValueError(f"--variants {args.variants!r}: use a comma-separated subset of {LATENCY_VARIANTS}.")
+    if args.preset not in SPARSE_MOE_PRESETS:
+        raise ValueError(f"--preset {args.preset!r} is unknown; choose one of {sorted(SPARSE_MOE_PRESETS)}.")
     if not 1 <= args.min_prompt <= args.max_prompt:
         raise ValueError(f"Need 1 <= --min_prompt <= --max_prompt, got {args.min_prompt} and {args.max_prompt}.")
     ensure_model(args)

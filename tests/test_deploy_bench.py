@@ -41,5 +41,31 @@ def test_bench_inference_rejects_bad_options(tmp_path):
 
     with pytest.raises(ValueError, match="--variants 'torch_fp16'"):
         main(["--variants", "torch_fp16"])
-    with pytest.raises(ValueError, match="has no model"):
-        main(["--model_dir", str(tmp_path / "missing")])
+    with pytest.raises(ValueError, match="has no model.*--config_overrides"):
+        main(["--model_dir", str(tmp_path / "missing"), "--train_if_missing", "false"])
+    with pytest.raises(ValueError, match="--preset 'huge' is unknown"):
+        main(["--preset", "huge"])
+
+
+def test_realtime_preset_validates_and_the_main_job_accepts_it(tmp_path):
+    """The benchmark's model: a valid top-k preset whose vocabulary is the main job's tokenizer, which scripts/train.py
+    turns into exactly that config (parsed and validated, not trained)."""
+    from configuration import SparseMoeConfig
+    from configuration.configuration_sparse_moe import SPARSE_MOE_PRESETS
+    from scripts.bench_inference import BenchArguments, preset_differences, train_command
+    from scripts.train import DataArguments, build_config, parse_args
+
+    assert BenchArguments().preset == "realtime"
+    config = SparseMoeConfig.from_preset("realtime")
+    assert config.router_mode == "top_k" and config.vocab_size == DataArguments().vocab_size
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        SparseMoeConfig.from_preset("realtime", num_experts_per_tok=9)
+
+    command = train_command("realtime", str(tmp_path / "out"))
+    model_args, data_args, _ = parse_args(command[2:])
+    trained = build_config(model_args, data_args.vocab_size, data_args.block_size,
+                           {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2})
+    assert preset_differences(trained, "realtime") == {}
+    assert set(SPARSE_MOE_PRESETS["realtime"]) - {"vocab_size"} <= set(json.loads(command[-1]))
+    assert preset_differences(SparseMoeConfig.from_preset("realtime", hidden_size=64), "realtime") == {
+        "hidden_size": (96, 64)}

@@ -80,7 +80,6 @@ def test_plain_from_pretrained_with_bitsandbytes_config(folder):
     for kwargs, cls in ((dict(load_in_8bit=True), "Linear8bitLt"),
                         (dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"), "Linear4bit")):
         model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(**kwargs))
-        disable_bnb_cpu_packing(model)
         names = {n for n, m in model.named_modules() if type(m).__name__ == cls}
         assert names == set(quantizable_linears(model.config))
         out = model.generate(torch.randint(3, 259, (1, 6)), max_new_tokens=3, do_sample=False)
@@ -106,15 +105,26 @@ def test_bad_quantization_configs_raise_clear_errors(folder):
         check_quantization_config(config, {"quant_method": "bitsandbytes"})
 
 
-def test_packed_cpu_kernel_is_why_loading_disables_it(folder, tmp_path):
-    """Documents the bitsandbytes behaviour that `disable_bnb_cpu_packing` (called by `load_quantized`) avoids."""
+def _packed_kernel_enabled(model) -> list[bool]:
+    return [m.support_avx512bf16_for_cpu for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+
+
+def test_from_pretrained_switches_off_the_packed_cpu_kernel(folder, tmp_path):
+    """lightarch's from_pretrained turns off bitsandbytes' AVX512-BF16 repacking; this shows what it avoids."""
     from bitsandbytes.functional import has_avx512bf16
 
+    quantization_config = BitsAndBytesConfig(load_in_4bit=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization_config).eval()
+    flags = _packed_kernel_enabled(model)
+    assert flags and not any(flags)
+    with torch.no_grad():  # tiny dims (in_features 32) run on the generic path
+        assert torch.isfinite(model(torch.randint(3, 259, (1, 4))).logits).all()
     if not has_avx512bf16():
         pytest.skip("bitsandbytes repacks 4-bit weights only on CPUs with AVX512-BF16")
-    quantization_config = BitsAndBytesConfig(load_in_4bit=True)
-    # Tiny dims (in_features 32): the packed kernel fails inside bitsandbytes at the first inference forward.
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization_config).eval()
+    # With bitsandbytes' default back on, the packed kernel fails inside bitsandbytes at the first inference forward.
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = True
     with pytest.raises(RuntimeError, match="is invalid for input of size"):
         with torch.no_grad():
             model(torch.randint(3, 259, (1, 4)))
@@ -122,6 +132,9 @@ def test_packed_cpu_kernel_is_why_loading_disables_it(folder, tmp_path):
     packable = save_tiny_model(tmp_path / "packable", hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
                                intermediate_size=128, moe_intermediate_size=64)
     model = AutoModelForCausalLM.from_pretrained(packable, quantization_config=quantization_config).eval()
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = True
     with torch.no_grad():
         model(torch.randint(3, 259, (1, 4)))
     with pytest.raises(RuntimeError, match="already ran inference with bitsandbytes' packed CPU kernel"):
