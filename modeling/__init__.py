@@ -4,10 +4,12 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoModelForSequenceClassification,
+    AutoProcessor,
 )
 
-from configuration import AdaptiveDepthConfig, SparseMoeConfig
+from configuration import AdaptiveDepthConfig, MultiModalConfig, SparseMoeConfig
 
 from .conversion import from_transformers, to_transformers
 from .modeling_adaptive_depth import (
@@ -18,6 +20,14 @@ from .modeling_adaptive_depth import (
     AdaptiveDepthModel,
     AdaptiveDepthPreTrainedModel,
 )
+from .modeling_multimodal import (
+    MultiModalCausalLMOutputWithPast,
+    MultiModalForConditionalGeneration,
+    MultiModalModel,
+    MultiModalOutput,
+    MultiModalPreTrainedModel,
+    loss_parts,
+)
 from .modeling_sparse_moe import (
     SparseMoeCausalLMOutputWithPast,
     SparseMoeForCausalLM,
@@ -27,6 +37,7 @@ from .modeling_sparse_moe import (
     SparseMoePreTrainedModel,
     router_statistics,
 )
+from .processing_multimodal import MultiModalProcessor
 
 
 def _register(config_class, model_class, causal_lm_class, classifier_class) -> None:
@@ -46,6 +57,21 @@ def _register(config_class, model_class, causal_lm_class, classifier_class) -> N
 _register(SparseMoeConfig, SparseMoeModel, SparseMoeForCausalLM, SparseMoeForSequenceClassification)
 _register(AdaptiveDepthConfig, AdaptiveDepthModel, AdaptiveDepthForCausalLM, AdaptiveDepthForSequenceClassification)
 
+
+def _register_multimodal() -> None:
+    """The multimodal model: AutoModel (aligned embeddings), AutoModelForImageTextToText (answers), AutoProcessor;
+    and for remote code, so a saved folder carries its modeling, configuration and processing files."""
+    AutoConfig.register(MultiModalConfig.model_type, MultiModalConfig, exist_ok=True)
+    MultiModalConfig.register_for_auto_class()
+    for auto_class, model in ((AutoModel, MultiModalModel), (AutoModelForImageTextToText, MultiModalForConditionalGeneration)):
+        auto_class.register(MultiModalConfig, model, exist_ok=True)
+        model.register_for_auto_class(auto_class.__name__)
+    AutoProcessor.register(MultiModalConfig, MultiModalProcessor, exist_ok=True)
+    MultiModalProcessor.register_for_auto_class("AutoProcessor")
+
+
+_register_multimodal()
+
 __all__ = [
     "AdaptiveDepthCausalLMOutputWithPast",
     "AdaptiveDepthConfig",
@@ -54,6 +80,13 @@ __all__ = [
     "AdaptiveDepthGenerateOutput",
     "AdaptiveDepthModel",
     "AdaptiveDepthPreTrainedModel",
+    "MultiModalCausalLMOutputWithPast",
+    "MultiModalConfig",
+    "MultiModalForConditionalGeneration",
+    "MultiModalModel",
+    "MultiModalOutput",
+    "MultiModalPreTrainedModel",
+    "MultiModalProcessor",
     "SparseMoeCausalLMOutputWithPast",
     "SparseMoeConfig",
     "SparseMoeForCausalLM",
@@ -62,6 +95,7 @@ __all__ = [
     "SparseMoeModelOutputWithPast",
     "SparseMoePreTrainedModel",
     "from_transformers",
+    "loss_parts",
     "router_statistics",
     "to_transformers",
 ]
