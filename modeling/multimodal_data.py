@@ -517,9 +517,37 @@ def vocabulary() -> list[str]:
     return sorted(words - {IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER})
 
 
+TOKENIZER_SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>"}
+
+
+def build_tokenizer():
+    """A word-level `PreTrainedTokenizerFast` over `vocabulary()`: `<pad>`=0, `<unk>`=1, `<bos>`=2, `<eos>`=3, then
+    `<image>`=4, `<audio>`=5 (special tokens, expanded by the processor), then the words. `<bos>` is prepended;
+    `decode` joins words with spaces ("ankle boot")."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [*TOKENIZER_SPECIAL_TOKENS.values(), IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER]
+    vocab = {token: index for index, token in enumerate(specials + vocabulary())}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=TOKENIZER_SPECIAL_TOKENS["unk_token"]))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(_WORD_PATTERN), behavior="isolated")]
+    )
+    bos = TOKENIZER_SPECIAL_TOKENS["bos_token"]
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                           special_tokens=[(bos, vocab[bos])])
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins word-level tokens with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=1 << 30,
+                                   extra_special_tokens=[IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER],
+                                   **TOKENIZER_SPECIAL_TOKENS)
+
+
+_WORD_PATTERN = r"<image>|<audio>|\w+(?:-\w+)*|[^\w\s]"
+
+
 def split_words(text: str) -> list[str]:
     """How the word-level tokenizer splits text: placeholders, words (with inner hyphens) and punctuation."""
-    return re.findall(r"<image>|<audio>|[\w]+(?:-[\w]+)*|[^\w\s]", text)
+    return re.findall(_WORD_PATTERN, text)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -602,3 +630,163 @@ def answer_accuracy(questions: Sequence[Question], predictions: Sequence[str]) -
     return {"accuracy": float(np.mean(everything)) if everything else 0.0,
             "per_kind": {kind: float(np.mean(hits)) for kind, hits in per_kind.items()},
             "count": len(everything)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches for a MultiModalProcessor, and measurements of a model (VQA accuracy, retrieval, alignment error)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def question_inputs(processor, pool: ModalityPool, questions: Sequence[Question], with_answers: bool):
+    """The processor's batch for `questions` (answers appended and labelled when `with_answers`)."""
+    kwargs = {"answers": [q.answer for q in questions]} if with_answers else {}
+    return processor(
+        text=[q.prompt for q in questions],
+        images=[[pool.images[i] for i in q.image_indices] for q in questions],
+        audio=[[pool.clips[i] for i in q.clip_indices] for q in questions],
+        sampling_rate=pool.sampling_rate, return_tensors="pt", **kwargs,
+    )
+
+
+def alignment_inputs(processor, pool: ModalityPool, examples: Sequence[AlignmentExample], prefix: str = ""):
+    """The processor's alignment batch: each row a (text, image, clip) triplet of one class, labelled by class."""
+    return processor.alignment_batch(
+        text=[e.text for e in examples], images=[pool.images[e.image] for e in examples],
+        audio=[pool.clips[e.clip] for e in examples], sampling_rate=pool.sampling_rate,
+        labels=[e.label for e in examples], prefix=prefix,
+    )
+
+
+class QuestionAlignmentDataset:
+    """Training items: question `i` together with alignment example `i` (one forward trains both losses)."""
+
+    def __init__(self, questions: Sequence[Question], alignment: Sequence[AlignmentExample]) -> None:
+        if len(questions) != len(alignment):
+            raise ValueError(f"{len(questions)} questions but {len(alignment)} alignment examples; pass as many.")
+        self.questions, self.alignment = list(questions), list(alignment)
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"question": self.questions[index], "alignment": self.alignment[index]}
+
+
+class QuestionAlignmentCollator:
+    """Batches `QuestionAlignmentDataset` items: the question batch (with answer labels) and, under `align_` keys,
+    the alignment batch, as `MultiModalForConditionalGeneration.forward` takes them."""
+
+    def __init__(self, processor, pool: ModalityPool) -> None:
+        self.processor, self.pool = processor, pool
+
+    def __call__(self, items: Sequence[dict]) -> dict:
+        batch = dict(question_inputs(self.processor, self.pool, [it["question"] for it in items], with_answers=True))
+        batch.update(alignment_inputs(self.processor, self.pool, [it["alignment"] for it in items], prefix="align_"))
+        return batch
+
+
+def _batches(items: Sequence, size: int, desc: str, show_progress: bool):
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(items), size), desc=desc, unit="batch", disable=not show_progress, leave=False):
+        yield items[start : start + size]
+
+
+def predict_answers(model, processor, pool: ModalityPool, questions: Sequence[Question], batch_size: int = 64,
+                    max_new_tokens: int = 4, show_progress: bool = True) -> list[str]:
+    """Greedy answers of `model` (decoded new tokens, special tokens dropped), batch by batch."""
+    import torch
+
+    answers = []
+    model.eval()
+    with torch.inference_mode():
+        for chunk in _batches(list(questions), batch_size, "Answering", show_progress):
+            inputs = question_inputs(processor, pool, chunk, with_answers=False)
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            new_tokens = output[:, inputs["input_ids"].shape[1] :]
+            answers += processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return [a.strip() for a in answers]
+
+
+def embed_pool(model, processor, pool: ModalityPool, batch_size: int = 128, show_progress: bool = True
+               ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Aligned embeddings of every image, every clip and every class text of `pool`:
+    modality -> (embeddings (N, D) float32, class labels (N,))."""
+    import torch
+
+    texts = [(text, label) for label in range(len(CLASS_NAMES)) for text in class_texts(label)]
+    image_embeds, audio_embeds, text_embeds = [], [], []
+    model.eval()
+    with torch.inference_mode():
+        for chunk in _batches(list(range(len(pool.images))), batch_size, "Embedding images", show_progress):
+            inputs = processor.alignment_batch(images=[pool.images[i] for i in chunk])
+            image_embeds.append(model.get_image_features(pixel_values=inputs["pixel_values"]))
+        for chunk in _batches(list(range(len(pool.clips))), batch_size, "Embedding clips", show_progress):
+            inputs = processor.alignment_batch(audio=[pool.clips[i] for i in chunk], sampling_rate=pool.sampling_rate)
+            audio_embeds.append(model.get_audio_features(input_features=inputs["input_features"],
+                                                         input_features_mask=inputs["input_features_mask"]))
+        for chunk in _batches(texts, batch_size, "Embedding texts", show_progress):
+            inputs = processor.alignment_batch(text=[t for t, _ in chunk])
+            text_embeds.append(model.get_text_features(input_ids=inputs["input_ids"],
+                                                       attention_mask=inputs["attention_mask"]))
+
+    def stack(parts) -> np.ndarray:
+        return torch.cat(parts).float().numpy()
+
+    return {
+        "image": (stack(image_embeds), pool.image_labels.copy()),
+        "audio": (stack(audio_embeds), pool.clip_labels.copy()),
+        "text": (stack(text_embeds), np.array([label for _, label in texts], dtype=np.int64)),
+    }
+
+
+RETRIEVAL_DIRECTIONS = (("image", "text"), ("text", "image"), ("audio", "text"), ("text", "audio"),
+                        ("image", "audio"), ("audio", "image"))
+
+
+def retrieval_scores(embeddings: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """R@1 for every direction "query->gallery" of `RETRIEVAL_DIRECTIONS`. Text galleries are the ten class names
+    (the first text of each class), so image->text and audio->text are zero-shot classification; other galleries
+    are all items of the split."""
+    scores = {}
+    for query, gallery in RETRIEVAL_DIRECTIONS:
+        gallery_emb, gallery_labels = embeddings[gallery]
+        if gallery == "text":
+            first = [int(np.nonzero(gallery_labels == c)[0][0]) for c in range(len(CLASS_NAMES))]
+            gallery_emb, gallery_labels = gallery_emb[first], gallery_labels[first]
+        scores[f"{query}->{gallery}"] = recall_at_1(*embeddings[query], gallery_emb, gallery_labels)
+    return scores
+
+
+def evaluate_model(model, processor, pool: ModalityPool, questions: Sequence[Question], batch_size: int = 64,
+                   show_progress: bool = True) -> dict:
+    """VQA accuracy (overall and per kind), retrieval R@1 per direction and the modality alignment error of `model`
+    on `pool` (the held-out split). Also returns the predictions and the embeddings (for plots)."""
+    predictions = predict_answers(model, processor, pool, questions, batch_size, show_progress=show_progress)
+    embeddings = embed_pool(model, processor, pool, 2 * batch_size, show_progress)
+    return {
+        "vqa": answer_accuracy(questions, predictions),
+        "retrieval_r_at_1": retrieval_scores(embeddings),
+        "alignment_error": modality_alignment_error(embeddings),
+        "predictions": predictions,
+        "embeddings": embeddings,
+    }
+
+
+def comparison_table(runs: dict[str, dict]) -> str:
+    """Markdown table of held-out measurements, one column per run (run name -> `evaluate_model` summary with
+    "vqa", "retrieval_r_at_1" and "alignment_error")."""
+    names = list(runs)
+    rows = ["| measure | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    rows.append("| VQA accuracy, all kinds | " + " | ".join(f"{100 * runs[n]['vqa']['accuracy']:.1f}%"
+                                                          for n in names) + " |")
+    for kind in QUESTION_KINDS:
+        rows.append(f"| VQA: {kind} ({' + '.join(QUESTION_KINDS[kind][1])}) | "
+                    + " | ".join(f"{100 * runs[n]['vqa']['per_kind'].get(kind, float('nan')):.1f}%" for n in names)
+                    + " |")
+    for direction, _ in runs[names[0]]["retrieval_r_at_1"].items():
+        rows.append(f"| R@1 {direction} | " + " | ".join(f"{runs[n]['retrieval_r_at_1'][direction]:.3f}"
+                                                         for n in names) + " |")
+    rows.append("| modality alignment error | " + " | ".join(f"{runs[n]['alignment_error']['error']:.3f}"
+                                                            for n in names) + " |")
+    return "\n".join(rows)
