@@ -130,6 +130,7 @@ class MultiModalConfig(PreTrainedConfig):
         if self.alignment_loss_weights is None:
             self.alignment_loss_weights = {"text": 0.6, "image": 0.3, "audio": 0.1}
         super().__post_init__(**kwargs)
+        self._check_sub_configs()
         if self.image_seq_length is None:
             self.image_seq_length = self.num_image_patches
         self._check_values()
@@ -146,8 +147,8 @@ class MultiModalConfig(PreTrainedConfig):
         """The decoder's config: `generate` builds its cache and reads its special tokens from it."""
         return self.decoder_config
 
-    def _check_values(self) -> None:
-        """Raise a ValueError naming the field and the fix for each inconsistent value."""
+    def _check_sub_configs(self) -> None:
+        """The sub-configs must be of the kinds the model builds."""
         if not isinstance(self.vision_config, ViTConfig):
             raise ValueError(
                 f"`vision_config` must be a ViTConfig (or its dict), got {type(self.vision_config).__name__}; other "
@@ -165,6 +166,9 @@ class MultiModalConfig(PreTrainedConfig):
                     f"`decoder_config` ({type(self.decoder_config).__name__}) has no `{name}`; pass a causal-LM "
                     "config such as SparseMoeConfig, LlamaConfig or Qwen3Config."
                 )
+
+    def _check_values(self) -> None:
+        """Raise a ValueError naming the field and the fix for each inconsistent value."""
         vocab_size = self.decoder_config.vocab_size
         for name in ("image_token_id", "audio_token_id"):
             value = getattr(self, name)
