@@ -272,6 +272,22 @@ class MultiModalModel(MultiModalPreTrainedModel):
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, allow_missing_weights: bool = False,
+                        **kwargs):
+        """As `CheckedLoadingMixin`, except that every weight counts: this model has no task head that may be new."""
+        user_wants_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
+                                                      allow_missing_weights=True, output_loading_info=True, **kwargs)
+        missing = sorted(loading_info.get("missing_keys", []))
+        if missing and not allow_missing_weights:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise OSError(
+                f"The checkpoint {pretrained_model_name_or_path} lacks {len(missing)} weight(s) the model needs: "
+                f"{shown}. Pass allow_missing_weights=True to initialise them randomly instead."
+            )
+        return (model, loading_info) if user_wants_info else model
+
     def get_input_embeddings(self) -> nn.Module:
         return self.decoder.get_input_embeddings()
 

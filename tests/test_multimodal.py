@@ -376,6 +376,23 @@ def test_save_load_round_trip_identical_outputs(saved, vqa_batch, alignment_batc
     assert auto_map["AutoModelForImageTextToText"] == "modeling_multimodal.MultiModalForConditionalGeneration"
 
 
+def test_missing_weights_are_named_instead_of_silently_reinitialised(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder, *_ = saved
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in folder.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    weights = load_file(broken / "model.safetensors")
+    del weights["model.image_projector.linear_1.weight"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    for auto_class in (AutoModelForImageTextToText, AutoModel):  # the generation model and the retrieval model
+        with pytest.raises(OSError, match=r"image_projector\.linear_1\.weight"):
+            auto_class.from_pretrained(broken)
+    assert type(AutoModel.from_pretrained(broken, allow_missing_weights=True)) is MultiModalModel
+
+
 def test_remote_code_loads_in_a_fresh_process_without_lightarch(saved, vqa_batch, tmp_path):
     folder, _, logits = saved
     torch.save({"inputs": dict(vqa_batch), "logits": logits}, tmp_path / "expected.pt")
