@@ -201,7 +201,8 @@ class MultiModalConfig(PreTrainedConfig):
             )
         if set(self.alignment_loss_weights) != set(MODALITIES):
             raise ValueError(
-                f"`alignment_loss_weights` needs exactly the keys {MODALITIES}, got {sorted(self.alignment_loss_weights)}; "
+                f"`alignment_loss_weights` needs exactly the keys {MODALITIES}, got "
+                f"{sorted(self.alignment_loss_weights)}; "
                 "e.g. {'text': 0.6, 'image': 0.3, 'audio': 0.1}."
             )
         if any(weight < 0 for weight in self.alignment_loss_weights.values()) or not any(

@@ -63,7 +63,10 @@ def _register_multimodal() -> None:
     and for remote code, so a saved folder carries its modeling, configuration and processing files."""
     AutoConfig.register(MultiModalConfig.model_type, MultiModalConfig, exist_ok=True)
     MultiModalConfig.register_for_auto_class()
-    for auto_class, model in ((AutoModel, MultiModalModel), (AutoModelForImageTextToText, MultiModalForConditionalGeneration)):
+    for auto_class, model in (
+        (AutoModel, MultiModalModel),
+        (AutoModelForImageTextToText, MultiModalForConditionalGeneration),
+    ):
         auto_class.register(MultiModalConfig, model, exist_ok=True)
         model.register_for_auto_class(auto_class.__name__)
     AutoProcessor.register(MultiModalConfig, MultiModalProcessor, exist_ok=True)

@@ -1,4 +1,4 @@
-"""`MultiModalProcessor`: tokenizer + image processor + audio feature extractor for `MultiModalForConditionalGeneration`.
+"""`MultiModalProcessor`: tokenizer, image processor and audio feature extractor of the multimodal model.
 
 It expands each `<image>` / `<audio>` placeholder to the number of tokens the model puts there, batches examples
 with any number of images and clips (none included), resamples audio to the feature extractor's rate, and refuses
@@ -113,7 +113,8 @@ class MultiModalProcessor(ProcessorMixin):
                                         (self.audio_token, audio_per_example[index], "audio")):
                 placeholders = prompt.count(token)
                 if placeholders != len(inputs):
-                    problem = "more placeholders than inputs" if placeholders > len(inputs) else "more inputs than placeholders"
+                    problem = ("more placeholders than inputs" if placeholders > len(inputs)
+                               else "more inputs than placeholders")
                     raise ValueError(
                         f"Example {index}: {problem}: the prompt has {placeholders} {token} placeholder(s) but "
                         f"{len(inputs)} {name} input(s) were given. Put one {token} per {name}, in order."
@@ -290,7 +291,8 @@ class MultiModalProcessor(ProcessorMixin):
     def _resample(self, waveform: np.ndarray, sampling_rate, example: int) -> np.ndarray:
         """Polyphase resampling (scipy) to the feature extractor's rate; refused where it cannot be done well."""
         target = self.feature_extractor.sampling_rate
-        if isinstance(sampling_rate, bool) or not float(sampling_rate).is_integer() or sampling_rate < MIN_SAMPLING_RATE:
+        whole = not isinstance(sampling_rate, bool) and float(sampling_rate).is_integer()
+        if not whole or sampling_rate < MIN_SAMPLING_RATE:
             raise ValueError(
                 f"sampling_rate {sampling_rate!r} cannot be resampled to {target} Hz: it must be a whole number of Hz "
                 f">= {MIN_SAMPLING_RATE}."

@@ -209,7 +209,8 @@ def test_infonce_matches_naive_reference_and_missing_modalities_are_excluded(ali
     # the text-image loss only sees examples 0, 1, 2, 4: the same as a batch of those alone
     keep = torch.tensor([0, 1, 2, 4])
     with torch.no_grad():
-        alone = model(input_ids=alignment_batch["input_ids"][keep], attention_mask=alignment_batch["attention_mask"][keep],
+        alone = model(input_ids=alignment_batch["input_ids"][keep],
+                      attention_mask=alignment_batch["attention_mask"][keep],
                       pixel_values=alignment_batch["pixel_values"])
     torch.testing.assert_close(alone.text_image_loss, outputs.text_image_loss)
     # a pair with fewer than two shared examples has no negatives: no loss
