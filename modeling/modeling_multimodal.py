@@ -481,6 +481,9 @@ class MultiModalForConditionalGeneration(MultiModalPreTrainedModel, GenerationMi
         super().__init__(config)
         self.model = MultiModalModel(config)
         self.post_init()
+        # An answer never contains a placeholder: generating one would ask for an input that does not exist.
+        if self.generation_config is not None and not self.generation_config.suppress_tokens:
+            self.generation_config.suppress_tokens = [config.image_token_id, config.audio_token_id]
 
     @property
     def decoder(self) -> PreTrainedModel:

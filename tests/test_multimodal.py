@@ -284,6 +284,15 @@ def test_generate_with_images_and_audio_cached_equals_uncached(processor):
     assert cached.shape == (2, inputs["input_ids"].shape[1] + 6)
     assert torch.equal(cached, uncached)
     assert torch.equal(cached[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    # placeholders are never generated, even by a model that prefers them
+    assert model.generation_config.suppress_tokens == [IMAGE_ID, AUDIO_ID]
+    with torch.no_grad():
+        head = model.model.decoder.lm_head.weight
+        head[IMAGE_ID] = 10 * head[cached[0, inputs["input_ids"].shape[1]]]  # 10x the logit of the first answer
+        assert model(**inputs).logits[0, -1].argmax() == IMAGE_ID
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
+    new_tokens = generated[:, inputs["input_ids"].shape[1]:]
+    assert (new_tokens != IMAGE_ID).all() and (new_tokens != AUDIO_ID).all()
 
 
 # -- modularity --
