@@ -111,7 +111,7 @@ TRAINING_DEFAULTS = {
     "save_total_limit": 1,
     "report_to": "none",
     "seed": 42,
-    "dataloader_num_workers": 0,
+    "dataloader_num_workers": 1,  # the processor (resampling, log-mel) runs beside the training step
     "remove_unused_columns": False,  # the collator reads the raw question / alignment items
 }
 
@@ -162,7 +162,10 @@ class DataArguments:
                                 "~/.cache/lightarch/espeak-ng)."}
     )
     num_threads: int = field(
-        default=0, metadata={"help": "torch threads (0: torch's default, one per core)."}
+        default=1,
+        metadata={"help": "torch threads of the training process (0: torch's default). The default 1 leaves the "
+                  "second core of a 2-core machine to the data worker (--dataloader_num_workers 1); the matrices "
+                  "are small and more threads on a shared CPU oversubscribe it."},
     )
 
 

@@ -7,6 +7,7 @@ that writes a WAV the way espeak-ng does (streaming header), and the end-to-end 
 import gzip
 import importlib.util
 import json
+import math
 import os
 import stat
 import struct
@@ -300,3 +301,165 @@ def test_answer_accuracy_per_kind():
     assert result["accuracy"] == pytest.approx(1 - 1 / len(QUESTION_KINDS)) and result["count"] == len(questions)
     with pytest.raises(ValueError, match="predictions"):
         answer_accuracy(questions, predictions[:-1])
+
+
+# ------------------------------------------------------------------------------------------------------- scripts
+
+MICRO_MODEL = json.dumps({
+    "decoder_config": {"hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 32, "num_hidden_layers": 2},
+    "vision_config": {"hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64},
+    "audio_config": {"hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64},
+})
+MICRO_TRAIN = [
+    "--dataset", "synthetic", "--train_images_per_class", "6", "--eval_images_per_class", "3",
+    "--eval_questions_per_kind", "4", "--max_steps", "6", "--per_device_train_batch_size", "8",
+    "--per_device_eval_batch_size", "16", "--logging_steps", "2", "--save_steps", "3", "--warmup_steps", "0",
+    "--config_overrides", MICRO_MODEL, "--dataloader_num_workers", "0", "--num_threads", "1",
+    "--disable_tqdm", "True",
+]
+
+
+@pytest.fixture(scope="module")
+def train_script():
+    return load_script("train_multimodal")
+
+
+@pytest.fixture(scope="module")
+def eval_script():
+    return load_script("eval_multimodal")
+
+
+@pytest.fixture(scope="module")
+def trained(train_script, tmp_path_factory):
+    """One micro run of both models on the synthetic fixture (seconds)."""
+    threads = torch.get_num_threads()
+    output_dir = tmp_path_factory.mktemp("mm") / "run"
+    results = train_script.main(MICRO_TRAIN + ["--output_dir", str(output_dir)])
+    torch.set_num_threads(threads)
+    return output_dir, results
+
+
+def test_train_script_help_runs_as_a_command():
+    result = subprocess.run([sys.executable, "scripts/train_multimodal.py", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    for option in ("--alignment_pairs", "--dataset", "--time_budget_minutes", "--resume_from_checkpoint"):
+        assert option in result.stdout
+
+
+def test_eval_script_help(eval_script, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        eval_script.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--model_dir" in capsys.readouterr().out
+
+
+def _check_measurements(heldout: dict) -> None:
+    vqa = heldout["vqa"]
+    assert 0.0 <= vqa["accuracy"] <= 1.0 and set(vqa["per_kind"]) == set(QUESTION_KINDS)
+    assert vqa["count"] == 4 * len(QUESTION_KINDS)
+    assert all(0.0 <= v <= 1.0 for v in vqa["per_kind"].values())
+    r1 = heldout["retrieval_r_at_1"]
+    assert set(r1) == {"image->text", "text->image", "audio->text", "text->audio", "image->audio", "audio->image"}
+    assert all(0.0 <= v <= 1.0 for v in r1.values())
+    error = heldout["alignment_error"]
+    assert 0.0 <= error["error"] <= 1.0 and len(error["pairs"]) == 6
+
+
+def test_micro_training_writes_both_models(trained):
+    output_dir, results = trained
+    for name in ("results.json", "results.md", "training.png"):
+        assert (output_dir / name).is_file(), name
+    assert (output_dir / "training.png").read_bytes()[:8] == PNG_MAGIC
+    assert json.loads((output_dir / "results.json").read_text())["runs"].keys() == {"aligned", "no_alignment"}
+    assert "| VQA accuracy, all kinds |" in (output_dir / "results.md").read_text()
+    runs = results["runs"]
+    assert runs["aligned"]["alignment_loss_weight"] == 1.0 and runs["no_alignment"]["alignment_loss_weight"] == 0.0
+    assert runs["aligned"]["alignment_pairs_trained"] == ["text_image", "text_audio"]
+    assert runs["aligned"]["train_steps"] == runs["no_alignment"]["train_steps"] == 6
+    assert results["vqa_accuracy_gain"] == pytest.approx(
+        runs["aligned"]["heldout"]["vqa"]["accuracy"] - runs["no_alignment"]["heldout"]["vqa"]["accuracy"])
+    for variant in ("aligned", "no_alignment"):
+        folder = output_dir / variant
+        for name in ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
+                     "modeling_multimodal.py", "processing_multimodal.py", "README.md", "results.json"):
+            assert (folder / name).is_file(), f"{variant}/{name}"
+        card = (folder / "README.md").read_text()
+        assert "${" not in card and "## Results (held-out images and voices)" in card
+        saved = json.loads((folder / "results.json").read_text())
+        _check_measurements(saved["heldout"])
+        config = json.loads((folder / "config.json").read_text())
+        assert config["alignment_loss_weight"] == runs[variant]["alignment_loss_weight"]
+        # Trainer logged every loss part; the ablation still measures alignment (without training it)
+        logged = [e for e in saved["history"] if "generation_loss" in e]
+        assert logged and all(math.isfinite(e["generation_loss"]) for e in logged)
+        assert all({"alignment_loss", "text_image_loss", "text_audio_loss", "image_audio_loss"} <= set(e)
+                   for e in logged)
+    aligned_log = [e for e in json.loads((output_dir / "aligned" / "results.json").read_text())["history"]
+                   if "loss" in e and "generation_loss" in e]
+    assert any(abs(e["loss"] - e["generation_loss"] - e["alignment_loss"]) < 0.05 * e["loss"] for e in aligned_log)
+    ablation_log = [e for e in json.loads((output_dir / "no_alignment" / "results.json").read_text())["history"]
+                    if "loss" in e and "generation_loss" in e]
+    assert all(e["loss"] == pytest.approx(e["generation_loss"], rel=1e-3) for e in ablation_log)
+
+
+def test_eval_reloads_the_saved_models_and_matches_training(trained, eval_script):
+    output_dir, results = trained
+    threads = torch.get_num_threads()
+    evaluation = eval_script.main(["--model_dir", str(output_dir), "--eval_questions_per_kind", "4",
+                                   "--disable_tqdm", "True", "--num_threads", "1"])
+    torch.set_num_threads(threads)
+    folder = output_dir / "eval"
+    assert json.loads((folder / "results.json").read_text())["models"].keys() == {"aligned", "no_alignment"}
+    assert (folder / "retrieval.png").read_bytes()[:8] == PNG_MAGIC
+    assert "modality alignment error" in (folder / "results.md").read_text()
+    assert evaluation["data"]["dataset"] == "synthetic" and evaluation["data"]["images"] == 30
+    for variant in ("aligned", "no_alignment"):
+        measured = evaluation["models"][variant]
+        _check_measurements(measured)
+        # the models loaded from disk (AutoModelForImageTextToText, trust_remote_code) give the training numbers
+        trained_numbers = results["runs"][variant]["heldout"]
+        assert measured["vqa"] == trained_numbers["vqa"]
+        for direction, value in trained_numbers["retrieval_r_at_1"].items():
+            assert measured["retrieval_r_at_1"][direction] == pytest.approx(value)
+        assert measured["alignment_error"]["error"] == pytest.approx(trained_numbers["alignment_error"]["error"])
+    assert evaluation["vqa_accuracy_gain"] == pytest.approx(results["vqa_accuracy_gain"])
+
+
+def test_resume_keeps_finished_runs_and_continues_unfinished_ones(trained, train_script, tmp_path):
+    output_dir, results = trained
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(output_dir), str(copy)], check=True)
+    (copy / "no_alignment" / "results.json").unlink()  # as if the process died before the ablation's final save
+    threads = torch.get_num_threads()
+    resumed = train_script.main(MICRO_TRAIN + ["--output_dir", str(copy), "--resume_from_checkpoint", "True"])
+    torch.set_num_threads(threads)
+    assert resumed["runs"]["aligned"]["heldout"] == results["runs"]["aligned"]["heldout"]  # kept, not retrained
+    ablation = resumed["runs"]["no_alignment"]
+    assert ablation["resumed_from"].endswith("checkpoint-6") and ablation["train_steps"] == 6
+    assert ablation["heldout"]["vqa"] == results["runs"]["no_alignment"]["heldout"]["vqa"]
+
+
+def test_train_script_refuses_bad_options(train_script, tmp_path, capsys):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    cases = [
+        (["--output_dir", str(foreign)], "is not empty"),
+        (["--resume_from_checkpoint", "some/checkpoint-3"], "takes True"),
+        (["--alignment_pairs", "text_smell"], "alignment_pairs"),
+        (["--per_device_train_batch_size", "1"], "in-batch negatives"),
+        (["--config_overrides", "[1, 2]"], "JSON object"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit):
+            train_script.parse_args(MICRO_TRAIN + ["--output_dir", str(tmp_path / "out")] + extra)
+        assert message in capsys.readouterr().err, extra
+
+
+def test_train_script_names_the_missing_packages(train_script, tmp_path):
+    argv = MICRO_TRAIN + ["--output_dir", str(tmp_path / "out"), "--dataset", "fashion_mnist",
+                          "--fashion_mnist_dir", str(tmp_path / "nothing"), "--espeak_executable", "no-such-espeak"]
+    with pytest.raises(SystemExit) as error:
+        train_script.main(argv)
+    assert INSTALL_COMMAND in str(error.value) and "dataset-fashion-mnist" in str(error.value)
