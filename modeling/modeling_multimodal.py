@@ -140,16 +140,36 @@ def contrastive_loss(
 
 
 class MultiModalProjector(nn.Module):
-    """Encoder states -> decoder embedding space: Linear, activation, Linear (LLaVA's projector)."""
+    """Encoder states -> decoder embedding space: LayerNorm, Linear, activation, Linear (LLaVA's MLP, with the input
+    norm of InternVL / Qwen2-VL's mergers).
+
+    The norm makes the projector independent of the encoder's output scale: a freshly initialised encoder without a
+    final norm (Parakeet's) emits states around 0.02, which would reach the decoder and the alignment heads ~1e-4 in
+    size and blow up their gradients.
+    """
 
     def __init__(self, input_size: int, hidden_size: int, output_size: int, activation: str) -> None:
         super().__init__()
+        self.norm = nn.LayerNorm(input_size)
         self.linear_1 = nn.Linear(input_size, hidden_size)
         self.act = ACT2FN[activation]
         self.linear_2 = nn.Linear(hidden_size, output_size)
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(states)))
+        return self.linear_2(self.act(self.linear_1(self.norm(states))))
+
+
+class MultiModalAlignmentHead(nn.Module):
+    """A pooled representation -> the shared retrieval space, L2-normalised: LayerNorm, then a linear map (CLIP's
+    post-LayerNorm and projection). The norm keeps the vector that `F.normalize` divides far from zero."""
+
+    def __init__(self, input_size: int, embed_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(input_size)
+        self.proj = nn.Linear(input_size, embed_dim, bias=False)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.proj(self.norm(pooled)), dim=-1)
 
 
 class MultiModalPreTrainedModel(CheckedLoadingMixin, PreTrainedModel):
@@ -266,9 +286,9 @@ class MultiModalModel(MultiModalPreTrainedModel):
         self.audio_projector = MultiModalProjector(config.audio_config.hidden_size, projector_size, decoder_size,
                                                    config.projector_hidden_act)
         embed_dim = config.alignment_embed_dim
-        self.text_alignment_head = nn.Linear(decoder_size, embed_dim, bias=False)
-        self.image_alignment_head = nn.Linear(decoder_size, embed_dim, bias=False)
-        self.audio_alignment_head = nn.Linear(decoder_size, embed_dim, bias=False)
+        self.text_alignment_head = MultiModalAlignmentHead(decoder_size, embed_dim)
+        self.image_alignment_head = MultiModalAlignmentHead(decoder_size, embed_dim)
+        self.audio_alignment_head = MultiModalAlignmentHead(decoder_size, embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
         self.post_init()
 
@@ -339,17 +359,17 @@ class MultiModalModel(MultiModalPreTrainedModel):
                                                 use_cache=False).last_hidden_state
         weights = attention_mask.to(states.dtype)[..., None]
         pooled = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        return F.normalize(self.text_alignment_head(pooled), dim=-1)
+        return self.text_alignment_head(pooled)
 
     def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """(N, C, H, W) -> (N, alignment_embed_dim) L2-normalised: the mean projected image token, through the head."""
-        return F.normalize(self.image_alignment_head(self.get_image_tokens(pixel_values).mean(dim=1)), dim=-1)
+        return self.image_alignment_head(self.get_image_tokens(pixel_values).mean(dim=1))
 
     def get_audio_features(self, input_features: torch.FloatTensor, input_features_mask: torch.Tensor | None = None
                            ) -> torch.FloatTensor:
         """(N, T, mels) -> (N, alignment_embed_dim) L2-normalised: the mean projected audio token, through the head."""
         tokens = self.get_audio_tokens(input_features, input_features_mask)
-        return F.normalize(self.audio_alignment_head(tokens.mean(dim=1)), dim=-1)
+        return self.audio_alignment_head(tokens.mean(dim=1))
 
     def clamped_logit_scale(self) -> torch.Tensor:
         """exp(logit_scale), the inverse temperature, at most 100 (CLIP)."""
@@ -365,7 +385,7 @@ class MultiModalModel(MultiModalPreTrainedModel):
         text_present: torch.Tensor | None = None,
         image_present: torch.Tensor | None = None,
         audio_present: torch.Tensor | None = None,
-        alignment_labels: torch.Tensor | None = None,
+        alignment_classes: torch.Tensor | None = None,
         return_loss: bool = True,
         **kwargs,
     ) -> MultiModalOutput:
@@ -376,7 +396,8 @@ class MultiModalModel(MultiModalPreTrainedModel):
             `image_present` every example has an image.
         input_features, input_features_mask (`(B_aud, T, mels)`, `(B_aud, T)`), `audio_present`: the same for audio.
         text_present (`(B,)` bool, optional): examples whose caption takes part (default: all).
-        alignment_labels (`(B,)` int, optional): class of each example; items of the same class are positives.
+        alignment_classes (`(B,)` int, optional): class of each example; items of the same class are positives.
+            (Not named `*labels*`: Trainer takes every forward argument with "label" in its name for a label.)
         """
         embeds, present = {}, {}
         for modality, data, flags in (("text", input_ids, text_present), ("image", pixel_values, image_present),
@@ -393,7 +414,7 @@ class MultiModalModel(MultiModalPreTrainedModel):
             else:
                 audio_mask = input_features_mask[rows] if input_features_mask is not None else None
                 embeds[modality] = self.get_audio_features(data[rows], audio_mask)
-        losses = self.alignment_losses(embeds, present, alignment_labels) if return_loss else {}
+        losses = self.alignment_losses(embeds, present, alignment_classes) if return_loss else {}
         return MultiModalOutput(
             loss=losses.get("alignment_loss"),
             text_embeds=embeds.get("text"),
@@ -568,7 +589,7 @@ class MultiModalForConditionalGeneration(MultiModalPreTrainedModel, GenerationMi
         align_text_present: torch.Tensor | None = None,
         align_image_present: torch.Tensor | None = None,
         align_audio_present: torch.Tensor | None = None,
-        align_alignment_labels: torch.Tensor | None = None,
+        align_alignment_classes: torch.Tensor | None = None,
         **kwargs,
     ) -> MultiModalCausalLMOutputWithPast:
         r"""
@@ -606,7 +627,7 @@ class MultiModalForConditionalGeneration(MultiModalPreTrainedModel, GenerationMi
                     input_ids=align_input_ids, attention_mask=align_attention_mask, pixel_values=align_pixel_values,
                     input_features=align_input_features, input_features_mask=align_input_features_mask,
                     text_present=align_text_present, image_present=align_image_present,
-                    audio_present=align_audio_present, alignment_labels=align_alignment_labels,
+                    audio_present=align_audio_present, alignment_classes=align_alignment_classes,
                 )
             alignment = {key: getattr(aligned, key) for key in
                          ("alignment_loss", "text_image_loss", "text_audio_loss", "image_audio_loss")}

@@ -144,7 +144,7 @@ class MultiModalProcessor(ProcessorMixin):
 
         Returns input_ids / attention_mask (captions), pixel_values of the examples that have an image and
         `image_present` `(B,)`, input_features / input_features_mask and `audio_present`, `text_present`, and
-        `alignment_labels` when `labels` are given. `prefix="align_"` names every key for
+        `alignment_classes` when `labels` are given. `prefix="align_"` names every key for
         `MultiModalForConditionalGeneration`'s alignment inputs.
         """
         sizes = {len(items) for items in (text, images, audio, labels) if items is not None}
@@ -166,7 +166,7 @@ class MultiModalProcessor(ProcessorMixin):
             data["audio_present"] = [clip is not None for clip in audio]
             data.update(self._audio([(i, clip) for i, clip in enumerate(audio) if clip is not None], sampling_rate))
         if labels is not None:
-            data["alignment_labels"] = list(labels)
+            data["alignment_classes"] = list(labels)
         if not data or batch_size == 0:
             raise ValueError("alignment_batch needs at least one example with text, images or audio.")
         return BatchFeature({prefix + key: value for key, value in data.items()}, tensor_type=return_tensors)

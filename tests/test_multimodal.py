@@ -159,7 +159,7 @@ def test_forward_shapes_and_loss_parts(vqa_batch, alignment_batch):
     expected = outputs.generation_loss + model.config.alignment_loss_weight * outputs.alignment_loss
     torch.testing.assert_close(outputs.loss, expected)
     outputs.loss.backward()
-    assert model.model.image_alignment_head.weight.grad is not None
+    assert model.model.image_alignment_head.proj.weight.grad is not None
     assert model.model.audio_projector.linear_1.weight.grad is not None
 
     # each placeholder run got one projected input: changing the image changes the logits after it only
@@ -226,7 +226,7 @@ def test_same_label_items_are_all_positives(alignment_batch):
     model = MultiModalModel(tiny_config()).eval()
     labels = torch.tensor([0, 1, 2, 0, 1])
     with torch.no_grad():
-        outputs = model(**alignment_batch, alignment_labels=labels)
+        outputs = model(**alignment_batch, alignment_classes=labels)
     # text-audio: examples 0-3 have both; 0 and 3 share label 0
     keep = torch.tensor([0, 1, 2, 3])
     reference = naive_infonce(outputs.text_embeds[keep], outputs.audio_embeds, float(outputs.logit_scale),
@@ -518,8 +518,13 @@ def test_trainer_logs_each_loss_part(tmp_path, processor):
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, logging_steps=1, per_device_train_batch_size=1,
                              report_to=[], use_cpu=True, save_strategy="no", remove_unused_columns=False,
                              disable_tqdm=True)
-    trainer = MultiModalTrainer(model=model, args=args, train_dataset=OneBatch(), data_collator=lambda items: items[0])
+    trainer = MultiModalTrainer(model=model, args=args, train_dataset=OneBatch(), eval_dataset=OneBatch(),
+                                data_collator=lambda items: items[0])
     trainer.train()
+    metrics = trainer.evaluate()
+    assert {"eval_loss", "eval_generation_loss", "eval_alignment_loss", "eval_text_image_loss"} <= set(metrics)
+    predictions = trainer.predict(OneBatch())
+    assert predictions.predictions.shape == (*batch["input_ids"].shape, 97)  # the logits, no cache or loss parts
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 2
     for name in ("generation_loss", "aux_loss", "alignment_loss", "text_image_loss", "text_audio_loss",
