@@ -498,6 +498,22 @@ def test_processor_bad_input_names_the_problem(processor, call, message):
         processor(**call)
 
 
+def test_alignment_batch_layout_and_errors(processor, alignment_batch):
+    assert alignment_batch["image_present"].tolist() == [True, True, True, False, True]
+    assert alignment_batch["audio_present"].tolist() == [True, True, True, True, False]
+    assert alignment_batch["pixel_values"].shape[0] == 4 and alignment_batch["input_features"].shape[0] == 4
+    prefixed = processor.alignment_batch(text=["shirt", "boot"], labels=[3, 3], prefix="align_")
+    assert set(prefixed) == {"align_input_ids", "align_attention_mask", "align_text_present",
+                             "align_alignment_classes"}
+    with pytest.raises(ValueError, match="one entry per example"):
+        processor.alignment_batch(text=["shirt", "boot"], images=[image(0)])
+    with pytest.raises(ValueError, match="take no <image>"):
+        processor.alignment_batch(text=["<image> shirt"], images=[image(0)])
+    model = MultiModalModel(tiny_config())
+    with pytest.raises(ValueError, match="`image_present`"):
+        model(input_ids=alignment_batch["input_ids"], pixel_values=alignment_batch["pixel_values"])
+
+
 # -- Trainer --
 
 def test_trainer_logs_each_loss_part(tmp_path, processor):
