@@ -193,7 +193,7 @@ def check_requirements(root: str | os.PathLike = FASHION_MNIST_DIR, executable: 
         try:
             check(arg)
         except MissingDataError as error:
-            problems.append(str(error).split(" install the built-in")[0])
+            problems.append(str(error).split("; install the built-in")[0] + ".")
     if problems:
         raise MissingDataError(" ".join(problems) + f" Install them with `{INSTALL_COMMAND}` (or use --dataset "
                                "synthetic for generated data).")
