@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import stat
 import struct
 import subprocess
@@ -463,3 +464,17 @@ def test_train_script_names_the_missing_packages(train_script, tmp_path):
     with pytest.raises(SystemExit) as error:
         train_script.main(argv)
     assert INSTALL_COMMAND in str(error.value) and "dataset-fashion-mnist" in str(error.value)
+
+
+def test_readme_multimodal_snippet_runs():
+    """The Python block of the README's Multimodal section runs as written (offline, seconds)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Multimodal"):]
+    section = section[: section.index("\n## ", 1)]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    assert len(blocks) == 1
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    model = namespace["model"]
+    assert model.config.alignment_pairs == ["text_image", "text_audio"]
+    assert not any(p.requires_grad for p in model.model.vision_model.parameters())
