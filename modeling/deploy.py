@@ -202,6 +202,15 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> f
 BNB_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")
 ALWAYS_SKIPPED = ("lm_head",)  # transformers keeps the output layer in full precision; so do we
+# The adaptive-depth model's complexity estimator picks the depth of a whole input, like a router picks experts: a
+# rounding error there changes which layers run, so it stays in full precision too.
+ADAPTIVE_SKIPPED = ("model.estimator",)
+
+
+def full_precision_modules(model_config) -> tuple[str, ...]:
+    """Modules `bnb_quantization_config` keeps in full precision (besides what bitsandbytes cannot quantize)."""
+    adaptive = getattr(model_config, "model_type", None) == "lightarch_adaptive"
+    return ALWAYS_SKIPPED + (ADAPTIVE_SKIPPED if adaptive else ())
 
 
 def _meta_model(model_config) -> nn.Module:
@@ -215,13 +224,15 @@ def quantizable_linears(model_or_config) -> dict[str, tuple[int, int]]:
     """`{module name: (in_features, out_features)}` of the `nn.Linear` layers bitsandbytes would quantize.
 
     Takes a model or a config (then a weightless meta-device model is built). The routed experts (3D tensors), the
-    router (`Router`, not `nn.Linear`), the embeddings and `lm_head` are not listed: they stay in full precision.
+    router (`Router`, not `nn.Linear`), the embeddings, `lm_head` and the adaptive model's estimator are not listed:
+    they stay in full precision.
     """
     model = model_or_config if isinstance(model_or_config, nn.Module) else _meta_model(model_or_config)
+    kept = full_precision_modules(model.config)
     return {
         name: (module.in_features, module.out_features)
         for name, module in model.named_modules()
-        if type(module) is nn.Linear and name.split(".")[-1] not in ALWAYS_SKIPPED
+        if type(module) is nn.Linear and not _skipped(name, kept)
     }
 
 
@@ -289,14 +300,15 @@ def bnb_quantization_config(
 ):
     """A checked `BitsAndBytesConfig` for a lightarch model: 8-bit (LLM.int8) or 4-bit (`quant_type` nf4 / fp4).
 
-    `lm_head` is always kept in full precision (with an explicit skip list transformers no longer adds it itself).
-    Raises ValueError when the request cannot apply.
+    `lm_head` (and the adaptive model's `estimator`) are always kept in full precision (with an explicit skip list
+    transformers no longer adds `lm_head` itself). Raises ValueError when the request cannot apply.
     """
     from transformers import BitsAndBytesConfig
 
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8 for bitsandbytes, got {bits}.")
-    skip = list(ALWAYS_SKIPPED) + [m for m in skip_modules if m not in ALWAYS_SKIPPED]
+    kept = full_precision_modules(model_config)
+    skip = list(kept) + [m for m in skip_modules if m not in kept]
     if bits == 4:
         quantization_config = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -538,10 +550,25 @@ class TokenBudgetMiddleware:
 ONNX_METADATA = "onnx_decoder.json"
 
 
+ONNX_MODEL_TYPES = ("lightarch_sparse_moe", "lightarch_adaptive")
+
+
 def check_onnx_exportable(config) -> None:
-    """Raise ValueError naming the option when the ONNX decoder step cannot represent this model."""
-    if getattr(config, "model_type", None) != "lightarch_sparse_moe":
-        raise ValueError(f"ONNX export supports lightarch SparseMoe decoders, not model_type {config.model_type!r}.")
+    """Raise ValueError naming the option when the ONNX decoder step cannot represent this model.
+
+    The adaptive-depth model exports its full-depth path (`exit_policy="full"`): the graph is one fixed-depth step,
+    while the estimator and confidence policies choose a depth per input / token at run time.
+    """
+    if getattr(config, "model_type", None) not in ONNX_MODEL_TYPES:
+        raise ValueError(f"ONNX export supports lightarch decoders ({', '.join(ONNX_MODEL_TYPES)}), not model_type "
+                         f"{config.model_type!r}.")
+    policy = getattr(config, "exit_policy", "full")
+    if policy != "full":
+        raise ValueError(
+            f"exit_policy={policy!r}: the ONNX export is a fixed-depth decoding step and cannot pick a depth at run "
+            "time. Export the full-depth model (save it with config.exit_policy = 'full'); exits and the estimator "
+            "stay in torch."
+        )
     if getattr(config, "num_sink_tokens", 0):
         raise ValueError(
             f"num_sink_tokens={config.num_sink_tokens}: attention sinks (streaming preset) are not supported by the "
@@ -563,7 +590,8 @@ def check_onnx_exportable(config) -> None:
 
 
 class OnnxDecoderStep(nn.Module):
-    """One decoding step of a lightarch SparseMoe, written for ONNX export with an explicit KV cache.
+    """One decoding step of a lightarch SparseMoe (or the full-depth path of an adaptive-depth model), written for
+    ONNX export with an explicit KV cache.
 
     `forward(input_ids (B, T), attention_mask (B, P + T), past_key_0, past_value_0, ...)` returns
     `(logits (B, T, V), present_key_0, present_value_0, ...)` with `past_*` of shape `(B, kv_heads, P, head_dim)` and
