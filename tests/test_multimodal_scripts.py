@@ -478,3 +478,18 @@ def test_readme_multimodal_snippet_runs():
     model = namespace["model"]
     assert model.config.alignment_pairs == ["text_image", "text_audio"]
     assert not any(p.requires_grad for p in model.model.vision_model.parameters())
+
+
+def test_model_card_snippet_runs_in_a_fresh_process_without_lightarch(trained, tmp_path):
+    """The card's usage code loads the saved folder through remote code where lightarch is not importable."""
+    output_dir, _ = trained
+    card = (output_dir / "aligned" / "README.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.*?)```", card, flags=re.DOTALL)
+    assert str((output_dir / "aligned").as_posix()) in snippet
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    check = snippet + "\nimport sys\nassert 'modeling' not in sys.modules\n"
+    result = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().startswith("[") and result.stdout.strip().endswith("]")  # the decoded answers
