@@ -59,7 +59,11 @@ class EvalArguments:
     num_threads: int = field(
         default=0, metadata={"help": "torch threads; 0 = the available CPUs minus the other running processes."}
     )
-    output_dir: str = field(default="", metadata={"help": "Where to write; empty = <model>/long_context_eval."})
+    output_dir: str = field(
+        default="",
+        metadata={"help": "Where to write; empty = <model>/long_context_eval, and the accuracy table also goes into "
+                          "the model card (<model>/README.md, between its long-context-eval markers)."},
+    )
     merge: str = field(
         default="",
         metadata={"help": "Evaluate nothing: merge the results.json of these comma-separated folders (shards of one "
@@ -268,6 +272,28 @@ def write_outputs(output_dir: Path, results: dict) -> str:
     return text
 
 
+CARD_MARKERS = ("<!-- long-context-eval -->", "<!-- /long-context-eval -->")
+
+
+def update_model_card(model_dir: Path, results: dict) -> bool:
+    """Put the accuracy table between the markers of the model folder's README.md (the card train_passkey.py
+    wrote), replacing what was there; False when there is no card with the markers."""
+    card = model_dir / "README.md"
+    if not card.is_file():
+        return False
+    text = card.read_text(encoding="utf-8")
+    start, end = CARD_MARKERS
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    table = markdown(results).split("\n", 2)[2].strip()  # without the "# Passkey retrieval: <folder>" title
+    write_atomically(card, f"{head}{start}\n{table}\n\nCommand: `python scripts/eval_long_context.py "
+                           f"--lengths {','.join(format_length(n) for n in results['lengths'])} --samples "
+                           f"{results['arguments']['samples']}`.\n{end}{tail}")
+    return True
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser(EvalArguments, description=__doc__.split("\n\n")[0])
     (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
@@ -280,6 +306,8 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(str(error))
         output_dir = Path(args.output_dir) if args.output_dir else Path(results["model"]) / "long_context_eval"
         print(write_outputs(output_dir, results))
+        if not args.output_dir:
+            update_model_card(Path(results["model"]), results)
         return results
     try:
         lengths, depths = parse_lengths(args.lengths), parse_depths(args.depths)
@@ -328,6 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
     results["verdict"] = verdict(evaluation["overall"], lengths, train_length, args.good_accuracy)
     output_dir = Path(args.output_dir) if args.output_dir else model_dir / "long_context_eval"
     print(write_outputs(output_dir, results))
+    if not args.output_dir:  # the full default run documents the model: its card gets the table
+        update_model_card(model_dir, results)
     return results
 
 

@@ -66,11 +66,11 @@ MODEL_CARD_TEMPLATE = REPO_ROOT / "model_cards" / "passkey.md"
 TRAINING_DEFAULTS = {
     "output_dir": "outputs/passkey",
     "use_cpu": True,
-    "max_steps": 1200,
+    "max_steps": 1000,
     "per_device_train_batch_size": 1,  # each dataset item is a whole batch of about --tokens_per_batch tokens
     "learning_rate": 2e-3,
     "lr_scheduler_type": "cosine",
-    "warmup_steps": 50,
+    "warmup_steps": 30,
     "weight_decay": 0.05,
     "max_grad_norm": 1.0,
     "adam_beta2": 0.98,
@@ -95,15 +95,33 @@ class ModelArguments:
     )
     num_attention_heads: int = field(default=4, metadata={"help": "Query heads (head_dim = hidden / heads)."})
     num_key_value_heads: int = field(default=2, metadata={"help": "Key/value heads (grouped-query attention)."})
-    sliding_window: int = field(default=128, metadata={"help": "Window of the sliding layers, in tokens."})
+    sliding_window: int = field(
+        default=32,
+        metadata={"help": "Window of the sliding layers, in tokens. Small, so that already in short training prompts "
+                          "the key is out of the window and only the global layer can fetch it: retrieval is learnt "
+                          "from the first steps instead of after a switch from local copying."},
+    )
     num_experts: int = field(default=4, metadata={"help": "Routed experts per MoE layer."})
     num_experts_per_tok: int = field(default=2, metadata={"help": "Experts per token (top-k routing)."})
     moe_intermediate_size: int = field(default=128, metadata={"help": "Hidden units of each expert."})
-    rope_theta: float = field(
-        default=1_000_000.0,
-        metadata={"help": "Rotary base. Large: the slow dimensions barely rotate within the training lengths, so "
-                          "content matching in the global layer stays in distribution further out."},
+    global_position_encoding: str = field(
+        default="nope",
+        metadata={"help": "Position encoding of the global ('full') layers: 'nope' (none; the iRoPE recipe of "
+                          "Llama 4 / SmolLM3: rotary sliding layers + NoPE global layers, whose content-only "
+                          "matching does not meet unseen rotary angles past the training length) or 'rope' (rotary, "
+                          "like the sliding layers)."},
     )
+    rope_theta: float = field(
+        default=10_000.0,
+        metadata={"help": "Rotary base (sliding layers, and global layers with --global_position_encoding rope)."},
+    )
+    attn_temperature_tuning: bool = field(
+        default=False,
+        metadata={"help": "Llama 4 query scaling on NoPE layers: queries x (1 + attn_scale * log(1 + floor((pos + 1) "
+                          "/ floor_scale))), sharper attention far into long prompts."},
+    )
+    floor_scale: int = field(default=1024, metadata={"help": "Temperature tuning: positions per scaling step."})
+    attn_scale: float = field(default=0.1, metadata={"help": "Temperature tuning: strength of the scaling."})
     prefill_chunk_size: int = field(
         default=1024, metadata={"help": "Chunked prefill at inference (saved in the config; eval uses it)."}
     )
@@ -115,7 +133,7 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     min_length: int = field(default=96, metadata={"help": "Shortest training example, tokens (prompt + answer)."})
-    max_length: int = field(default=1024, metadata={"help": "Longest training example, tokens (prompt + answer)."})
+    max_length: int = field(default=256, metadata={"help": "Longest training example, tokens (prompt + answer)."})
     curriculum_fraction: float = field(
         default=0.6,
         metadata={"help": "The maximum length grows linearly from --min_length to --max_length over this fraction of "
@@ -123,7 +141,7 @@ class DataArguments:
     )
     length_multiple: int = field(default=16, metadata={"help": "Batch lengths are rounded to a multiple of this."})
     tokens_per_batch: int = field(
-        default=4096,
+        default=2048,
         metadata={"help": "Tokens per optimizer step (per accumulation step): a batch of length L holds "
                           "max(1, tokens_per_batch // L) examples, so short batches carry many examples and every "
                           "step costs about the same. (--per_device_train_batch_size must stay 1: each item the data "
@@ -234,9 +252,22 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets, so a JSON list value ("no_rope_layers=[1,0,1]") stays whole."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += (char in "[{") - (char in "]}")
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [*parts, current]
+
+
 def parse_overrides(text: str) -> dict:
     overrides = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
+    for item in filter(None, (part.strip() for part in split_top_level(text))):
         key, _, value = item.partition("=")
         try:
             overrides[key.strip()] = json.loads(value)
@@ -262,6 +293,11 @@ def build_config(model_args: ModelArguments, data_args: DataArguments, tokenizer
         router_mode="top_k",
         moe_intermediate_size=model_args.moe_intermediate_size,
         rope_parameters={"rope_type": "default", "rope_theta": model_args.rope_theta},
+        no_rope_layers=[int(t == "sliding_attention" or model_args.global_position_encoding == "rope")
+                        for t in layer_types],
+        attn_temperature_tuning=model_args.attn_temperature_tuning,
+        floor_scale=model_args.floor_scale,
+        attn_scale=model_args.attn_scale,
         prefill_chunk_size=model_args.prefill_chunk_size,
         max_position_embeddings=model_args.max_position_embeddings,
         pad_token_id=tokenizer.pad_token_id,
@@ -294,6 +330,8 @@ def parse_args(argv: list[str] | None = None):
     task_min = PasskeyTask(build_tokenizer()).min_length + 5
     if data_args.min_length < task_min:
         parser.error(f"--min_length must be >= {task_min} (introduction + key line + question + answer).")
+    if model_args.global_position_encoding not in ("nope", "rope"):
+        parser.error(f"--global_position_encoding must be 'nope' or 'rope', got {model_args.global_position_encoding!r}.")
     if data_args.max_length < data_args.min_length:
         parser.error("--max_length must be >= --min_length.")
     if training_args.max_steps <= 0:
@@ -337,6 +375,25 @@ def plot_training(history: list[dict]) -> bytes:
     return buffer.getvalue()
 
 
+def position_encoding_summary(config: SparseMoeConfig) -> str:
+    """E.g. "rotary (base 10000.0) on the sliding layers, none (NoPE) on the global layers"."""
+    rotary = config.no_rope_layers or [1] * config.num_hidden_layers
+    kinds = {"sliding": set(), "global": set()}
+    for layer_type, uses_rope in zip(config.layer_types, rotary):
+        kinds["sliding" if layer_type == "sliding_attention" else "global"].add(uses_rope)
+    theta = config.rope_parameters["rope_theta"]
+    parts = []
+    for name, values in kinds.items():
+        if values:
+            text = " / ".join(f"rotary (base {theta})" if v else "none (NoPE)" for v in sorted(values, reverse=True))
+            parts.append(f"{text} on the {name} layers")
+    summary = ", ".join(parts)
+    if config.attn_temperature_tuning and 0 in rotary:
+        summary += (f"; Llama 4 attention temperature tuning on NoPE layers (floor_scale {config.floor_scale}, "
+                    f"attn_scale {config.attn_scale})")
+    return summary
+
+
 def render_card(results: dict, config: SparseMoeConfig) -> str:
     values = {
         "max_length": results["data"]["max_length"],
@@ -347,7 +404,7 @@ def render_card(results: dict, config: SparseMoeConfig) -> str:
         "sliding_window": config.sliding_window,
         "num_experts": config.num_experts,
         "top_k": config.num_experts_per_tok,
-        "rope_theta": config.rope_parameters["rope_theta"],
+        "position_encoding": position_encoding_summary(config),
         "num_parameters": f"{results['num_parameters']:,}",
         "steps": results["train_steps"],
         "train_minutes": f"{results['train_time_seconds'] / 60:.1f}",

@@ -158,9 +158,12 @@ def test_train_passkey_writes_a_loadable_folder(trained_folder, task):
     assert "${" not in card and "112" in card
     assert not list(output_dir.parent.glob(".*tmp*"))  # the atomic save left nothing behind
 
+    assert "none (NoPE) on the global layers" in card and "Not measured yet" in card
+
     model = AutoModelForCausalLM.from_pretrained(output_dir)
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     assert model.config.layer_types == ["sliding_attention", "full_attention"]
+    assert model.config.no_rope_layers == [1, 0]  # iRoPE by default: rotary sliding layer, NoPE global layer
     assert model.config.prefill_chunk_size == 64
     assert tokenizer.get_vocab() == task.tokenizer.get_vocab()
     prompt = PasskeyTask(tokenizer).build(100, 0.5, passkey="12345")
@@ -182,8 +185,34 @@ def test_curriculum_grows_lengths_and_keeps_tokens_per_batch():
     assert batch["input_ids"].shape[0] == 2048 // length
 
 
+def test_build_config_position_encoding_and_overrides():
+    train_passkey = load_script("train_passkey")
+    tokenizer = build_tokenizer()
+    model_args = train_passkey.ModelArguments(layer_types="sliding,full,sliding,global")
+    data_args = train_passkey.DataArguments()
+    config = train_passkey.build_config(model_args, data_args, tokenizer)
+    assert config.no_rope_layers == [1, 0, 1, 0] and not config.attn_temperature_tuning
+    assert "none (NoPE) on the global layers" in train_passkey.position_encoding_summary(config)
+
+    model_args = train_passkey.ModelArguments(layer_types="sliding,full", global_position_encoding="rope",
+                                              attn_temperature_tuning=True, floor_scale=64, attn_scale=0.2)
+    config = train_passkey.build_config(model_args, data_args, tokenizer)
+    assert config.no_rope_layers == [1, 1]
+    assert config.attn_temperature_tuning and config.floor_scale == 64 and config.attn_scale == 0.2
+    assert train_passkey.position_encoding_summary(config) == (
+        "rotary (base 10000.0) on the sliding layers, rotary (base 10000.0) on the global layers")
+
+    # --config_overrides: a JSON list value keeps its commas
+    data_args = train_passkey.DataArguments(config_overrides="no_rope_layers=[0,1],attn_scale=0.5")
+    config = train_passkey.build_config(train_passkey.ModelArguments(layer_types="sliding,full"), data_args,
+                                        tokenizer)
+    assert config.no_rope_layers == [0, 1] and config.attn_scale == 0.5
+
+
 def test_train_passkey_rejects_bad_arguments(tmp_path):
     train_passkey = load_script("train_passkey")
+    with pytest.raises(SystemExit):
+        train_passkey.main([*MICRO_TRAIN, "--global_position_encoding", "alibi", "--output_dir", str(tmp_path)])
     with pytest.raises(SystemExit):
         train_passkey.main([*MICRO_TRAIN, "--min_length", "20", "--output_dir", str(tmp_path)])
     with pytest.raises(SystemExit):
@@ -211,6 +240,18 @@ def test_eval_long_context_writes_grid(trained_folder, tmp_path):
     assert "| 96 (train) |" in table and "| 160 |" in table and saved["verdict"] in table
     assert saved["verdict"].startswith("trained at <= 112 tokens")
     assert (tmp_path / "heatmap.png").read_bytes().startswith(PNG_MAGIC)
+
+    # the table goes into the model card, between its markers, replacing what was there (twice: same card)
+    card_dir = tmp_path / "card"
+    card_dir.mkdir()
+    (card_dir / "README.md").write_text((output_dir / "README.md").read_text())
+    assert eval_long_context.update_model_card(card_dir, results)
+    card = (card_dir / "README.md").read_text()
+    assert "Not measured yet" not in card and "| 96 (train) |" in card and saved["verdict"] in card
+    assert card.count(eval_long_context.CARD_MARKERS[0]) == 1 and "## Use" in card
+    assert eval_long_context.update_model_card(card_dir, results)
+    assert (card_dir / "README.md").read_text() == card
+    assert not eval_long_context.update_model_card(tmp_path / "shard", results)  # no card there: nothing written
 
     # shards of a grid (here another length) merge into one table
     shard = eval_long_context.main([
