@@ -19,9 +19,9 @@ Latency, end to end (prefill + greedy decode), one request of --prompt_tokens he
 
 Variants run interleaved round by round (the order rotates) so background load hits them alike; p50 / p95 are over
 all runs. Throughput: --throughput_requests requests with prompt lengths spread from --min_prompt to --max_prompt
-tokens, each generating --new_tokens: padded `generate` in batches of --padded_batch_size (arrival order) against
-one warm continuous-batching manager (paged cache sized by modeling.deploy.cpu_continuous_batching_config). Greedy
-outputs of both are compared. Writes results.json, results.md and latency.png into --output_dir.
+tokens, each generating --new_tokens: padded `generate` in batches of each of --padded_batch_sizes (arrival order)
+against one warm continuous-batching manager (paged cache sized by modeling.deploy.cpu_continuous_batching_config);
+the speed-up is over the fastest padded batch size. Greedy outputs are compared. Writes results.json, results.md and latency.png into --output_dir.
 
     flock /tmp/lightarch_bench.lock python scripts/bench_inference.py
 """
@@ -90,10 +90,18 @@ class BenchArguments:
     throughput_requests: int = field(default=32, metadata={"help": "Requests in the throughput test."})
     min_prompt: int = field(default=8, metadata={"help": "Shortest prompt of the throughput test."})
     max_prompt: int = field(default=256, metadata={"help": "Longest prompt of the throughput test."})
-    padded_batch_size: int = field(default=8, metadata={"help": "Batch size of the padded-generate baseline."})
+    padded_batch_sizes: str = field(
+        default="8,32",
+        metadata={"help": "Batch sizes of the padded-generate baseline (arrival order, left padding), comma-separated; "
+                  "the speed-up is measured against the fastest."},
+    )
     throughput_rounds: int = field(default=3, metadata={"help": "Timed repetitions of each throughput mode."})
     cb_max_batch_tokens: int = field(
-        default=512, metadata={"help": "Tokens per continuous-batching forward (prefill chunks share it)."}
+        default=256, metadata={"help": "Tokens per continuous-batching forward (prefill chunks share it)."}
+    )
+    cb_page_size: int = field(default=32, metadata={"help": "Tokens per page of the paged KV cache."})
+    cb_attn_implementation: str = field(
+        default="sdpa", metadata={"help": "Attention of the continuous-batching model: 'sdpa' or 'paged|eager'."}
     )
     num_threads: int = field(default=0, metadata={"help": "torch / ONNX Runtime threads; 0 = every available CPU."})
     seed: int = field(default=0, metadata={"help": "Seed for the prompt-length spread."})
@@ -207,7 +215,18 @@ def measure_latency(args, runners: dict, prompts: list[torch.Tensor]) -> dict:
             for name, t in times.items()}
 
 
+def padded_batch_sizes(args) -> list[int]:
+    sizes = [int(x) for x in args.padded_batch_sizes.split(",") if x.strip()]
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"--padded_batch_sizes {args.padded_batch_sizes!r}: give positive batch sizes, e.g. '8,32'.")
+    return sizes
+
+
 def measure_throughput(args, model, stream: list[int]) -> dict:
+    """Padded `generate` at each batch size against one warm continuous-batching manager, interleaved round by round.
+
+    The manager is started once and reused (as a server would); one untimed pass warms both sides.
+    """
     rng = np.random.default_rng(args.seed)
     lengths = np.linspace(args.min_prompt, args.max_prompt, args.throughput_requests).astype(int)
     rng.shuffle(lengths)  # arrival order mixes short and long prompts
@@ -218,10 +237,10 @@ def measure_throughput(args, model, stream: list[int]) -> dict:
     generation_config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=pad,
                                          eos_token_id=model.config.eos_token_id)
 
-    def padded():
+    def padded(batch_size: int):
         outputs = []
-        for i in range(0, len(prompts), args.padded_batch_size):
-            batch = prompts[i : i + args.padded_batch_size]
+        for i in range(0, len(prompts), batch_size):
+            batch = prompts[i : i + batch_size]
             width = max(map(len, batch))
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
@@ -232,8 +251,9 @@ def measure_throughput(args, model, stream: list[int]) -> dict:
 
     cb_config = cpu_continuous_batching_config(model.config, max_concurrent_requests=args.throughput_requests,
                                                max_request_tokens=args.max_prompt + new,
-                                               max_batch_tokens=args.cb_max_batch_tokens)
-    cb_model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+                                               max_batch_tokens=args.cb_max_batch_tokens, page_size=args.cb_page_size)
+    cb_model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32,
+                                                    attn_implementation=args.cb_attn_implementation).eval()
     manager = cb_model.init_continuous_batching(
         generation_config=GenerationConfig(max_new_tokens=new, do_sample=False, pad_token_id=pad, eos_token_id=-1),
         continuous_batching_config=cb_config,
@@ -252,30 +272,36 @@ def measure_throughput(args, model, stream: list[int]) -> dict:
             raise RuntimeError(f"continuous batching finished {len(done)} of {len(ids)} requests in 600 s")
         return [done[i] for i in ids]
 
+    modes = {f"padded_generate_bs{size}": (lambda size=size: padded(size)) for size in padded_batch_sizes(args)}
+    modes["continuous_batching"] = continuous
     try:
-        continuous()  # warm the manager (first batches pay setup)
-        padded_out, cb_out = padded(), continuous()
-        timings = {"padded_generate": [], "continuous_batching": []}
-        for _ in range(args.throughput_rounds):
-            for name, fn in (("padded_generate", padded), ("continuous_batching", continuous)):
+        outputs = {name: fn() for name, fn in modes.items()}  # untimed: warms every mode, keeps greedy outputs
+        timings = {name: [] for name in modes}
+        names = list(modes)
+        for r in range(args.throughput_rounds):
+            for name in names[r % len(names):] + names[: r % len(names)]:
                 start = time.perf_counter()
-                fn()
+                modes[name]()
                 timings[name].append(time.perf_counter() - start)
         cache_bytes = manager.batch_processor.cache.cache_tensor.nbytes
     finally:
         manager.stop(block=True, timeout=60)
     tokens = len(prompts) * new
-    identical = sum(a == b for a, b in zip(padded_out, cb_out))
-    result = {name: {"median_seconds": statistics.median(t), "tokens_per_second": tokens / statistics.median(t)}
-              for name, t in timings.items()}
+    result = {"modes": {name: {"median_seconds": statistics.median(t), "seconds": t,
+                               "tokens_per_second": tokens / statistics.median(t)} for name, t in timings.items()}}
+    padded_modes = [name for name in timings if name.startswith("padded")]
+    best = min(padded_modes, key=lambda name: result["modes"][name]["median_seconds"])
     result.update({
         "requests": len(prompts), "new_tokens_each": new, "prompt_lengths": sorted(int(n) for n in lengths),
-        "identical_outputs": identical,
-        "speedup": result["padded_generate"]["median_seconds"] / result["continuous_batching"]["median_seconds"],
+        "best_padded": best,
+        "identical_outputs": {name: sum(a == b for a, b in zip(outputs[name], outputs["continuous_batching"]))
+                              for name in padded_modes},
+        "speedup": result["modes"][best]["median_seconds"] / result["modes"]["continuous_batching"]["median_seconds"],
         "paged_cache_bytes": cache_bytes,
         "paged_cache_estimate_bytes": paged_cache_bytes(model.config, cb_config),
         "cb_config": {"num_blocks": cb_config.num_blocks, "page_size": cb_config.page_size,
-                      "max_batch_tokens": cb_config.max_batch_tokens},
+                      "max_batch_tokens": cb_config.max_batch_tokens,
+                      "attn_implementation": args.cb_attn_implementation},
     })
     return result
 
@@ -298,8 +324,10 @@ def plot(latency: dict, throughput: dict, path: Path) -> None:
     left.set_ylabel("ms per request")
     left.set_title("Latency: 1 request, prompt + greedy tokens")
     left.legend()
-    modes = ["padded_generate", "continuous_batching"]
-    right.bar(modes, [throughput[m]["tokens_per_second"] for m in modes], color=["tab:gray", "tab:green"])
+    modes = list(throughput["modes"])
+    right.bar([m.replace("padded_generate_", "padded ").replace("continuous_batching", "continuous") for m in modes],
+              [throughput["modes"][m]["tokens_per_second"] for m in modes],
+              color=["tab:green" if m == "continuous_batching" else "tab:gray" for m in modes])
     right.set_ylabel("generated tokens / s")
     right.set_title(f"Throughput: {throughput['requests']} mixed requests")
     right.tick_params(axis="x", rotation=15)
@@ -332,21 +360,32 @@ def render_markdown(results: dict) -> str:
     lines += [
         "", f"Throughput, {thr['requests']} requests of {min(thr['prompt_lengths'])}-{max(thr['prompt_lengths'])} "
         f"prompt tokens, {thr['new_tokens_each']} new tokens each:", "",
-        "| mode | median s | generated tokens/s |", "|---|---|---|",
-        f"| padded generate (batches of {results['args']['padded_batch_size']}) | "
-        f"{thr['padded_generate']['median_seconds']:.2f} | {thr['padded_generate']['tokens_per_second']:.1f} |",
-        f"| continuous batching (warm manager) | {thr['continuous_batching']['median_seconds']:.2f} | "
-        f"{thr['continuous_batching']['tokens_per_second']:.1f} |",
-        "", f"Continuous batching speed-up: {thr['speedup']:.2f}x; identical greedy outputs: "
-        f"{thr['identical_outputs']}/{thr['requests']}; paged KV cache {thr['paged_cache_bytes'] / 2**20:.1f} MB.",
+        "| mode | median s | generated tokens/s | greedy outputs identical to continuous batching |", "|---|---|---|---|",
+    ]
+    for name, row in thr["modes"].items():
+        if name == "continuous_batching":
+            cb = thr["cb_config"]
+            label = (f"continuous batching (warm manager, {cb['attn_implementation']}, max_batch_tokens "
+                     f"{cb['max_batch_tokens']}, page {cb['page_size']})")
+            same = "-"
+        else:
+            label = f"padded generate, batches of {name.removeprefix('padded_generate_bs')}"
+            same = f"{thr['identical_outputs'][name]}/{thr['requests']}"
+        lines.append(f"| {label} | {row['median_seconds']:.2f} | {row['tokens_per_second']:.1f} | {same} |")
+    lines += [
+        "", f"Continuous batching speed-up over the fastest padded baseline ({thr['best_padded']}): "
+        f"{thr['speedup']:.2f}x; paged KV cache {thr['paged_cache_bytes'] / 2**20:.1f} MB.",
         "", "| target | measured | met |", "|---|---|---|",
     ]
     for name, target, measured in results["targets"]:
-        lines.append(f"| {name} >= {target} | {measured:.2f} | {'yes' if measured >= target else 'no'} |"
-                     if name != "p50_ms" else
-                     f"| realtime p50 < {target} ms (best variant) | {measured:.1f} | "
-                     f"{'yes' if measured < target else 'no'} |")
-    lines += ["", f"Load average during the run: {results['environment']['load_average']}."]
+        if name.endswith("_ms"):
+            label = "realtime p50, best variant" if name == "p50_ms" else name.removesuffix("_ms").replace("_p50", " p50")
+            lines.append(f"| {label} < {target} ms | {measured:.1f} ms | {'yes' if measured < target else 'no'} |")
+        else:
+            lines.append(f"| {name} >= {target} | {measured:.2f} | {'yes' if measured >= target else 'no'} |")
+    environment = results["environment"]
+    lines += ["", f"Load average (1, 5, 15 min) at the start: {environment['load_average_start']}, at the end: "
+              f"{environment['load_average']}.", "", f"Command: `{results['command']}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -360,6 +399,10 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [v for v in variants if v not in LATENCY_VARIANTS]
     if unknown or not variants:
         raise ValueError(f"--variants {args.variants!r}: use a comma-separated subset of {LATENCY_VARIANTS}.")
+    load_average_start = [round(x, 2) for x in os.getloadavg()]
+    if args.cb_attn_implementation not in ("sdpa", "paged|eager"):
+        raise ValueError(f"--cb_attn_implementation {args.cb_attn_implementation!r}: use 'sdpa' or 'paged|eager' on CPU.")
+    padded_batch_sizes(args)
     if args.preset not in SPARSE_MOE_PRESETS:
         raise ValueError(f"--preset {args.preset!r} is unknown; choose one of {sorted(SPARSE_MOE_PRESETS)}.")
     if not 1 <= args.min_prompt <= args.max_prompt:
@@ -393,7 +436,10 @@ def main(argv: list[str] | None = None) -> dict:
                         latency["torch_fp32"]["p50_ms"] / latency["onnx_int8"]["p50_ms"]))
     targets.append(("continuous_batching_speedup", TARGETS["continuous_batching_speedup"], throughput["speedup"]))
     targets.append(("p50_ms", TARGETS["p50_ms"], min(row["p50_ms"] for row in latency.values())))
+    if "torch_fp32" in latency:
+        targets.append(("torch_fp32_p50_ms", TARGETS["p50_ms"], latency["torch_fp32"]["p50_ms"]))
     results = {
+        "command": " ".join(["python", "scripts/bench_inference.py", *(sys.argv[1:] if argv is None else argv)]),
         "args": asdict(args),
         "model_dir": args.model_dir,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -407,6 +453,7 @@ def main(argv: list[str] | None = None) -> dict:
         "environment": {
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "available_cpus": available_cpus(), "torch_num_threads": threads,
+            "load_average_start": load_average_start,
             "load_average": [round(x, 2) for x in os.getloadavg()],
         },
     }

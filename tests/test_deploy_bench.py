@@ -19,7 +19,7 @@ def test_bench_inference_micro_run_writes_results(tmp_path, variants):
         results = main(["--model_dir", str(folder), "--output_dir", str(tmp_path / "out"), "--variants", variants,
                         "--prompt_tokens", "16", "--new_tokens", "4", "--rounds", "1", "--prompts", "2",
                         "--warmup", "1", "--throughput_requests", "6", "--min_prompt", "4", "--max_prompt", "40",
-                        "--padded_batch_size", "3", "--throughput_rounds", "1", "--num_threads", "1"])
+                        "--padded_batch_sizes", "3,6", "--throughput_rounds", "1", "--num_threads", "1"])
     finally:
         torch.set_num_threads(threads)
     written = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -28,11 +28,16 @@ def test_bench_inference_micro_run_writes_results(tmp_path, variants):
         assert 0 < row["p50_ms"] <= row["p95_ms"] and row["runs"] == 2
     assert written["latency"]["torch_fp32"]["greedy_agreement_with_torch_fp32"] == 1.0
     throughput = written["throughput"]
-    assert throughput["requests"] == 6 and throughput["identical_outputs"] == 6  # greedy: CB equals padded generate
+    assert throughput["requests"] == 6
+    # greedy: continuous batching equals padded generate at every batch size
+    assert throughput["identical_outputs"] == {"padded_generate_bs3": 6, "padded_generate_bs6": 6}
+    assert throughput["best_padded"] in throughput["identical_outputs"]
+    assert written["command"].startswith("python scripts/bench_inference.py --model_dir")
     assert throughput["prompt_lengths"][0] == 4 and throughput["prompt_lengths"][-1] == 40
     assert 0 < throughput["paged_cache_bytes"] < 2**24
     markdown = (tmp_path / "out" / "results.md").read_text()
     assert "| torch_int8 |" in markdown and "Continuous batching speed-up" in markdown
+    assert "| torch_fp32 p50 < 120.0 ms |" in markdown and "padded generate, batches of 6" in markdown
     assert (tmp_path / "out" / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -43,6 +48,10 @@ def test_bench_inference_rejects_bad_options(tmp_path):
         main(["--variants", "torch_fp16"])
     with pytest.raises(ValueError, match="has no model.*--config_overrides"):
         main(["--model_dir", str(tmp_path / "missing"), "--train_if_missing", "false"])
+    with pytest.raises(ValueError, match="--padded_batch_sizes '0'"):
+        main(["--padded_batch_sizes", "0"])
+    with pytest.raises(ValueError, match="--cb_attn_implementation 'sdpa_paged'"):
+        main(["--cb_attn_implementation", "sdpa_paged"])
     with pytest.raises(ValueError, match="--preset 'huge' is unknown"):
         main(["--preset", "huge"])
 
