@@ -46,3 +46,28 @@ def tiny_sparse_moe_config(**overrides) -> SparseMoeConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+_BLOCK_LIGHTARCH = """
+import importlib.abc, sys
+class BlockLightarch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("configuration", "modeling"):
+            raise ImportError("lightarch is not installed here: " + name)
+sys.meta_path.insert(0, BlockLightarch())
+"""
+
+
+def run_without_lightarch(script: str, tmp_path: Path) -> None:
+    """Run `script` in a new interpreter outside the project, where `configuration` / `modeling` cannot be imported:
+    a user loading a saved folder through remote code. The script must print REMOTE-CODE-OK at its end."""
+    import subprocess
+    import textwrap
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules_cache"), OMP_NUM_THREADS="1")
+    source = _BLOCK_LIGHTARCH + textwrap.dedent(script)
+    result = subprocess.run([sys.executable, "-c", source], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REMOTE-CODE-OK" in result.stdout

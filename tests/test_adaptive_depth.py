@@ -4,13 +4,11 @@ decoding, sequence classification, saving and remote code, the task suite and bo
 import json
 import os
 import re
-import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import tiny_sparse_moe_config
+from conftest import run_without_lightarch, tiny_sparse_moe_config
 from transformers import AutoConfig, DynamicCache, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from configuration import AdaptiveDepthConfig, SparseMoeConfig
@@ -407,14 +405,8 @@ def test_round_trip_through_auto_classes(saved_model):
 def test_remote_code_loads_in_a_fresh_process_without_lightarch(saved_model, tmp_path):
     folder, _, input_ids, expected = saved_model
     torch.save({"input_ids": input_ids, **expected}, tmp_path / "expected.pt")
-    script = textwrap.dedent(
+    run_without_lightarch(
         f"""
-        import importlib.abc, sys
-        class BlockLightarch(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("configuration", "modeling"):
-                    raise ImportError("lightarch is not installed here: " + name)
-        sys.meta_path.insert(0, BlockLightarch())
         import torch
         from transformers import AutoConfig, DynamicCache, AutoModelForCausalLM
         expected = torch.load({str(tmp_path / 'expected.pt')!r})
@@ -433,16 +425,9 @@ def test_remote_code_loads_in_a_fresh_process_without_lightarch(saved_model, tmp
             assert torch.equal(speculative, model.generate(one, max_new_tokens=4, do_sample=False,
                                                            exit_policy="full", pad_token_id=0))
         print("REMOTE-CODE-OK")
-        """
+        """,
+        tmp_path,
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules_cache")
-    env["OMP_NUM_THREADS"] = "1"
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "REMOTE-CODE-OK" in result.stdout
 
 
 # --------------------------------------------------------------------------------------------- task suite and scripts

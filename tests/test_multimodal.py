@@ -3,15 +3,11 @@ remote code, processor. Tiny configs and generated fixtures only (random images,
 
 import json
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_sparse_moe_config
+from conftest import run_without_lightarch, tiny_sparse_moe_config
 from scipy.signal import resample_poly
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -406,14 +402,8 @@ def test_missing_weights_are_named_instead_of_silently_reinitialised(saved, tmp_
 def test_remote_code_loads_in_a_fresh_process_without_lightarch(saved, vqa_batch, tmp_path):
     folder, _, logits = saved
     torch.save({"inputs": dict(vqa_batch), "logits": logits}, tmp_path / "expected.pt")
-    script = textwrap.dedent(
+    run_without_lightarch(
         f"""
-        import importlib.abc, sys
-        class BlockLightarch(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("configuration", "modeling"):
-                    raise ImportError("lightarch is not installed here: " + name)
-        sys.meta_path.insert(0, BlockLightarch())
         import numpy as np, torch
         from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
         expected = torch.load({str(tmp_path / 'expected.pt')!r})
@@ -430,15 +420,9 @@ def test_remote_code_loads_in_a_fresh_process_without_lightarch(saved, vqa_batch
         retrieval = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)
         assert type(retrieval).__name__ == "MultiModalModel"
         print("REMOTE-CODE-OK")
-        """
+        """,
+        tmp_path,
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules_cache")
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "REMOTE-CODE-OK" in result.stdout
 
 
 # -- processor --

@@ -1,16 +1,12 @@
 """Saving and loading: Auto classes, remote code in a clean process, corrupt and incomplete folders."""
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import tiny_sparse_moe_config
+from conftest import run_without_lightarch, tiny_sparse_moe_config
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -61,14 +57,8 @@ def test_remote_code_loads_in_a_fresh_process_without_lightarch(saved_model, tmp
     """A new interpreter, outside the project, with `configuration` / `modeling` made unimportable."""
     folder, _, input_ids, logits = saved_model
     torch.save({"input_ids": input_ids, "logits": logits}, tmp_path / "expected.pt")
-    script = textwrap.dedent(
+    run_without_lightarch(
         f"""
-        import importlib.abc, sys
-        class BlockLightarch(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("configuration", "modeling"):
-                    raise ImportError("lightarch is not installed here: " + name)
-        sys.meta_path.insert(0, BlockLightarch())
         import torch
         from transformers import AutoModelForCausalLM
         expected = torch.load({str(tmp_path / 'expected.pt')!r})
@@ -81,15 +71,9 @@ def test_remote_code_loads_in_a_fresh_process_without_lightarch(saved_model, tmp
         generated = model.generate(expected["input_ids"], max_new_tokens=4, do_sample=False)
         assert generated.shape == (2, 13)
         print("REMOTE-CODE-OK")
-        """
+        """,
+        tmp_path,
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules_cache")
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "REMOTE-CODE-OK" in result.stdout
 
 
 def _copy(folder, destination):
