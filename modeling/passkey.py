@@ -172,11 +172,20 @@ class PasskeyTask:
             requested_depth=depth,
         )
 
-    def training_example(self, length: int, rng: random.Random, label_key_echo: bool = True) -> dict[str, list[int]]:
-        """`input_ids` = a prompt of `length - NUM_DIGITS` tokens (uniform random depth) + the answer digits; `labels`
-        are -100 except on the answer digits (and, with `label_key_echo`, on the key's second occurrence inside the
-        key line, a short-range copy that teaches the copying circuit early)."""
-        prompt = self.build(length - NUM_DIGITS, rng.random(), rng=rng)
+    def training_example(self, length: int, rng: random.Random, label_key_echo: bool = True,
+                         edge_depth_fraction: float = 0.0) -> dict[str, list[int]]:
+        """`input_ids` = a prompt of `length - NUM_DIGITS` tokens + the answer digits; `labels` are -100 except on the
+        answer digits (and, with `label_key_echo`, on the key's second occurrence inside the key line, a short-range
+        copy that teaches the copying circuit early).
+
+        The depth is uniform in [0, 1], except that a fraction `edge_depth_fraction` of the examples put the key at
+        exactly 0.0 or 1.0 (half each): the two special cases (key right after the introduction; key right before the
+        question, partly inside a small sliding window) that a uniform depth almost never produces."""
+        if rng.random() < edge_depth_fraction:
+            depth = float(rng.random() < 0.5)
+        else:
+            depth = rng.random()
+        prompt = self.build(length - NUM_DIGITS, depth, rng=rng)
         input_ids = prompt.input_ids + prompt.answer_ids
         labels = [-100] * len(prompt.input_ids) + prompt.answer_ids
         if label_key_echo:

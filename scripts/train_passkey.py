@@ -1,17 +1,21 @@
 #!/usr/bin/env python
 """Train a small hybrid SparseMoe from scratch on passkey retrieval (see modeling/passkey.py), on CPU.
 
-The model mixes sliding-window layers (local structure, the copy circuit) with one global layer that has to find
-the key line anywhere in the prompt. Examples are generated on the fly: a 5-digit key hidden at a uniform random
-depth in filler text, followed by the question and the answer digits. The loss is on the answer digits only (labels
--100 elsewhere) plus, by default, the key's second occurrence inside the key line ("71432. Remember it. 71432 is
-..."): a short-range copy that the sliding layers can solve early, which shapes the representations the global
-layer's retrieval then builds on. No loss on the filler: it is predictable and would drown the ~10 useful targets
-per example (the loss is a mean over labelled tokens).
+The model mixes rotary sliding-window layers (local structure, the copy circuit) with one global layer without
+position encoding (NoPE) that has to find the key line anywhere in the prompt: the iRoPE recipe of Llama 4 /
+SmolLM3. The global layer matches by content only, so a prompt longer than any seen in training gives it no unseen
+rotary angle, only more filler to ignore; optional Llama 4 temperature tuning sharpens its queries at far positions.
+The sliding window is small (32 tokens) so that already in short training prompts the key is out of the window and
+only the global layer can fetch it.
+
+Examples are generated on the fly: a 5-digit key hidden at a uniform random depth in filler text, followed by the
+question and the answer digits. The loss is on the answer digits only (labels -100 elsewhere) plus, by default, the
+key's second occurrence inside the key line ("71432. Remember it. 71432 is ..."): a short-range copy that shapes the
+representations the global layer's retrieval then builds on. No loss on the filler: it is predictable and would
+drown the ~10 useful targets per example (the loss is a mean over labelled tokens).
 
 A length curriculum grows the maximum training length from --min_length to --max_length over the first
---curriculum_fraction of the steps (each batch has one length, so nothing is padded): short prompts give many
-examples per second while retrieval is learnt, long ones teach the global layer to find the key far away.
+--curriculum_fraction of the steps (each batch has one length, so nothing is padded).
 
 Defaults finish in under 15 minutes on 2 CPU cores (--time_budget_minutes stops training earlier if the machine is
 slower), then measure greedy exact-match accuracy at the longest training length and save into --output_dir
@@ -66,7 +70,7 @@ MODEL_CARD_TEMPLATE = REPO_ROOT / "model_cards" / "passkey.md"
 TRAINING_DEFAULTS = {
     "output_dir": "outputs/passkey",
     "use_cpu": True,
-    "max_steps": 1000,
+    "max_steps": 1500,
     "per_device_train_batch_size": 1,  # each dataset item is a whole batch of about --tokens_per_batch tokens
     "learning_rate": 2e-3,
     "lr_scheduler_type": "cosine",
@@ -116,11 +120,11 @@ class ModelArguments:
         metadata={"help": "Rotary base (sliding layers, and global layers with --global_position_encoding rope)."},
     )
     attn_temperature_tuning: bool = field(
-        default=False,
+        default=True,
         metadata={"help": "Llama 4 query scaling on NoPE layers: queries x (1 + attn_scale * log(1 + floor((pos + 1) "
                           "/ floor_scale))), sharper attention far into long prompts."},
     )
-    floor_scale: int = field(default=1024, metadata={"help": "Temperature tuning: positions per scaling step."})
+    floor_scale: int = field(default=128, metadata={"help": "Temperature tuning: positions per scaling step."})
     attn_scale: float = field(default=0.1, metadata={"help": "Temperature tuning: strength of the scaling."})
     prefill_chunk_size: int = field(
         default=1024, metadata={"help": "Chunked prefill at inference (saved in the config; eval uses it)."}
@@ -149,6 +153,12 @@ class DataArguments:
     )
     label_key_echo: bool = field(
         default=True, metadata={"help": "Also train on the key's second occurrence inside the key line."}
+    )
+    edge_depth_fraction: float = field(
+        default=0.2,
+        metadata={"help": "Fraction of examples with the key at exactly depth 0.0 or 1.0 (half each) instead of a "
+                          "uniform depth: right after the introduction, and right before the question where the key "
+                          "line is partly inside the sliding window, two cases a uniform depth almost never gives."},
     )
     eval_samples: int = field(
         default=10, metadata={"help": "Prompts per depth for the final accuracy at --max_length (5 depths)."}
@@ -194,7 +204,8 @@ class CurriculumDataset(torch.utils.data.IterableDataset):
         batch_index = 0
         while True:
             length = self.batch_length(batch_index, rng)
-            examples = [self.task.training_example(length, rng, self.data_args.label_key_echo)
+            examples = [self.task.training_example(length, rng, self.data_args.label_key_echo,
+                                                   self.data_args.edge_depth_fraction)
                         for _ in range(max(1, self.data_args.tokens_per_batch // length))]
             yield {key: torch.tensor([example[key] for example in examples]) for key in ("input_ids", "labels")}
             batch_index += 1
@@ -336,6 +347,8 @@ def parse_args(argv: list[str] | None = None):
         parser.error("--max_length must be >= --min_length.")
     if training_args.max_steps <= 0:
         parser.error("--max_steps must be positive (the training data is an endless stream).")
+    if not 0 <= data_args.edge_depth_fraction <= 1:
+        parser.error("--edge_depth_fraction must be in [0, 1].")
     if not 0 < data_args.curriculum_fraction <= 1:
         parser.error("--curriculum_fraction must be in (0, 1].")
     if training_args.per_device_train_batch_size != 1:
@@ -398,6 +411,7 @@ def render_card(results: dict, config: SparseMoeConfig) -> str:
     values = {
         "max_length": results["data"]["max_length"],
         "min_length": results["data"]["min_length"],
+        "edge_percent": f"{100 * results['data']['edge_depth_fraction']:.0f}",
         "layer_types": ", ".join(t.split("_")[0] for t in config.layer_types),
         "hidden_size": config.hidden_size,
         "num_layers": config.num_hidden_layers,

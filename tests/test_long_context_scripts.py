@@ -113,6 +113,24 @@ def test_training_example_labels_only_answer_and_echo(task):
     assert sum(label != -100 for label in without_echo["labels"]) == NUM_DIGITS
 
 
+def test_training_example_edge_depths(task):
+    """edge_depth_fraction=1 puts every key at depth 0.0 (right after the introduction) or 1.0 (right before the
+    question), both ends drawn; 0 keeps them strictly inside for nearly all examples of a long prompt."""
+    rng = random.Random(0)
+    key_line = task.key_line_length
+    after_intro = len(task.bos_ids) + len(task.intro_ids)
+
+    def key_start(example):  # the key line: the first digit token's position minus the key line prefix
+        first_digit = next(i for i, t in enumerate(example["input_ids"]) if t in task.digit_ids)
+        return first_digit - len(task.key_parts[0])
+
+    edges = [key_start(task.training_example(400, rng, edge_depth_fraction=1.0)) for _ in range(40)]
+    before_question = 400 - NUM_DIGITS - len(task.question_ids) - key_line
+    assert set(edges) == {after_intro, before_question}
+    inside = [key_start(task.training_example(400, rng, edge_depth_fraction=0.0)) for _ in range(40)]
+    assert sum(start in (after_intro, before_question) for start in inside) <= 2
+
+
 def test_scoring(task):
     assert score("71432", "71432") == {"exact": 1.0, "digits": 1.0}
     assert score("71433", "71432") == {"exact": 0.0, "digits": 0.8}
@@ -191,8 +209,10 @@ def test_build_config_position_encoding_and_overrides():
     model_args = train_passkey.ModelArguments(layer_types="sliding,full,sliding,global")
     data_args = train_passkey.DataArguments()
     config = train_passkey.build_config(model_args, data_args, tokenizer)
-    assert config.no_rope_layers == [1, 0, 1, 0] and not config.attn_temperature_tuning
-    assert "none (NoPE) on the global layers" in train_passkey.position_encoding_summary(config)
+    assert config.no_rope_layers == [1, 0, 1, 0] and config.attn_temperature_tuning and config.floor_scale == 128
+    assert train_passkey.position_encoding_summary(config) == (
+        "rotary (base 10000.0) on the sliding layers, none (NoPE) on the global layers; Llama 4 attention "
+        "temperature tuning on NoPE layers (floor_scale 128, attn_scale 0.1)")
 
     model_args = train_passkey.ModelArguments(layer_types="sliding,full", global_position_encoding="rope",
                                               attn_temperature_tuning=True, floor_scale=64, attn_scale=0.2)
