@@ -123,18 +123,17 @@ def verdict(overall: dict, lengths: list[int], train_length: int | None, good: f
                 text += f" and {100 * dropped[-1][1]:.0f}% at {dropped[-1][0]}"
         return text + "."
     text = f"{trained}; accuracy >= {100 * good:.0f}% up to {reach} tokens"
+    later = [(n, a) for n, a in accuracies if n > reach]
+    if not later:
+        text += ", the longest length evaluated"
     if train_length and reach > train_length:
         text += f" ({reach / train_length:.0f}x the training length)"
-    later = [(n, a) for n, a in accuracies if n > reach]
     if later:
         n, accuracy = later[0]
         text += f", falls to {100 * accuracy:.0f}% at {n}"
         if len(later) > 1:
             text += f" and {100 * later[-1][1]:.0f}% at {later[-1][0]}"
-        text += "."
-    else:
-        text += f" (the longest length evaluated)."
-    return text
+    return text + "."
 
 
 def markdown(results: dict) -> str:
@@ -145,7 +144,7 @@ def markdown(results: dict) -> str:
         "",
         f"Greedy exact match of all 5 digits, {results['arguments']['samples']} prompts per cell (prompt lengths in "
         f"tokens x depth of the key line in the filler); {results['seconds']:.0f} s on "
-        f"{results['torch_num_threads']} threads, torch {results['torch']}, transformers {results['transformers']}"
+        f"{results["torch_num_threads"]} thread(s), torch {results['torch']}, transformers {results['transformers']}"
         + (f" (merged from {results['merged_from']} shards run in parallel; seconds summed)."
            if results.get("merged_from") else "."),
         "",

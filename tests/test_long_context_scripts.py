@@ -303,6 +303,10 @@ def test_verdict_sentence():
     assert verdict(weak, [1024, 2048, 4096, 32768], 1024, 0.9) == (
         "trained at <= 1024 tokens; accuracy 64% at 1024 tokens (below 90% already there), within 15 points of that "
         "up to 2048 tokens, falls to 24% at 4096 and 8% at 32768.")
+    perfect = {"1024": {"exact": 1.0}, "32768": {"exact": 1.0}}
+    assert verdict(perfect, [1024, 32768], 256, 0.9) == (
+        "trained at <= 256 tokens; accuracy >= 90% up to 32768 tokens, the longest length evaluated (128x the "
+        "training length).")
 
 
 # --------------------------------------------------------------------------------------------------- benchmark
