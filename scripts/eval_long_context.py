@@ -144,7 +144,7 @@ def markdown(results: dict) -> str:
         "",
         f"Greedy exact match of all 5 digits, {results['arguments']['samples']} prompts per cell (prompt lengths in "
         f"tokens x depth of the key line in the filler); {results['seconds']:.0f} s on "
-        f"{results["torch_num_threads"]} thread(s), torch {results['torch']}, transformers {results['transformers']}"
+        f"{results['torch_num_threads']} thread(s), torch {results['torch']}, transformers {results['transformers']}"
         + (f" (merged from {results['merged_from']} shards run in parallel; seconds summed)."
            if results.get("merged_from") else "."),
         "",
