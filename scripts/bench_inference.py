@@ -19,9 +19,12 @@ Latency, end to end (prefill + greedy decode), one request of --prompt_tokens he
 
 Variants run interleaved round by round (the order rotates) so background load hits them alike; p50 / p95 are over
 all runs. Throughput: --throughput_requests requests with prompt lengths spread from --min_prompt to --max_prompt
-tokens, each generating --new_tokens: padded `generate` in batches of each of --padded_batch_sizes (arrival order)
-against one warm continuous-batching manager (paged cache sized by modeling.deploy.cpu_continuous_batching_config);
-the speed-up is over the fastest padded batch size. Greedy outputs are compared. Writes results.json, results.md and latency.png into --output_dir.
+tokens, for each workload of --throughput_new_tokens (every request generating the same number of tokens, or
+lengths spread over a range, as answers of a real service end at different points): padded `generate` in batches of
+each of --padded_batch_sizes (arrival order; a batch runs until its longest request is done) against one warm
+continuous-batching manager (paged cache sized by modeling.deploy.cpu_continuous_batching_config); the speed-up is
+over the fastest padded batch size. Greedy outputs are compared. Writes results.json, results.md and latency.png
+into --output_dir.
 
     flock /tmp/lightarch_bench.lock python scripts/bench_inference.py
 """
@@ -53,6 +56,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 import modeling  # noqa: E402,F401  (registers the lightarch Auto classes)
 from configuration.configuration_sparse_moe import SPARSE_MOE_PRESETS  # noqa: E402
+from modeling.training import figure_to_png, pyplot, write_atomically  # noqa: E402
 from modeling.deploy import (  # noqa: E402
     OrtDecoder,
     bnb_quantization_config,
@@ -95,6 +99,11 @@ class BenchArguments:
         metadata={"help": "Batch sizes of the padded-generate baseline (arrival order, left padding), comma-separated; "
                   "the speed-up is measured against the fastest."},
     )
+    throughput_new_tokens: str = field(
+        default="16,8-128",
+        metadata={"help": "Throughput workloads, comma-separated: 'N' = every request generates N tokens; 'A-B' = "
+                  "per-request lengths spread evenly from A to B (shuffled)."},
+    )
     throughput_rounds: int = field(default=3, metadata={"help": "Timed repetitions of each throughput mode."})
     cb_max_batch_tokens: int = field(
         default=256, metadata={"help": "Tokens per continuous-batching forward (prefill chunks share it)."}
@@ -112,12 +121,6 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
-
-
-def write_atomically(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
-    os.replace(tmp, path)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -222,46 +225,71 @@ def padded_batch_sizes(args) -> list[int]:
     return sizes
 
 
-def measure_throughput(args, model, stream: list[int]) -> dict:
+def throughput_workloads(args) -> list[str]:
+    """The --throughput_new_tokens workloads, validated: each 'N' or 'A-B' with 1 <= A <= B."""
+    workloads = [w.strip() for w in args.throughput_new_tokens.split(",") if w.strip()]
+    for workload in workloads:
+        bounds = workload.split("-")
+        if not (1 <= len(bounds) <= 2 and all(b.isdigit() and int(b) >= 1 for b in bounds)
+                and int(bounds[0]) <= int(bounds[-1])):
+            raise ValueError(f"--throughput_new_tokens {args.throughput_new_tokens!r}: each workload is 'N' or 'A-B' "
+                             "with 1 <= A <= B, e.g. '16,8-128'.")
+    if not workloads:
+        raise ValueError("--throughput_new_tokens is empty; give e.g. '16,8-128'.")
+    return workloads
+
+
+def new_tokens_per_request(workload: str, requests: int, rng: np.random.Generator) -> list[int]:
+    low, high = (int(b) for b in (workload.split("-") * 2)[:2])
+    lengths = np.linspace(low, high, requests).astype(int)
+    rng.shuffle(lengths)
+    return [int(n) for n in lengths]
+
+
+def measure_throughput(args, model, stream: list[int], workload: str) -> dict:
     """Padded `generate` at each batch size against one warm continuous-batching manager, interleaved round by round.
 
-    The manager is started once and reused (as a server would); one untimed pass warms both sides.
+    The manager is started once and reused (as a server would); one untimed pass warms both sides. A padded batch
+    generates until its longest request is done (rows are cut to their own length afterwards); the manager ends each
+    request at its own length.
     """
     rng = np.random.default_rng(args.seed)
     lengths = np.linspace(args.min_prompt, args.max_prompt, args.throughput_requests).astype(int)
     rng.shuffle(lengths)  # arrival order mixes short and long prompts
     starts = rng.integers(0, len(stream) - args.max_prompt - 1, size=len(lengths))
     prompts = [stream[s : s + n] for s, n in zip(starts, lengths)]
-    new = args.new_tokens
+    new_tokens = new_tokens_per_request(workload, len(prompts), rng)
     pad = model.config.pad_token_id or 0
-    generation_config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=pad,
-                                         eos_token_id=model.config.eos_token_id)
 
     def padded(batch_size: int):
         outputs = []
         for i in range(0, len(prompts), batch_size):
-            batch = prompts[i : i + batch_size]
+            batch, batch_new = prompts[i : i + batch_size], new_tokens[i : i + batch_size]
             width = max(map(len, batch))
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            longest = max(batch_new)
+            generation_config = GenerationConfig(max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
+                                                 pad_token_id=pad, eos_token_id=model.config.eos_token_id)
             with torch.inference_mode():
                 out = model.generate(ids, attention_mask=mask, generation_config=generation_config)
-            outputs += out[:, width:].tolist()
+            outputs += [row[:n] for row, n in zip(out[:, width:].tolist(), batch_new)]
         return outputs
 
     cb_config = cpu_continuous_batching_config(model.config, max_concurrent_requests=args.throughput_requests,
-                                               max_request_tokens=args.max_prompt + new,
+                                               max_request_tokens=args.max_prompt + max(new_tokens),
                                                max_batch_tokens=args.cb_max_batch_tokens, page_size=args.cb_page_size)
     cb_model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32,
                                                     attn_implementation=args.cb_attn_implementation).eval()
     manager = cb_model.init_continuous_batching(
-        generation_config=GenerationConfig(max_new_tokens=new, do_sample=False, pad_token_id=pad, eos_token_id=-1),
+        generation_config=GenerationConfig(max_new_tokens=max(new_tokens), do_sample=False, pad_token_id=pad,
+                                           eos_token_id=-1),
         continuous_batching_config=cb_config,
     )
     manager.start()
 
     def continuous():
-        ids = [manager.add_request(p, max_new_tokens=new) for p in prompts]
+        ids = [manager.add_request(p, max_new_tokens=n) for p, n in zip(prompts, new_tokens)]
         done = {}
         deadline = time.monotonic() + 600
         while len(done) < len(ids) and time.monotonic() < deadline:
@@ -286,13 +314,14 @@ def measure_throughput(args, model, stream: list[int]) -> dict:
         cache_bytes = manager.batch_processor.cache.cache_tensor.nbytes
     finally:
         manager.stop(block=True, timeout=60)
-    tokens = len(prompts) * new
+    tokens = sum(new_tokens)
     result = {"modes": {name: {"median_seconds": statistics.median(t), "seconds": t,
                                "tokens_per_second": tokens / statistics.median(t)} for name, t in timings.items()}}
     padded_modes = [name for name in timings if name.startswith("padded")]
     best = min(padded_modes, key=lambda name: result["modes"][name]["median_seconds"])
     result.update({
-        "requests": len(prompts), "new_tokens_each": new, "prompt_lengths": sorted(int(n) for n in lengths),
+        "requests": len(prompts), "workload": workload, "new_tokens": sorted(new_tokens),
+        "prompt_lengths": sorted(int(n) for n in lengths),
         "best_padded": best,
         "identical_outputs": {name: sum(a == b for a, b in zip(outputs[name], outputs["continuous_batching"]))
                               for name in padded_modes},
@@ -307,13 +336,7 @@ def measure_throughput(args, model, stream: list[int]) -> dict:
 
 
 def plot(latency: dict, throughput: dict, path: Path) -> None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
     names = list(latency)
     x = np.arange(len(names))
@@ -324,22 +347,23 @@ def plot(latency: dict, throughput: dict, path: Path) -> None:
     left.set_ylabel("ms per request")
     left.set_title("Latency: 1 request, prompt + greedy tokens")
     left.legend()
-    modes = list(throughput["modes"])
-    right.bar([m.replace("padded_generate_", "padded ").replace("continuous_batching", "continuous") for m in modes],
-              [throughput["modes"][m]["tokens_per_second"] for m in modes],
-              color=["tab:green" if m == "continuous_batching" else "tab:gray" for m in modes])
+    workloads = list(throughput)
+    modes = list(throughput[workloads[0]]["modes"])
+    width = 0.8 / len(modes)
+    for i, mode in enumerate(modes):
+        right.bar(np.arange(len(workloads)) + (i - (len(modes) - 1) / 2) * width,
+                  [throughput[w]["modes"][mode]["tokens_per_second"] for w in workloads], width,
+                  label=mode.replace("padded_generate_bs", "padded, batch ").replace("_", " "))
+    right.set_xticks(np.arange(len(workloads)), [f"{w} new tokens" for w in workloads])
     right.set_ylabel("generated tokens / s")
-    right.set_title(f"Throughput: {throughput['requests']} mixed requests")
-    right.tick_params(axis="x", rotation=15)
+    right.set_title(f"Throughput: {throughput[workloads[0]]['requests']} mixed-length prompts")
+    right.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    write_atomically(path, buffer.getvalue())
+    write_atomically(path, figure_to_png(fig))
 
 
 def render_markdown(results: dict) -> str:
-    lat, thr = results["latency"], results["throughput"]
+    lat = results["latency"]
     base = lat.get("torch_fp32", {}).get("p50_ms")
     lines = [
         "# Inference benchmark (CPU)", "",
@@ -357,26 +381,28 @@ def render_markdown(results: dict) -> str:
         lines.append(f"| {name} | {row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {speed} | "
                      f"{'-' if agreement is None else f'{agreement:.1%}'} | "
                      f"{'-' if memory is None else f'{memory / 2**20:.2f} MB'} |")
-    lines += [
-        "", f"Throughput, {thr['requests']} requests of {min(thr['prompt_lengths'])}-{max(thr['prompt_lengths'])} "
-        f"prompt tokens, {thr['new_tokens_each']} new tokens each:", "",
-        "| mode | median s | generated tokens/s | greedy outputs identical to continuous batching |", "|---|---|---|---|",
-    ]
-    for name, row in thr["modes"].items():
-        if name == "continuous_batching":
-            cb = thr["cb_config"]
-            label = (f"continuous batching (warm manager, {cb['attn_implementation']}, max_batch_tokens "
-                     f"{cb['max_batch_tokens']}, page {cb['page_size']})")
-            same = "-"
-        else:
-            label = f"padded generate, batches of {name.removeprefix('padded_generate_bs')}"
-            same = f"{thr['identical_outputs'][name]}/{thr['requests']}"
-        lines.append(f"| {label} | {row['median_seconds']:.2f} | {row['tokens_per_second']:.1f} | {same} |")
-    lines += [
-        "", f"Continuous batching speed-up over the fastest padded baseline ({thr['best_padded']}): "
-        f"{thr['speedup']:.2f}x; paged KV cache {thr['paged_cache_bytes'] / 2**20:.1f} MB.",
-        "", "| target | measured | met |", "|---|---|---|",
-    ]
+    for workload, thr in results["throughput"].items():
+        lines += [
+            "", f"Throughput, {thr['requests']} requests of {min(thr['prompt_lengths'])}-{max(thr['prompt_lengths'])} "
+            f"prompt tokens, {workload} new tokens per request ({sum(thr['new_tokens'])} in all):", "",
+            "| mode | median s | generated tokens/s | greedy outputs identical to continuous batching |",
+            "|---|---|---|---|",
+        ]
+        for name, row in thr["modes"].items():
+            if name == "continuous_batching":
+                cb = thr["cb_config"]
+                label = (f"continuous batching (warm manager, {cb['attn_implementation']}, max_batch_tokens "
+                         f"{cb['max_batch_tokens']}, page {cb['page_size']})")
+                same = "-"
+            else:
+                label = f"padded generate, batches of {name.removeprefix('padded_generate_bs')}"
+                same = f"{thr['identical_outputs'][name]}/{thr['requests']}"
+            lines.append(f"| {label} | {row['median_seconds']:.2f} | {row['tokens_per_second']:.1f} | {same} |")
+        lines += [
+            "", f"Continuous batching speed-up over the fastest padded baseline ({thr['best_padded']}): "
+            f"{thr['speedup']:.2f}x; paged KV cache {thr['paged_cache_bytes'] / 2**20:.1f} MB.",
+        ]
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
     for name, target, measured in results["targets"]:
         if name.endswith("_ms"):
             label = "realtime p50, best variant" if name == "p50_ms" else name.removesuffix("_ms").replace("_p50", " p50")
@@ -403,6 +429,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.cb_attn_implementation not in ("sdpa", "paged|eager"):
         raise ValueError(f"--cb_attn_implementation {args.cb_attn_implementation!r}: use 'sdpa' or 'paged|eager' on CPU.")
     padded_batch_sizes(args)
+    workloads = throughput_workloads(args)
     if args.preset not in SPARSE_MOE_PRESETS:
         raise ValueError(f"--preset {args.preset!r} is unknown; choose one of {sorted(SPARSE_MOE_PRESETS)}.")
     if not 1 <= args.min_prompt <= args.max_prompt:
@@ -413,8 +440,9 @@ def main(argv: list[str] | None = None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     limit = model.config.max_position_embeddings
-    if max(args.prompt_tokens, args.max_prompt) + args.new_tokens > limit:
-        raise ValueError(f"Prompts of up to {max(args.prompt_tokens, args.max_prompt)} tokens + {args.new_tokens} new "
+    longest_new = max([args.new_tokens] + [int(w.split("-")[-1]) for w in workloads])
+    if max(args.prompt_tokens, args.max_prompt) + longest_new > limit:
+        raise ValueError(f"Prompts of up to {max(args.prompt_tokens, args.max_prompt)} tokens + {longest_new} new "
                          f"exceed the model's max_position_embeddings ({limit}).")
     texts, source = heldout_texts(args.model_dir)
     stream = heldout_token_stream(tokenizer, texts)
@@ -428,13 +456,15 @@ def main(argv: list[str] | None = None) -> dict:
         latency = measure_latency(args, runners, prompts)
         del runners
     gc.collect()
-    throughput = measure_throughput(args, model, stream)
+    throughput = {workload: measure_throughput(args, model, stream, workload) for workload in workloads}
 
     targets = []
     if "torch_fp32" in latency and "onnx_int8" in latency:
         targets.append(("onnx_int8_speedup", TARGETS["onnx_int8_speedup"],
                         latency["torch_fp32"]["p50_ms"] / latency["onnx_int8"]["p50_ms"]))
-    targets.append(("continuous_batching_speedup", TARGETS["continuous_batching_speedup"], throughput["speedup"]))
+    for workload, result in throughput.items():
+        targets.append((f"continuous_batching_speedup ({workload} new tokens)", TARGETS["continuous_batching_speedup"],
+                        result["speedup"]))
     targets.append(("p50_ms", TARGETS["p50_ms"], min(row["p50_ms"] for row in latency.values())))
     if "torch_fp32" in latency:
         targets.append(("torch_fp32_p50_ms", TARGETS["p50_ms"], latency["torch_fp32"]["p50_ms"]))

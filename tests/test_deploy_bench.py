@@ -19,7 +19,8 @@ def test_bench_inference_micro_run_writes_results(tmp_path, variants):
         results = main(["--model_dir", str(folder), "--output_dir", str(tmp_path / "out"), "--variants", variants,
                         "--prompt_tokens", "16", "--new_tokens", "4", "--rounds", "1", "--prompts", "2",
                         "--warmup", "1", "--throughput_requests", "6", "--min_prompt", "4", "--max_prompt", "40",
-                        "--padded_batch_sizes", "3,6", "--throughput_rounds", "1", "--num_threads", "1"])
+                        "--padded_batch_sizes", "3,6", "--throughput_rounds", "1", "--num_threads", "1",
+                        "--throughput_new_tokens", "4,2-9"])
     finally:
         torch.set_num_threads(threads)
     written = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -27,7 +28,12 @@ def test_bench_inference_micro_run_writes_results(tmp_path, variants):
     for row in written["latency"].values():
         assert 0 < row["p50_ms"] <= row["p95_ms"] and row["runs"] == 2
     assert written["latency"]["torch_fp32"]["greedy_agreement_with_torch_fp32"] == 1.0
-    throughput = written["throughput"]
+    assert set(written["throughput"]) == {"4", "2-9"}
+    mixed = written["throughput"]["2-9"]
+    assert mixed["new_tokens"][0] == 2 and mixed["new_tokens"][-1] == 9 and len(mixed["new_tokens"]) == 6
+    # each request ends at its own length, and continuous batching still equals padded generate
+    assert mixed["identical_outputs"] == {"padded_generate_bs3": 6, "padded_generate_bs6": 6}
+    throughput = written["throughput"]["4"]
     assert throughput["requests"] == 6
     # greedy: continuous batching equals padded generate at every batch size
     assert throughput["identical_outputs"] == {"padded_generate_bs3": 6, "padded_generate_bs6": 6}
@@ -54,6 +60,8 @@ def test_bench_inference_rejects_bad_options(tmp_path):
         main(["--cb_attn_implementation", "sdpa_paged"])
     with pytest.raises(ValueError, match="--preset 'huge' is unknown"):
         main(["--preset", "huge"])
+    with pytest.raises(ValueError, match="--throughput_new_tokens '16,9-4'"):
+        main(["--throughput_new_tokens", "16,9-4"])
 
 
 def test_realtime_preset_validates_and_the_main_job_accepts_it(tmp_path):
