@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import HfArgumentParser, TrainerCallback
 
 from .layers import Experts, Router
 
@@ -435,6 +435,39 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
             if (child / "trainer_state.json").is_file():
                 steps.append((int(name[len("checkpoint-"):]), child))
     return str(max(steps)[1]) if steps else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ScriptArgumentParser(HfArgumentParser):
+    """HfArgumentParser whose errors are one line naming the option (not the usage of 130 TrainingArguments)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(see `{self.prog} --help` for every option)\n")
+
+
+def script_parser(
+    dataclass_types: Sequence[type],
+    description: str,
+    training_defaults: dict,
+    help_overrides: dict[str, str] | None = None,
+) -> ScriptArgumentParser:
+    """The parser of a training script: its dataclasses, TrainingArguments defaults it changes (listed in the epilog
+    of `--help`), and clearer help for options whose meaning the script narrows (e.g. `output_dir`)."""
+    parser = ScriptArgumentParser(
+        tuple(dataclass_types),
+        description=description,
+        epilog="TrainingArguments defaults changed by this script: "
+        + ", ".join(f"{k}={v}" for k, v in training_defaults.items()),
+    )
+    parser.set_defaults(**training_defaults)
+    for action in parser._actions:
+        if action.dest in (help_overrides or {}):
+            action.help = help_overrides[action.dest]
+    return parser
 
 
 # ----------------------------------------------------------------------------------------------------------------

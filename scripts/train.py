@@ -71,6 +71,7 @@ from modeling.training import (  # noqa: E402
     plot_loss_curves,
     read_text_files,
     render_model_card,
+    script_parser,
     split_by_file,
     split_text_tail,
     tokenize_documents,
@@ -243,34 +244,23 @@ class ScriptTrainingArguments(TrainingArguments):
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Tokens to generate for sample.txt."})
 
 
-class ArgumentParser(HfArgumentParser):
-    """HfArgumentParser whose errors are one line naming the option (not the 130-option usage)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n(see `{self.prog} --help` for every option)\n")
-
-
 def build_parser() -> HfArgumentParser:
-    parser = ArgumentParser(
+    return script_parser(
         (ModelArguments, DataArguments, ScriptTrainingArguments),
         description=__doc__.split("\n\n")[0],
-        epilog="TrainingArguments defaults changed by this script: "
-        + ", ".join(f"{k}={v}" for k, v in TRAINING_DEFAULTS.items()),
-    )
-    parser.set_defaults(**TRAINING_DEFAULTS)
-    for action in parser._actions:
-        if action.dest == "resume_from_checkpoint":
-            action.help = (
+        training_defaults=TRAINING_DEFAULTS,
+        help_overrides={
+            "resume_from_checkpoint": (
                 "Continue an interrupted run: a checkpoint-<step> folder, or True for the last complete checkpoint "
                 "in --output_dir. The tokenizer and model config come from the checkpoint; data preparation is "
                 "deterministic, so training continues on the same data order from the saved step."
-            )
-        elif action.dest == "output_dir":
-            action.help = (
+            ),
+            "output_dir": (
                 "Where the final model, tokenizer, README.md, results.json, plots and sample.txt are written "
                 "(atomically), with Trainer's checkpoint-<step> folders inside it."
-            )
-    return parser
+            ),
+        },
+    )
 
 
 def parse_overrides(text: str) -> dict:

@@ -60,7 +60,13 @@ from modeling.adaptive_depth_data import (  # noqa: E402
     sample_problems,
     threshold_grid,
 )
-from modeling.training import figure_to_png, pyplot, atomic_save_pretrained, render_model_card  # noqa: E402
+from modeling.training import (  # noqa: E402
+    atomic_save_pretrained,
+    figure_to_png,
+    pyplot,
+    render_model_card,
+    script_parser,
+)
 
 logger = logging.getLogger("train_adaptive")
 MODEL_CARD_TEMPLATE = REPO_ROOT / "model_cards" / "adaptive_depth.md"
@@ -177,14 +183,8 @@ class AdaptiveArguments:
 
 
 def build_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(
-        (ModelArguments, DataArguments, AdaptiveArguments, TrainingArguments),
-        description=__doc__.split("\n\n")[0],
-        epilog="TrainingArguments defaults changed by this script: "
-        + ", ".join(f"{k}={v}" for k, v in TRAINING_DEFAULTS.items()),
-    )
-    parser.set_defaults(**TRAINING_DEFAULTS)
-    return parser
+    return script_parser((ModelArguments, DataArguments, AdaptiveArguments, TrainingArguments),
+                         description=__doc__.split("\n\n")[0], training_defaults=TRAINING_DEFAULTS)
 
 
 def _int_list(text: str, option: str) -> list[int]:

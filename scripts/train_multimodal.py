@@ -81,6 +81,7 @@ from modeling.training import (  # noqa: E402
     last_complete_checkpoint,
     pyplot,
     render_model_card,
+    script_parser,
     write_atomically,
 )
 
@@ -182,28 +183,19 @@ class ScriptTrainingArguments(TrainingArguments):
     )
 
 
-class ArgumentParser(HfArgumentParser):
-    """HfArgumentParser whose errors are one line naming the option (not the usage of every option)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n(see `{self.prog} --help` for every option)\n")
-
-
 def build_parser() -> HfArgumentParser:
-    parser = ArgumentParser(
+    return script_parser(
         (ModelArguments, DataArguments, ScriptTrainingArguments),
         description=__doc__.split("\n\n")[0],
-        epilog="TrainingArguments defaults changed by this script: "
-        + ", ".join(f"{k}={v}" for k, v in TRAINING_DEFAULTS.items()),
+        training_defaults=TRAINING_DEFAULTS,
+        help_overrides={
+            "resume_from_checkpoint": (
+                "True: continue an interrupted run in --output_dir (a finished run is kept, an unfinished one "
+                "continues from its last complete checkpoint)."
+            ),
+            "output_dir": "Where both models, their cards and the comparison are written (see the description).",
+        },
     )
-    parser.set_defaults(**TRAINING_DEFAULTS)
-    for action in parser._actions:
-        if action.dest == "resume_from_checkpoint":
-            action.help = ("True: continue an interrupted run in --output_dir (a finished run is kept, an unfinished "
-                           "one continues from its last complete checkpoint).")
-        elif action.dest == "output_dir":
-            action.help = "Where both models, their cards and the comparison are written (see the description)."
-    return parser
 
 
 def build_config(model_args: ModelArguments, tokenizer, alignment_loss_weight: float) -> MultiModalConfig:
