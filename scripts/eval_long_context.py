@@ -190,7 +190,8 @@ def heatmap(results: dict) -> bytes:
                        label=f"longest training length ({train_length} tokens): trained lengths to the left")
             ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, frameon=False)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="exact-match accuracy")
-    ax.set_title(f"Passkey retrieval accuracy ({results['arguments']['samples']} prompts per cell)")
+    trained_at = f", trained at <= {train_length} tokens" if train_length else ""
+    ax.set_title(f"Passkey retrieval accuracy ({results['arguments']['samples']} prompts per cell{trained_at})")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
