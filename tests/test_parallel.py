@@ -37,15 +37,20 @@ def saved_model(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("mode", ["tensor_parallel", "expert_parallel"])
 def test_parallel_plans_match_a_single_process(saved_model, mode):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(PROJECT_ROOT), HF_HUB_OFFLINE="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(PROJECT_ROOT / "tests" / "parallel_worker.py"), mode,
-               str(saved_model)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    errors = []
+    for _attempt in range(2):  # a second launch only if the first could not start (e.g. its free port was taken)
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                   "127.0.0.1", "--master_port", str(free_port()), str(PROJECT_ROOT / "tests" / "parallel_worker.py"),
+                   mode, str(saved_model)]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        if result.returncode == 0:
+            break
+        errors.append(result.stderr[-3000:])
+    assert result.returncode == 0, "\n----\n".join(errors)
     ranks = [json.loads((saved_model / f"{mode}-rank{rank}.json").read_text()) for rank in (0, 1)]
     assert sorted(rank["rank"] for rank in ranks) == [0, 1]
     for rank in ranks:
-        assert rank["max_abs_diff"] < 1e-5
+        assert rank["max_abs_diff"] < 1e-5, rank
         assert rank["q_proj_shape"] == [16, 32]  # 4 heads x 8 dims split over 2 ranks
         if mode == "expert_parallel":
             assert rank["experts_shape"][0] == 2  # 4 experts, 2 per rank
