@@ -438,6 +438,32 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# CPUs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask on Linux)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def other_running_processes() -> int:
+    """Runnable tasks on the machine right now, besides this one (Linux `/proc/loadavg`; 0 elsewhere).
+
+    Scripts give torch `available_cpus() - other_running_processes()` threads: on a busy machine, threads that wait
+    for each other at every op make small ops hundreds of times slower.
+    """
+    try:
+        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return max(0, running - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
 

@@ -56,7 +56,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 import modeling  # noqa: E402,F401  (registers the lightarch Auto classes)
 from configuration.configuration_sparse_moe import SPARSE_MOE_PRESETS  # noqa: E402
-from modeling.training import figure_to_png, pyplot, write_atomically  # noqa: E402
 from modeling.deploy import (  # noqa: E402
     OrtDecoder,
     bnb_quantization_config,
@@ -68,6 +67,12 @@ from modeling.deploy import (  # noqa: E402
     memory_report,
     paged_cache_bytes,
     quantize_onnx_int8,
+)
+from modeling.training import (  # noqa: E402
+    available_cpus,
+    figure_to_png,
+    pyplot,
+    write_atomically,
 )
 
 logger = logging.getLogger("bench_inference")
@@ -114,13 +119,6 @@ class BenchArguments:
     )
     num_threads: int = field(default=0, metadata={"help": "torch / ONNX Runtime threads; 0 = every available CPU."})
     seed: int = field(default=0, metadata={"help": "Seed for the prompt-length spread."})
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def percentile(values: list[float], q: float) -> float:

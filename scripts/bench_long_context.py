@@ -64,7 +64,13 @@ import modeling  # noqa: E402,F401  (registers the Auto classes)
 from configuration import SparseMoeConfig  # noqa: E402
 from configuration.configuration_sparse_moe import SPARSE_MOE_PRESETS  # noqa: E402
 from modeling import SparseMoeForCausalLM, to_transformers  # noqa: E402
-from modeling.training import figure_to_png, pyplot, write_atomically  # noqa: E402
+from modeling.training import (  # noqa: E402
+    available_cpus,
+    figure_to_png,
+    other_running_processes,
+    pyplot,
+    write_atomically,
+)
 
 logger = logging.get_logger("bench_long_context")
 
@@ -490,26 +496,10 @@ def check_equivalence(overrides: dict, seed: int) -> dict:
     return differences
 
 
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def _available_memory_mb() -> float:
     import psutil
 
     return psutil.virtual_memory().available / MB
-
-
-def other_running_processes() -> int:
-    """Runnable tasks on the machine right now, besides this one (Linux `/proc/loadavg`; 0 elsewhere)."""
-    try:
-        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
-    except (OSError, ValueError, IndexError):
-        return 0
-    return max(0, running - 1)
 
 
 def environment(num_threads: int) -> dict:

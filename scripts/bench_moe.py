@@ -45,7 +45,7 @@ if str(PROJECT_ROOT) not in sys.path:  # runs from a plain checkout too
 
 from configuration import SparseMoeConfig  # noqa: E402
 from modeling.layers import MLP, SparseMoeBlock  # noqa: E402
-from modeling.training import write_atomically  # noqa: E402
+from modeling.training import available_cpus, other_running_processes, write_atomically  # noqa: E402
 
 logger = logging.get_logger("bench_moe")
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm")
@@ -89,22 +89,6 @@ class BenchArguments:
     output_dir: str = field(
         default="outputs/bench_moe", metadata={"help": "Where results.json and results.md are written."}
     )
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def other_running_processes() -> int:
-    """Runnable tasks on the machine right now, besides this one (Linux `/proc/loadavg`; 0 elsewhere)."""
-    try:
-        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
-    except (OSError, ValueError, IndexError):
-        return 0
-    return max(0, running - 1)
 
 
 def qwen_config(args: BenchArguments, experts_implementation: str) -> Qwen3MoeConfig:

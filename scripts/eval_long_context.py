@@ -35,6 +35,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser  
 
 import modeling  # noqa: E402,F401  (registers the lightarch Auto classes)
 from modeling.passkey import PasskeyTask, evaluate_passkey  # noqa: E402
+from modeling.training import (  # noqa: E402
+    available_cpus,
+    figure_to_png,
+    other_running_processes,
+    pyplot,
+    write_atomically,
+)
 
 
 @dataclass
@@ -163,13 +170,7 @@ def markdown(results: dict) -> str:
 
 
 def heatmap(results: dict) -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     lengths, depths = results["lengths"], results["depths"]
     cells = results["evaluation"]["cells"]
     grid = [[cells[str(n)][str(d)]["exact"] for n in lengths] for d in depths]
@@ -193,31 +194,7 @@ def heatmap(results: dict) -> bytes:
     trained_at = f", trained at <= {train_length} tokens" if train_length else ""
     ax.set_title(f"Passkey retrieval accuracy ({results['arguments']['samples']} prompts per cell{trained_at})")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def write_atomically(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def other_running_processes() -> int:
-    try:
-        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
-    except (OSError, ValueError, IndexError):
-        return 0
-    return max(0, running - 1)
+    return figure_to_png(fig)
 
 
 def merge_results(shards: list[dict], good_accuracy: float) -> dict:

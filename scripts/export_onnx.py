@@ -53,6 +53,7 @@ from modeling.deploy import (  # noqa: E402
     perplexity,
     quantize_onnx_int8,
 )
+from modeling.training import write_atomically  # noqa: E402
 
 logger = logging.getLogger("export_onnx")
 
@@ -83,12 +84,6 @@ class ExportArguments:
     fp32_tolerance: float = field(default=1e-4, metadata={"help": "Max allowed |ONNX fp32 - torch| on logits."})
     num_threads: int = field(default=0, metadata={"help": "ONNX Runtime intra-op threads; 0 = its default."})
     check: bool = field(default=True, metadata={"help": "Run the accuracy checks (--no_check: export only)."})
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def check_args(args: ExportArguments) -> list[str]:

@@ -44,6 +44,7 @@ from modeling.deploy import (  # noqa: E402
     perplexity,
     text_blocks,
 )
+from modeling.training import write_atomically  # noqa: E402
 
 logger = logging.getLogger("finetune_lora")
 
@@ -108,12 +109,6 @@ class FinetuneArguments:
         metadata={"help": "Also save the base with the adapter merged in, to output_dir/merged (not with --qlora)."},
     )
     seed: int = field(default=0, metadata={"help": "Random seed."})
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def check_args(args: FinetuneArguments) -> list[str]:

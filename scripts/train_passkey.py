@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import string
@@ -62,7 +61,7 @@ import modeling  # noqa: E402,F401  (registers the lightarch Auto classes)
 from configuration import SparseMoeConfig  # noqa: E402
 from modeling import SparseMoeForCausalLM  # noqa: E402
 from modeling.passkey import PasskeyTask, build_tokenizer, evaluate_passkey  # noqa: E402
-from modeling.training import atomic_save_pretrained  # noqa: E402
+from modeling.training import atomic_save_pretrained, available_cpus, other_running_processes  # noqa: E402
 
 logger = logging.getLogger("train_passkey")
 
@@ -246,21 +245,6 @@ class TrainingMonitor(TrainerCallback):
             self.history.append({"step": state.global_step, "loss": logs["loss"],
                                  "length_cap": self.dataset.length_cap(state.global_step),
                                  "seconds": time.perf_counter() - self.start})
-
-
-def other_running_processes() -> int:
-    try:
-        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
-    except (OSError, ValueError, IndexError):
-        return 0
-    return max(0, running - 1)
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def split_top_level(text: str) -> list[str]:
