@@ -468,6 +468,38 @@ def other_running_processes() -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def parse_config_overrides(text: str) -> dict:
+    """`--config_overrides` of the scripts: '{"a": 1}' or 'a=1,b=true,c=[1,0]' -> dict.
+
+    Values are JSON when they parse, strings otherwise; commas inside brackets belong to the value (a JSON list stays
+    whole). Raises ValueError for an item without '='.
+    """
+    text = text.strip()
+    if text.startswith("{"):
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise ValueError("must be a JSON object")
+        return value
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += (char in "[{") - (char in "]}")
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    overrides = {}
+    for item in filter(None, (part.strip() for part in [*items, current])):
+        if "=" not in item:
+            raise ValueError(f"{item!r} is not key=value")
+        key, raw = (part.strip() for part in item.split("=", 1))
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key] = raw
+    return overrides
+
+
 class ScriptArgumentParser(HfArgumentParser):
     """HfArgumentParser whose errors are one line naming the option (not the usage of 130 TrainingArguments)."""
 

@@ -68,6 +68,7 @@ from modeling.training import (  # noqa: E402
     available_cpus,
     figure_to_png,
     other_running_processes,
+    parse_config_overrides,
     pyplot,
     write_atomically,
 )
@@ -203,16 +204,10 @@ def parse_lengths(text: str) -> list[int]:
 
 
 def parse_overrides(text: str) -> dict:
-    overrides = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        if "=" not in item:
-            raise ValueError(f"--config_overrides: expected key=value, got {item!r}")
-        key, value = (part.strip() for part in item.split("=", 1))
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return overrides
+    try:
+        return parse_config_overrides(text)
+    except ValueError as error:
+        raise ValueError(f"--config_overrides: {error}") from None
 
 
 def family_config(family: str, variant: str, overrides: dict) -> SparseMoeConfig:

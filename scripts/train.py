@@ -67,6 +67,7 @@ from modeling.training import (  # noqa: E402
     last_complete_checkpoint,
     list_source_files,
     parameter_counts,
+    parse_config_overrides,
     plot_expert_load,
     plot_loss_curves,
     read_text_files,
@@ -263,26 +264,6 @@ def build_parser() -> HfArgumentParser:
     )
 
 
-def parse_overrides(text: str) -> dict:
-    """'a=1,b=true' or '{"a": 1}' -> dict; values are JSON when they parse, strings otherwise."""
-    text = text.strip()
-    if text.startswith("{"):
-        value = json.loads(text)
-        if not isinstance(value, dict):
-            raise ValueError("must be a JSON object")
-        return value
-    overrides = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        if "=" not in item:
-            raise ValueError(f"{item!r} is not key=value")
-        key, raw = (s.strip() for s in item.split("=", 1))
-        try:
-            overrides[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[key] = raw
-    return overrides
-
-
 def build_config(model_args: ModelArguments, vocab_size: int, block_size: int, special_ids: dict) -> SparseMoeConfig:
     """The SparseMoeConfig for the model arguments (raises ValueError naming the option at fault)."""
     interval = model_args.full_attention_interval
@@ -305,7 +286,7 @@ def build_config(model_args: ModelArguments, vocab_size: int, block_size: int, s
     kwargs.update(vocab_size=vocab_size, layer_types=layer_types, **special_ids)
     if model_args.config_overrides:
         try:
-            overrides = parse_overrides(model_args.config_overrides)
+            overrides = parse_config_overrides(model_args.config_overrides)
         except ValueError as error:
             raise ValueError(f"--config_overrides: {error}") from None
         known = SparseMoeConfig().to_dict()

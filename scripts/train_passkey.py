@@ -61,7 +61,13 @@ import modeling  # noqa: E402,F401  (registers the lightarch Auto classes)
 from configuration import SparseMoeConfig  # noqa: E402
 from modeling import SparseMoeForCausalLM  # noqa: E402
 from modeling.passkey import PasskeyTask, build_tokenizer, evaluate_passkey  # noqa: E402
-from modeling.training import atomic_save_pretrained, available_cpus, other_running_processes  # noqa: E402
+from modeling.training import (  # noqa: E402
+    atomic_save_pretrained,
+    available_cpus,
+    other_running_processes,
+    parse_config_overrides,
+    script_parser,
+)
 
 logger = logging.getLogger("train_passkey")
 
@@ -247,30 +253,6 @@ class TrainingMonitor(TrainerCallback):
                                  "seconds": time.perf_counter() - self.start})
 
 
-def split_top_level(text: str) -> list[str]:
-    """Split on commas outside brackets, so a JSON list value ("no_rope_layers=[1,0,1]") stays whole."""
-    parts, depth, current = [], 0, ""
-    for char in text:
-        depth += (char in "[{") - (char in "]}")
-        if char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    return [*parts, current]
-
-
-def parse_overrides(text: str) -> dict:
-    overrides = {}
-    for item in filter(None, (part.strip() for part in split_top_level(text))):
-        key, _, value = item.partition("=")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value.strip()
-    return overrides
-
-
 def build_config(model_args: ModelArguments, data_args: DataArguments, tokenizer) -> SparseMoeConfig:
     layer_types = [LAYER_ALIASES.get(t.strip(), t.strip()) for t in model_args.layer_types.split(",") if t.strip()]
     values = dict(
@@ -300,19 +282,16 @@ def build_config(model_args: ModelArguments, data_args: DataArguments, tokenizer
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )
-    values.update(parse_overrides(data_args.config_overrides))
+    try:
+        values.update(parse_config_overrides(data_args.config_overrides))
+    except ValueError as error:
+        raise ValueError(f"--config_overrides: {error}") from None
     return SparseMoeConfig(**values)
 
 
 def build_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(
-        (ModelArguments, DataArguments, TrainingArguments),
-        description=__doc__.split("\n\n")[0],
-        epilog="TrainingArguments defaults changed by this script: "
-        + ", ".join(f"{k}={v}" for k, v in TRAINING_DEFAULTS.items()),
-    )
-    parser.set_defaults(**TRAINING_DEFAULTS)
-    return parser
+    return script_parser((ModelArguments, DataArguments, TrainingArguments), description=__doc__.split("\n\n")[0],
+                         training_defaults=TRAINING_DEFAULTS)
 
 
 def parse_args(argv: list[str] | None = None):

@@ -330,3 +330,13 @@ def test_stats_callback_matches_router_statistics():
     assert entry["experts_per_token"] == pytest.approx(expected["experts_per_token"].tolist(), rel=1e-6)
     assert torch.allclose(torch.tensor(entry["expert_load"], dtype=torch.float64), expected["expert_load"].double(), rtol=1e-6)
     stats.remove_hooks()
+
+
+def test_config_overrides_parse_json_key_values_and_bracketed_lists():
+    from modeling.training import parse_config_overrides
+
+    assert parse_config_overrides('{"hidden_size": 64}') == {"hidden_size": 64}
+    assert parse_config_overrides("hidden_size=64, router_mode=top_p,no_rope_layers=[1,0,1]") == {
+        "hidden_size": 64, "router_mode": "top_p", "no_rope_layers": [1, 0, 1]}
+    with pytest.raises(ValueError, match="'sliding' is not key=value"):
+        parse_config_overrides("hidden_size=64,sliding")
