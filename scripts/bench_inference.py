@@ -223,28 +223,29 @@ def padded_batch_sizes(args) -> list[int]:
     return sizes
 
 
-def throughput_workloads(args) -> list[str]:
-    """The --throughput_new_tokens workloads, validated: each 'N' or 'A-B' with 1 <= A <= B."""
-    workloads = [w.strip() for w in args.throughput_new_tokens.split(",") if w.strip()]
-    for workload in workloads:
-        bounds = workload.split("-")
+def throughput_workloads(args) -> dict[str, tuple[int, int]]:
+    """The --throughput_new_tokens workloads, validated: label ('N' or 'A-B') -> (A, B) new tokens, 1 <= A <= B."""
+    workloads = {}
+    for label in (w.strip() for w in args.throughput_new_tokens.split(",") if w.strip()):
+        bounds = label.split("-")
         if not (1 <= len(bounds) <= 2 and all(b.isdigit() and int(b) >= 1 for b in bounds)
                 and int(bounds[0]) <= int(bounds[-1])):
             raise ValueError(f"--throughput_new_tokens {args.throughput_new_tokens!r}: each workload is 'N' or 'A-B' "
                              "with 1 <= A <= B, e.g. '16,8-128'.")
+        workloads[label] = (int(bounds[0]), int(bounds[-1]))
     if not workloads:
         raise ValueError("--throughput_new_tokens is empty; give e.g. '16,8-128'.")
     return workloads
 
 
-def new_tokens_per_request(workload: str, requests: int, rng: np.random.Generator) -> list[int]:
-    low, high = (int(b) for b in (workload.split("-") * 2)[:2])
-    lengths = np.linspace(low, high, requests).astype(int)
+def new_tokens_per_request(bounds: tuple[int, int], requests: int, rng: np.random.Generator) -> list[int]:
+    """Per-request new-token counts spread evenly over `bounds`, in shuffled order."""
+    lengths = np.linspace(*bounds, requests).astype(int)
     rng.shuffle(lengths)
     return [int(n) for n in lengths]
 
 
-def measure_throughput(args, model, stream: list[int], workload: str) -> dict:
+def measure_throughput(args, model, stream: list[int], workload: str, bounds: tuple[int, int]) -> dict:
     """Padded `generate` at each batch size against one warm continuous-batching manager, interleaved round by round.
 
     The manager is started once and reused (as a server would); one untimed pass warms both sides. A padded batch
@@ -256,7 +257,7 @@ def measure_throughput(args, model, stream: list[int], workload: str) -> dict:
     rng.shuffle(lengths)  # arrival order mixes short and long prompts
     starts = rng.integers(0, len(stream) - args.max_prompt - 1, size=len(lengths))
     prompts = [stream[s : s + n] for s, n in zip(starts, lengths)]
-    new_tokens = new_tokens_per_request(workload, len(prompts), rng)
+    new_tokens = new_tokens_per_request(bounds, len(prompts), rng)
     pad = model.config.pad_token_id or 0
 
     def padded(batch_size: int):
@@ -438,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     limit = model.config.max_position_embeddings
-    longest_new = max([args.new_tokens] + [int(w.split("-")[-1]) for w in workloads])
+    longest_new = max([args.new_tokens] + [high for _, high in workloads.values()])
     if max(args.prompt_tokens, args.max_prompt) + longest_new > limit:
         raise ValueError(f"Prompts of up to {max(args.prompt_tokens, args.max_prompt)} tokens + {longest_new} new "
                          f"exceed the model's max_position_embeddings ({limit}).")
@@ -454,7 +455,7 @@ def main(argv: list[str] | None = None) -> dict:
         latency = measure_latency(args, runners, prompts)
         del runners
     gc.collect()
-    throughput = {workload: measure_throughput(args, model, stream, workload) for workload in workloads}
+    throughput = {label: measure_throughput(args, model, stream, label, bounds) for label, bounds in workloads.items()}
 
     targets = []
     if "torch_fp32" in latency and "onnx_int8" in latency:
