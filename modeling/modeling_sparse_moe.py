@@ -242,8 +242,7 @@ class SparseMoeModel(SparseMoePreTrainedModel):
             position_ids = torch.arange(sequence_length, device=device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        chunk_size = self.config.prefill_chunk_size
-        if chunk_size is not None and cache is not None and sequence_length > chunk_size:
+        if self.prefills_in_chunks(sequence_length, has_cache=cache is not None):
             hidden_states = self._chunked_prefill(input_ids, inputs_embeds, attention_mask, position_ids, cache,
                                                   use_cache, positions_to_keep, **kwargs)
         else:
@@ -255,6 +254,11 @@ class SparseMoeModel(SparseMoePreTrainedModel):
             hidden_states = hidden_states[:, -positions_to_keep:]
         hidden_states = self.norm(hidden_states)
         return SparseMoeModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+
+    def prefills_in_chunks(self, sequence_length: int, has_cache: bool) -> bool:
+        """Whether a forward over `sequence_length` new tokens runs as a chunked prefill (it needs a cache)."""
+        chunk_size = self.config.prefill_chunk_size
+        return chunk_size is not None and has_cache and sequence_length > chunk_size
 
     def _chunked_prefill(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache,
                          positions_to_keep, **kwargs) -> torch.Tensor:
@@ -391,9 +395,8 @@ class SparseMoeForCausalLM(SparseMoePreTrainedModel, GenerationMixin):
         )
         has_moe_layers = self.config.first_k_dense_layers < self.config.num_hidden_layers
         sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        chunk_size = self.config.prefill_chunk_size
         uses_cache = cache is not None or (use_cache if use_cache is not None else self.config.use_cache)
-        chunked_prefill = chunk_size is not None and uses_cache and sequence_length > chunk_size
+        chunked_prefill = self.model.prefills_in_chunks(sequence_length, has_cache=uses_cache)
         # Router records grow with the prompt: a chunked prefill (a long prompt at inference) keeps them only when
         # they are asked for, so its memory stays bounded.
         record_router = has_moe_layers and (
