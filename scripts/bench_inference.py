@@ -17,14 +17,15 @@ Latency, end to end (prefill + greedy decode), one request of --prompt_tokens he
     onnx_int8           the same graph after ONNX Runtime dynamic int8 quantization (router kept float)
     bnb_int8            bitsandbytes LLM.int8 (modeling.deploy.load_quantized)
 
-Variants run interleaved round by round (the order rotates) so background load hits them alike; p50 / p95 are over
-all runs. Throughput: --throughput_requests requests with prompt lengths spread from --min_prompt to --max_prompt
-tokens, for each workload of --throughput_new_tokens (every request generating the same number of tokens, or
-lengths spread over a range, as answers of a real service end at different points): padded `generate` in batches of
-each of --padded_batch_sizes (arrival order; a batch runs until its longest request is done) against one warm
-continuous-batching manager (paged cache sized by modeling.deploy.cpu_continuous_batching_config); the speed-up is
-over the fastest padded batch size. Greedy outputs are compared. Writes results.json, results.md and latency.png
-into --output_dir.
+Each variant is timed in a block of its own (ONNX Runtime's and torch's idle threads spin, so alternating them slows
+both); p50 / p95 are over all its runs. Throughput: --throughput_requests requests with prompt lengths spread from
+--min_prompt to --max_prompt tokens, for each workload of --throughput_new_tokens (every request generating the same
+number of tokens, or lengths spread over a range, as answers of a real service end at different points): padded
+`generate` in batches of each of --padded_batch_sizes (arrival order; a batch runs until its longest request is done)
+against one warm continuous-batching manager (paged cache sized by modeling.deploy.cpu_continuous_batching_config)
+running in a process of its own, as a server would; the speed-up is over the fastest padded batch size. The padding
+bound (token positions padded / real) is the most continuous batching could gain if compute were the only cost.
+Greedy outputs are compared. Writes results.json, results.md and latency.png into --output_dir.
 
     flock /tmp/lightarch_bench.lock python scripts/bench_inference.py
 """
@@ -194,26 +195,30 @@ def latency_runners(args, model, folder: Path, onnx_dir: Path, variants: list[st
 
 
 def measure_latency(args, runners: dict, prompts: list[torch.Tensor]) -> dict:
+    """Each variant timed in its own block (warm-up, then --rounds rounds over the prompts).
+
+    Blocks, not interleaved runs: ONNX Runtime's thread pool spins after a run, and torch's OpenMP threads wait for
+    work the same way, so alternating the two back to back makes each pay for the other's idle threads (torch fp32
+    measured 2x slower interleaved than alone).
+    """
     reference = {i: runners["torch_fp32"](p) for i, p in enumerate(prompts)} if "torch_fp32" in runners else None
-    agreement = {}
+    results = {}
     for name, run in runners.items():
         for _ in range(args.warmup):
             run(prompts[0])
+        agreement = None
         if reference is not None:
-            same = [float(np.mean(run(p) == reference[i])) for i, p in enumerate(prompts)]
-            agreement[name] = float(np.mean(same))
-    times = {name: [] for name in runners}
-    names = list(runners)
-    for r in range(args.rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for prompt in prompts:
-            for name in order:
+            agreement = float(np.mean([np.mean(run(p) == reference[i]) for i, p in enumerate(prompts)]))
+        times = []
+        for _ in range(args.rounds):
+            for prompt in prompts:
                 start = time.perf_counter()
-                runners[name](prompt)
-                times[name].append(1000 * (time.perf_counter() - start))
-    return {name: {"p50_ms": percentile(t, 50), "p95_ms": percentile(t, 95), "mean_ms": statistics.fmean(t),
-                   "runs": len(t), "greedy_agreement_with_torch_fp32": agreement.get(name)}
-            for name, t in times.items()}
+                run(prompt)
+                times.append(1000 * (time.perf_counter() - start))
+        results[name] = {"p50_ms": percentile(times, 50), "p95_ms": percentile(times, 95),
+                         "mean_ms": statistics.fmean(times), "runs": len(times),
+                         "greedy_agreement_with_torch_fp32": agreement}
+    return results
 
 
 def padded_batch_sizes(args) -> list[int]:
@@ -245,22 +250,37 @@ def new_tokens_per_request(bounds: tuple[int, int], requests: int, rng: np.rando
     return [int(n) for n in lengths]
 
 
-def measure_throughput(args, model, stream: list[int], workload: str, bounds: tuple[int, int]) -> dict:
-    """Padded `generate` at each batch size against one warm continuous-batching manager, interleaved round by round.
-
-    The manager is started once and reused (as a server would); one untimed pass warms both sides. A padded batch
-    generates until its longest request is done (rows are cut to their own length afterwards); the manager ends each
-    request at its own length.
-    """
+def throughput_requests(args, stream: list[int], bounds: tuple[int, int]) -> tuple[list[list[int]], list[int]]:
+    """The workload: --throughput_requests held-out prompts of lengths spread over [--min_prompt, --max_prompt] in
+    shuffled arrival order, and each request's number of new tokens."""
     rng = np.random.default_rng(args.seed)
     lengths = np.linspace(args.min_prompt, args.max_prompt, args.throughput_requests).astype(int)
     rng.shuffle(lengths)  # arrival order mixes short and long prompts
     starts = rng.integers(0, len(stream) - args.max_prompt - 1, size=len(lengths))
     prompts = [stream[s : s + n] for s, n in zip(starts, lengths)]
-    new_tokens = new_tokens_per_request(bounds, len(prompts), rng)
+    return prompts, new_tokens_per_request(bounds, len(prompts), rng)
+
+
+def token_positions(prompts: list[list[int]], new_tokens: list[int], batch_size: int | None) -> int:
+    """Token positions the forwards compute: padded `generate` in batches of `batch_size` (every row padded to the
+    batch's longest prompt, and decoding until its longest request is done), or None = one position per real token
+    (continuous batching). Their ratio is the most continuous batching can gain when compute, not per-forward
+    overhead, is the cost."""
+    if batch_size is None:
+        return sum(len(p) for p in prompts) + sum(n - 1 for n in new_tokens)
+    total = 0
+    for i in range(0, len(prompts), batch_size):
+        rows = prompts[i : i + batch_size]
+        total += len(rows) * (max(map(len, rows)) + max(new_tokens[i : i + batch_size]) - 1)
+    return total
+
+
+def measure_padded(args, model, prompts: list[list[int]], new_tokens: list[int]) -> dict:
+    """Padded `generate` at each of --padded_batch_sizes (arrival order, left padding), interleaved round by round
+    after one untimed pass. A batch generates until its longest request is done; rows are cut to their own length."""
     pad = model.config.pad_token_id or 0
 
-    def padded(batch_size: int):
+    def padded(batch_size: int) -> list[list[int]]:
         outputs = []
         for i in range(0, len(prompts), batch_size):
             batch, batch_new = prompts[i : i + batch_size], new_tokens[i : i + batch_size]
@@ -275,19 +295,39 @@ def measure_throughput(args, model, stream: list[int], workload: str, bounds: tu
             outputs += [row[:n] for row, n in zip(out[:, width:].tolist(), batch_new)]
         return outputs
 
-    cb_config = cpu_continuous_batching_config(model.config, max_concurrent_requests=args.throughput_requests,
-                                               max_request_tokens=args.max_prompt + max(new_tokens),
+    modes = {f"padded_generate_bs{size}": size for size in padded_batch_sizes(args)}
+    outputs = {name: padded(size) for name, size in modes.items()}  # untimed: warms every mode
+    timings = {name: [] for name in modes}
+    names = list(modes)
+    for r in range(args.throughput_rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            padded(modes[name])
+            timings[name].append(time.perf_counter() - start)
+    return {"outputs": outputs, "timings": timings,
+            "token_positions": {name: token_positions(prompts, new_tokens, size) for name, size in modes.items()}}
+
+
+def continuous_batching_worker(args: BenchArguments, prompts: list[list[int]], new_tokens: list[int],
+                               threads: int) -> dict:
+    """One warm continuous-batching manager, as a server process runs it: the untimed first pass, then
+    --throughput_rounds timed passes of every request. Runs in a process of its own (see measure_continuous)."""
+    import modeling  # noqa: F401  (registers the lightarch Auto classes in this process)
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32,
+                                                 attn_implementation=args.cb_attn_implementation).eval()
+    cb_config = cpu_continuous_batching_config(model.config, max_concurrent_requests=len(prompts),
+                                               max_request_tokens=max(map(len, prompts)) + max(new_tokens),
                                                max_batch_tokens=args.cb_max_batch_tokens, page_size=args.cb_page_size)
-    cb_model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32,
-                                                    attn_implementation=args.cb_attn_implementation).eval()
-    manager = cb_model.init_continuous_batching(
-        generation_config=GenerationConfig(max_new_tokens=max(new_tokens), do_sample=False, pad_token_id=pad,
-                                           eos_token_id=-1),
+    manager = model.init_continuous_batching(
+        generation_config=GenerationConfig(max_new_tokens=max(new_tokens), do_sample=False,
+                                           pad_token_id=model.config.pad_token_id or 0, eos_token_id=-1),
         continuous_batching_config=cb_config,
     )
     manager.start()
 
-    def continuous():
+    def serve_all() -> list[list[int]]:
         ids = [manager.add_request(p, max_new_tokens=n) for p, n in zip(prompts, new_tokens)]
         done = {}
         deadline = time.monotonic() + 600
@@ -299,37 +339,60 @@ def measure_throughput(args, model, stream: list[int], workload: str, bounds: tu
             raise RuntimeError(f"continuous batching finished {len(done)} of {len(ids)} requests in 600 s")
         return [done[i] for i in ids]
 
-    modes = {f"padded_generate_bs{size}": (lambda size=size: padded(size)) for size in padded_batch_sizes(args)}
-    modes["continuous_batching"] = continuous
     try:
-        outputs = {name: fn() for name, fn in modes.items()}  # untimed: warms every mode, keeps greedy outputs
-        timings = {name: [] for name in modes}
-        names = list(modes)
-        for r in range(args.throughput_rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                start = time.perf_counter()
-                modes[name]()
-                timings[name].append(time.perf_counter() - start)
+        outputs = serve_all()
+        timings = []
+        for _ in range(args.throughput_rounds):
+            start = time.perf_counter()
+            serve_all()
+            timings.append(time.perf_counter() - start)
         cache_bytes = manager.batch_processor.cache.cache_tensor.nbytes
     finally:
         manager.stop(block=True, timeout=60)
+    return {"outputs": outputs, "timings": timings, "paged_cache_bytes": cache_bytes,
+            "paged_cache_estimate_bytes": paged_cache_bytes(model.config, cb_config),
+            "cb_config": {"num_blocks": cb_config.num_blocks, "page_size": cb_config.page_size,
+                          "max_batch_tokens": cb_config.max_batch_tokens,
+                          "attn_implementation": args.cb_attn_implementation}}
+
+
+def measure_continuous(args, prompts: list[list[int]], new_tokens: list[int], threads: int) -> dict:
+    """continuous_batching_worker in a fresh process.
+
+    transformers' manager computes in a background thread, which gets its own OpenMP thread team. When the main
+    thread has a team too (it ran padded `generate` a moment ago), the process holds more OpenMP threads than CPUs
+    and libgomp stops spin-waiting between operations: every operation of the manager then waits for its threads to
+    wake up (measured: 3.9 s instead of 1.4 s for the same requests). A server process that only serves has one
+    team, as here.
+    """
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(continuous_batching_worker, (args, prompts, new_tokens, threads))
+
+
+def measure_throughput(args, model, stream: list[int], workload: str, bounds: tuple[int, int], threads: int) -> dict:
+    """Padded `generate` at each batch size (this process) against continuous batching (its own process)."""
+    prompts, new_tokens = throughput_requests(args, stream, bounds)
+    padded = measure_padded(args, model, prompts, new_tokens)
+    continuous = measure_continuous(args, prompts, new_tokens, threads)
+    timings = {**padded["timings"], "continuous_batching": continuous["timings"]}
     tokens = sum(new_tokens)
     result = {"modes": {name: {"median_seconds": statistics.median(t), "seconds": t,
                                "tokens_per_second": tokens / statistics.median(t)} for name, t in timings.items()}}
-    padded_modes = [name for name in timings if name.startswith("padded")]
+    padded_modes = list(padded["timings"])
     best = min(padded_modes, key=lambda name: result["modes"][name]["median_seconds"])
+    cb_positions = token_positions(prompts, new_tokens, None)
     result.update({
         "requests": len(prompts), "workload": workload, "new_tokens": sorted(new_tokens),
-        "prompt_lengths": sorted(int(n) for n in lengths),
+        "prompt_lengths": sorted(len(p) for p in prompts),
         "best_padded": best,
-        "identical_outputs": {name: sum(a == b for a, b in zip(outputs[name], outputs["continuous_batching"]))
+        "identical_outputs": {name: sum(a == b for a, b in zip(padded["outputs"][name], continuous["outputs"]))
                               for name in padded_modes},
         "speedup": result["modes"][best]["median_seconds"] / result["modes"]["continuous_batching"]["median_seconds"],
-        "paged_cache_bytes": cache_bytes,
-        "paged_cache_estimate_bytes": paged_cache_bytes(model.config, cb_config),
-        "cb_config": {"num_blocks": cb_config.num_blocks, "page_size": cb_config.page_size,
-                      "max_batch_tokens": cb_config.max_batch_tokens,
-                      "attn_implementation": args.cb_attn_implementation},
+        "token_positions": {**padded["token_positions"], "continuous_batching": cb_positions},
+        "padding_bound": padded["token_positions"][best] / cb_positions,
+        **{key: continuous[key] for key in ("paged_cache_bytes", "paged_cache_estimate_bytes", "cb_config")},
     })
     return result
 
@@ -399,7 +462,10 @@ def render_markdown(results: dict) -> str:
             lines.append(f"| {label} | {row['median_seconds']:.2f} | {row['tokens_per_second']:.1f} | {same} |")
         lines += [
             "", f"Continuous batching speed-up over the fastest padded baseline ({thr['best_padded']}): "
-            f"{thr['speedup']:.2f}x; paged KV cache {thr['paged_cache_bytes'] / 2**20:.1f} MB.",
+            f"{thr['speedup']:.2f}x; paged KV cache {thr['paged_cache_bytes'] / 2**20:.1f} MB. Padding bound: that "
+            f"baseline computes {thr['token_positions'][thr['best_padded']]:,} token positions for continuous "
+            f"batching's {thr['token_positions']['continuous_batching']:,}, so {thr['padding_bound']:.2f}x is the most "
+            "continuous batching can gain when compute, not per-forward overhead, is the cost.",
         ]
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for name, target, measured in results["targets"]:
@@ -455,7 +521,8 @@ def main(argv: list[str] | None = None) -> dict:
         latency = measure_latency(args, runners, prompts)
         del runners
     gc.collect()
-    throughput = {label: measure_throughput(args, model, stream, label, bounds) for label, bounds in workloads.items()}
+    throughput = {label: measure_throughput(args, model, stream, label, bounds, threads)
+                  for label, bounds in workloads.items()}
 
     targets = []
     if "torch_fp32" in latency and "onnx_int8" in latency:

@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PROCESS_START = time.perf_counter()  # the time budget counts the imports below too
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads crawl on a shared CPU (before torch)
+if __name__ == "__main__":  # spinning OpenMP threads crawl on a shared CPU (before torch; see scripts/train.py)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))

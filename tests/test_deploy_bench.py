@@ -41,6 +41,11 @@ def test_bench_inference_micro_run_writes_results(tmp_path, variants):
     assert written["command"].startswith("python scripts/bench_inference.py --model_dir")
     assert throughput["prompt_lengths"][0] == 4 and throughput["prompt_lengths"][-1] == 40
     assert 0 < throughput["paged_cache_bytes"] < 2**24
+    # prompts of 4, 11, 18, 25, 32, 40 tokens (130), 4 new each: one padded batch of 6 computes 6 x (40 + 3) positions
+    positions = throughput["token_positions"]
+    assert positions["padded_generate_bs6"] == 6 * (40 + 3) and positions["continuous_batching"] == 130 + 6 * 3
+    assert throughput["padding_bound"] == pytest.approx(
+        throughput["token_positions"][throughput["best_padded"]] / throughput["token_positions"]["continuous_batching"])
     markdown = (tmp_path / "out" / "results.md").read_text()
     assert "| torch_int8 |" in markdown and "Continuous batching speed-up" in markdown
     assert "| torch_fp32 p50 < 120.0 ms |" in markdown and "padded generate, batches of 6" in markdown
@@ -86,3 +91,24 @@ def test_realtime_preset_validates_and_the_main_job_accepts_it(tmp_path):
     assert set(SPARSE_MOE_PRESETS["realtime"]) - {"vocab_size"} <= set(json.loads(command[-1]))
     assert preset_differences(SparseMoeConfig.from_preset("realtime", hidden_size=64), "realtime") == {
         "hidden_size": (96, 64)}
+
+
+def test_token_positions_counts_padding_against_a_naive_count():
+    """The padding bound's arithmetic, against a position-by-position count of what each forward computes."""
+    from scripts.bench_inference import token_positions
+
+    prompts = [[1] * 5, [1] * 2, [1] * 9, [1] * 3]
+    new_tokens = [4, 1, 2, 6]
+
+    def naive(batch_size):
+        positions = 0
+        for i in range(0, len(prompts), batch_size):
+            rows, steps = prompts[i : i + batch_size], new_tokens[i : i + batch_size]
+            positions += sum(max(map(len, rows)) for _ in rows)  # prefill: every row padded to the longest prompt
+            positions += sum(len(rows) for _ in range(max(steps) - 1))  # decode: every row until the longest is done
+        return positions
+
+    assert token_positions(prompts, new_tokens, None) == (5 + 2 + 9 + 3) + (3 + 0 + 1 + 5)
+    for batch_size in (1, 2, 4):
+        assert token_positions(prompts, new_tokens, batch_size) == naive(batch_size)
+    assert token_positions(prompts, new_tokens, 1) == token_positions(prompts, new_tokens, None)
