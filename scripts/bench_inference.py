@@ -25,7 +25,9 @@ number of tokens, or lengths spread over a range, as answers of a real service e
 against one warm continuous-batching manager (paged cache sized by modeling.deploy.cpu_continuous_batching_config)
 running in a process of its own, as a server would; the speed-up is over the fastest padded batch size. The padding
 bound (token positions padded / real) is the most continuous batching could gain if compute were the only cost.
-Greedy outputs are compared. Writes results.json, results.md and latency.png into --output_dir.
+Online serving: the --online_workload requests arrive over time at each of --online_rates (Poisson), served by a
+static-batching server and by continuous batching; the latency from arrival to last token is compared. Greedy outputs
+are compared everywhere. Writes results.json, results.md and latency.png into --output_dir.
 
     flock /tmp/lightarch_bench.lock python scripts/bench_inference.py
 """
@@ -42,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -115,6 +118,14 @@ class BenchArguments:
         default=256, metadata={"help": "Tokens per continuous-batching forward (prefill chunks share it)."}
     )
     cb_page_size: int = field(default=32, metadata={"help": "Tokens per page of the paged KV cache."})
+    online_rates: str = field(
+        default="4,8,16",
+        metadata={"help": "Online serving: the --online_workload requests arrive at these mean rates (requests/s, "
+                  "Poisson), comma-separated, '' = skip. Each request's latency (arrival to its last token) under a "
+                  "static-batching server (padded generate on whatever has arrived, up to the largest "
+                  "--padded_batch_sizes) against continuous batching."},
+    )
+    online_workload: str = field(default="8-128", metadata={"help": "The --throughput_new_tokens workload served online."})
     cb_attn_implementation: str = field(
         default="sdpa", metadata={"help": "Attention of the continuous-batching model: 'sdpa' or 'paged|eager'."}
     )
@@ -243,6 +254,21 @@ def throughput_workloads(args) -> dict[str, tuple[int, int]]:
     return workloads
 
 
+def online_rates(args, workloads: dict) -> list[float]:
+    """The validated --online_rates (requests per second); checks that --online_workload is a throughput workload."""
+    try:
+        rates = [float(r) for r in args.online_rates.split(",") if r.strip()]
+    except ValueError:
+        rates = [-1.0]
+    if any(not 0 < r < 1e4 for r in rates):
+        raise ValueError(f"--online_rates {args.online_rates!r}: give positive requests per second, e.g. '4,8,16', "
+                         "or '' to skip the online test.")
+    if rates and args.online_workload not in workloads:
+        raise ValueError(f"--online_workload {args.online_workload!r} is not one of --throughput_new_tokens "
+                         f"{sorted(workloads)}.")
+    return rates
+
+
 def new_tokens_per_request(bounds: tuple[int, int], requests: int, rng: np.random.Generator) -> list[int]:
     """Per-request new-token counts spread evenly over `bounds`, in shuffled order."""
     lengths = np.linspace(*bounds, requests).astype(int)
@@ -275,25 +301,28 @@ def token_positions(prompts: list[list[int]], new_tokens: list[int], batch_size:
     return total
 
 
-def measure_padded(args, model, prompts: list[list[int]], new_tokens: list[int]) -> dict:
-    """Padded `generate` at each of --padded_batch_sizes (arrival order, left padding), interleaved round by round
-    after one untimed pass. A batch generates until its longest request is done; rows are cut to their own length."""
+def padded_generate(model, prompts: list[list[int]], new_tokens: list[int]) -> list[list[int]]:
+    """One padded `generate` call on `prompts` (left padding) until the longest request is done; each row is cut to its
+    own number of new tokens."""
     pad = model.config.pad_token_id or 0
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    longest = max(new_tokens)
+    generation_config = GenerationConfig(max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
+                                         pad_token_id=pad, eos_token_id=model.config.eos_token_id)
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=mask, generation_config=generation_config)
+    return [row[:n] for row, n in zip(out[:, width:].tolist(), new_tokens)]
+
+
+def measure_padded(args, model, prompts: list[list[int]], new_tokens: list[int]) -> dict:
+    """Padded `generate` at each of --padded_batch_sizes (arrival order), interleaved round by round after one untimed
+    pass. A batch generates until its longest request is done."""
 
     def padded(batch_size: int) -> list[list[int]]:
-        outputs = []
-        for i in range(0, len(prompts), batch_size):
-            batch, batch_new = prompts[i : i + batch_size], new_tokens[i : i + batch_size]
-            width = max(map(len, batch))
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-            longest = max(batch_new)
-            generation_config = GenerationConfig(max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
-                                                 pad_token_id=pad, eos_token_id=model.config.eos_token_id)
-            with torch.inference_mode():
-                out = model.generate(ids, attention_mask=mask, generation_config=generation_config)
-            outputs += [row[:n] for row, n in zip(out[:, width:].tolist(), batch_new)]
-        return outputs
+        return [row for i in range(0, len(prompts), batch_size)
+                for row in padded_generate(model, prompts[i : i + batch_size], new_tokens[i : i + batch_size])]
 
     modes = {f"padded_generate_bs{size}": size for size in padded_batch_sizes(args)}
     outputs = {name: padded(size) for name, size in modes.items()}  # untimed: warms every mode
@@ -308,10 +337,45 @@ def measure_padded(args, model, prompts: list[list[int]], new_tokens: list[int])
             "token_positions": {name: token_positions(prompts, new_tokens, size) for name, size in modes.items()}}
 
 
+def arrival_times(rate: float, requests: int, seed: int) -> list[float]:
+    """Seconds after the start at which each request arrives: a Poisson process of `rate` requests per second."""
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=requests)
+    return [float(t) for t in np.cumsum(gaps)]
+
+
+def static_batching_server(model, prompts: list[list[int]], new_tokens: list[int], arrivals: list[float],
+                           max_batch: int) -> tuple[list[float], list[list[int]]]:
+    """A server without continuous batching: whenever it is free it runs one padded `generate` on every request that
+    has arrived (up to `max_batch`); a request arriving meanwhile waits for that batch to finish. Returns each
+    request's completion time (seconds after the start) and its tokens."""
+    completions, outputs = [0.0] * len(prompts), [None] * len(prompts)
+    start, first = time.perf_counter(), 0
+    while first < len(prompts):
+        now = time.perf_counter() - start
+        if arrivals[first] > now:
+            time.sleep(arrivals[first] - now)
+            continue
+        batch = [i for i in range(first, min(first + max_batch, len(prompts))) if arrivals[i] <= now]
+        rows = padded_generate(model, [prompts[i] for i in batch], [new_tokens[i] for i in batch])
+        done = time.perf_counter() - start
+        for i, row in zip(batch, rows):
+            completions[i], outputs[i] = done, row
+        first = batch[-1] + 1
+    return completions, outputs
+
+
+def latency_summary(arrivals: list[float], completions: list[float]) -> dict:
+    latencies = [c - a for a, c in zip(arrivals, completions)]
+    return {"p50_s": percentile(latencies, 50), "p95_s": percentile(latencies, 95),
+            "mean_s": statistics.fmean(latencies), "makespan_s": max(completions)}
+
+
 def continuous_batching_worker(args: BenchArguments, prompts: list[list[int]], new_tokens: list[int],
-                               threads: int) -> dict:
+                               threads: int, online_arrivals: dict | None = None) -> dict:
     """One warm continuous-batching manager, as a server process runs it: the untimed first pass, then
-    --throughput_rounds timed passes of every request. Runs in a process of its own (see measure_continuous)."""
+    --throughput_rounds timed passes of every request, then one online run per entry of `online_arrivals`
+    ({rate: arrival times}: each request submitted at its arrival time). Runs in a process of its own (see
+    measure_continuous)."""
     import modeling  # noqa: F401  (registers the lightarch Auto classes in this process)
 
     torch.set_num_threads(threads)
@@ -339,6 +403,28 @@ def continuous_batching_worker(args: BenchArguments, prompts: list[list[int]], n
             raise RuntimeError(f"continuous batching finished {len(done)} of {len(ids)} requests in 600 s")
         return [done[i] for i in ids]
 
+    def serve_online(arrivals: list[float]) -> tuple[list[float], list[list[int]]]:
+        """Submit each request at its arrival time; a collector thread stamps each one's completion."""
+        finished, start = {}, time.perf_counter()
+
+        def collect():
+            deadline = time.monotonic() + 600
+            while len(finished) < len(prompts) and time.monotonic() < deadline:
+                result = manager.get_result(timeout=1)
+                if result is not None and result.is_finished():
+                    finished[result.request_id] = (time.perf_counter() - start, result.generated_tokens)
+
+        collector = threading.Thread(target=collect)
+        collector.start()
+        ids = []
+        for prompt, n, arrival in zip(prompts, new_tokens, arrivals):
+            time.sleep(max(0.0, arrival - (time.perf_counter() - start)))
+            ids.append(manager.add_request(prompt, max_new_tokens=n))
+        collector.join()
+        if len(finished) < len(ids):
+            raise RuntimeError(f"continuous batching finished {len(finished)} of {len(ids)} online requests in 600 s")
+        return [finished[i][0] for i in ids], [finished[i][1] for i in ids]
+
     try:
         outputs = serve_all()
         timings = []
@@ -346,17 +432,19 @@ def continuous_batching_worker(args: BenchArguments, prompts: list[list[int]], n
             start = time.perf_counter()
             serve_all()
             timings.append(time.perf_counter() - start)
+        online = {rate: serve_online(arrivals) for rate, arrivals in (online_arrivals or {}).items()}
         cache_bytes = manager.batch_processor.cache.cache_tensor.nbytes
     finally:
         manager.stop(block=True, timeout=60)
-    return {"outputs": outputs, "timings": timings, "paged_cache_bytes": cache_bytes,
+    return {"outputs": outputs, "timings": timings, "online": online, "paged_cache_bytes": cache_bytes,
             "paged_cache_estimate_bytes": paged_cache_bytes(model.config, cb_config),
             "cb_config": {"num_blocks": cb_config.num_blocks, "page_size": cb_config.page_size,
                           "max_batch_tokens": cb_config.max_batch_tokens,
                           "attn_implementation": args.cb_attn_implementation}}
 
 
-def measure_continuous(args, prompts: list[list[int]], new_tokens: list[int], threads: int) -> dict:
+def measure_continuous(args, prompts: list[list[int]], new_tokens: list[int], threads: int,
+                       online_arrivals: dict | None = None) -> dict:
     """continuous_batching_worker in a fresh process.
 
     transformers' manager computes in a background thread, which gets its own OpenMP thread team. When the main
@@ -368,14 +456,17 @@ def measure_continuous(args, prompts: list[list[int]], new_tokens: list[int], th
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(continuous_batching_worker, (args, prompts, new_tokens, threads))
+        return pool.apply(continuous_batching_worker, (args, prompts, new_tokens, threads, online_arrivals))
 
 
-def measure_throughput(args, model, stream: list[int], workload: str, bounds: tuple[int, int], threads: int) -> dict:
-    """Padded `generate` at each batch size (this process) against continuous batching (its own process)."""
+def measure_throughput(args, model, stream: list[int], workload: str, bounds: tuple[int, int], threads: int,
+                       rates: list[float] = ()) -> dict:
+    """Padded `generate` at each batch size (this process) against continuous batching (its own process); then, for
+    each of `rates`, the same requests arriving over time, served by static batching and by continuous batching."""
     prompts, new_tokens = throughput_requests(args, stream, bounds)
     padded = measure_padded(args, model, prompts, new_tokens)
-    continuous = measure_continuous(args, prompts, new_tokens, threads)
+    arrivals = {rate: arrival_times(rate, len(prompts), args.seed) for rate in rates}
+    continuous = measure_continuous(args, prompts, new_tokens, threads, arrivals)
     timings = {**padded["timings"], "continuous_batching": continuous["timings"]}
     tokens = sum(new_tokens)
     result = {"modes": {name: {"median_seconds": statistics.median(t), "seconds": t,
@@ -394,12 +485,27 @@ def measure_throughput(args, model, stream: list[int], workload: str, bounds: tu
         "padding_bound": padded["token_positions"][best] / cb_positions,
         **{key: continuous[key] for key in ("paged_cache_bytes", "paged_cache_estimate_bytes", "cb_config")},
     })
+    if rates:
+        max_batch = max(padded_batch_sizes(args))
+        result["online"] = {"max_static_batch": max_batch, "rates": {}}
+        for rate, times in arrivals.items():
+            completions, outputs = static_batching_server(model, prompts, new_tokens, times, max_batch)
+            cb_completions, cb_outputs = continuous["online"][rate]
+            static, cb = latency_summary(times, completions), latency_summary(times, cb_completions)
+            result["online"]["rates"][f"{rate:g}"] = {
+                "static_batching": static, "continuous_batching": cb,
+                "p50_latency_speedup": static["p50_s"] / cb["p50_s"],
+                "identical_outputs": sum(a == b for a, b in zip(outputs, cb_outputs)),
+            }
     return result
 
 
 def plot(latency: dict, throughput: dict, path: Path) -> None:
     plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
+    online = next(((w, thr["online"]) for w, thr in throughput.items() if "online" in thr), None)
+    panels = 3 if online else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), gridspec_kw={"width_ratios": [2] + [1] * (panels - 1)})
+    left, right = axes[0], axes[1]
     names = list(latency)
     x = np.arange(len(names))
     left.bar(x - 0.2, [latency[n]["p50_ms"] for n in names], 0.4, label="p50")
@@ -420,6 +526,18 @@ def plot(latency: dict, throughput: dict, path: Path) -> None:
     right.set_ylabel("generated tokens / s")
     right.set_title(f"Throughput: {throughput[workloads[0]]['requests']} mixed-length prompts")
     right.legend(fontsize=8)
+    if online:
+        workload, results = online
+        rates = [float(r) for r in results["rates"]]
+        for mode, color in (("static_batching", "tab:blue"), ("continuous_batching", "tab:orange")):
+            rows = [results["rates"][r][mode] for r in results["rates"]]
+            label = mode.replace("_", " ")
+            axes[2].plot(rates, [row["p50_s"] for row in rows], "o-", color=color, label=f"{label}, p50")
+            axes[2].plot(rates, [row["p95_s"] for row in rows], "o--", color=color, label=f"{label}, p95")
+        axes[2].set_xlabel("arrival rate (requests / s)")
+        axes[2].set_ylabel("latency, arrival to last token (s)")
+        axes[2].set_title(f"Online serving, {workload} new tokens")
+        axes[2].legend(fontsize=8)
     fig.tight_layout()
     write_atomically(path, figure_to_png(fig))
 
@@ -467,6 +585,22 @@ def render_markdown(results: dict) -> str:
             f"batching's {thr['token_positions']['continuous_batching']:,}, so {thr['padding_bound']:.2f}x is the most "
             "continuous batching can gain when compute, not per-forward overhead, is the cost.",
         ]
+    for workload, thr in results["throughput"].items():
+        if "online" not in thr:
+            continue
+        lines += [
+            "", f"Online serving, {workload} new tokens: the same {thr['requests']} requests arriving over time "
+            "(Poisson). Latency = arrival to last token; static batching runs padded `generate` on whatever has "
+            f"arrived (up to {thr['online']['max_static_batch']}) while later arrivals wait.", "",
+            "| arrival rate (requests/s) | static batching p50 / p95 s | continuous batching p50 / p95 s | "
+            "p50 speed-up | all done after (static / continuous) | greedy outputs identical |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for rate, row in thr["online"]["rates"].items():
+            static, cb = row["static_batching"], row["continuous_batching"]
+            lines.append(f"| {rate} | {static['p50_s']:.2f} / {static['p95_s']:.2f} | {cb['p50_s']:.2f} / "
+                         f"{cb['p95_s']:.2f} | {row['p50_latency_speedup']:.2f}x | {static['makespan_s']:.2f} s / "
+                         f"{cb['makespan_s']:.2f} s | {row['identical_outputs']}/{thr['requests']} |")
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for name, target, measured in results["targets"]:
         if name.endswith("_ms"):
@@ -495,6 +629,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--cb_attn_implementation {args.cb_attn_implementation!r}: use 'sdpa' or 'paged|eager' on CPU.")
     padded_batch_sizes(args)
     workloads = throughput_workloads(args)
+    rates = online_rates(args, workloads)
     if args.preset not in SPARSE_MOE_PRESETS:
         raise ValueError(f"--preset {args.preset!r} is unknown; choose one of {sorted(SPARSE_MOE_PRESETS)}.")
     if not 1 <= args.min_prompt <= args.max_prompt:
@@ -521,7 +656,8 @@ def main(argv: list[str] | None = None) -> dict:
         latency = measure_latency(args, runners, prompts)
         del runners
     gc.collect()
-    throughput = {label: measure_throughput(args, model, stream, label, bounds, threads)
+    throughput = {label: measure_throughput(args, model, stream, label, bounds, threads,
+                                            rates if label == args.online_workload else ())
                   for label, bounds in workloads.items()}
 
     targets = []

@@ -20,7 +20,7 @@ def test_bench_inference_micro_run_writes_results(tmp_path, variants):
                         "--prompt_tokens", "16", "--new_tokens", "4", "--rounds", "1", "--prompts", "2",
                         "--warmup", "1", "--throughput_requests", "6", "--min_prompt", "4", "--max_prompt", "40",
                         "--padded_batch_sizes", "3,6", "--throughput_rounds", "1", "--num_threads", "1",
-                        "--throughput_new_tokens", "4,2-9"])
+                        "--throughput_new_tokens", "4,2-9", "--online_workload", "2-9", "--online_rates", "200,2000"])
     finally:
         torch.set_num_threads(threads)
     written = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -46,7 +46,15 @@ def test_bench_inference_micro_run_writes_results(tmp_path, variants):
     assert positions["padded_generate_bs6"] == 6 * (40 + 3) and positions["continuous_batching"] == 130 + 6 * 3
     assert throughput["padding_bound"] == pytest.approx(
         throughput["token_positions"][throughput["best_padded"]] / throughput["token_positions"]["continuous_batching"])
+    # online serving: both servers answer every request, identically, and no request completes before it arrives
+    online = mixed["online"]
+    assert set(online["rates"]) == {"200", "2000"} and online["max_static_batch"] == 6 and "online" not in throughput
+    for row in online["rates"].values():
+        assert row["identical_outputs"] == 6
+        for mode in ("static_batching", "continuous_batching"):
+            assert 0 < row[mode]["p50_s"] <= row[mode]["p95_s"] <= row[mode]["makespan_s"]
     markdown = (tmp_path / "out" / "results.md").read_text()
+    assert "Online serving, 2-9 new tokens" in markdown
     assert "| torch_int8 |" in markdown and "Continuous batching speed-up" in markdown
     assert "| torch_fp32 p50 < 120.0 ms |" in markdown and "padded generate, batches of 6" in markdown
     assert (tmp_path / "out" / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -67,6 +75,10 @@ def test_bench_inference_rejects_bad_options(tmp_path):
         main(["--preset", "huge"])
     with pytest.raises(ValueError, match="--throughput_new_tokens '16,9-4'"):
         main(["--throughput_new_tokens", "16,9-4"])
+    with pytest.raises(ValueError, match="--online_rates '4,-1'"):
+        main(["--online_rates", "4,-1"])
+    with pytest.raises(ValueError, match="--online_workload '32' is not one of"):
+        main(["--online_workload", "32"])
 
 
 def test_realtime_preset_validates_and_the_main_job_accepts_it(tmp_path):
@@ -112,3 +124,29 @@ def test_token_positions_counts_padding_against_a_naive_count():
     for batch_size in (1, 2, 4):
         assert token_positions(prompts, new_tokens, batch_size) == naive(batch_size)
     assert token_positions(prompts, new_tokens, 1) == token_positions(prompts, new_tokens, None)
+
+
+def test_static_batching_server_batches_what_has_arrived():
+    """The online baseline: requests that arrive while a batch runs wait for it, then go together (a fake model
+    records each padded `generate` call's rows)."""
+    import scripts.bench_inference as bench
+
+    calls = []
+
+    def fake_padded_generate(model, prompts, new_tokens):
+        calls.append([p[0] for p in prompts])
+        bench.time.sleep(0.05)
+        return [[p[0]] * n for p, n in zip(prompts, new_tokens)]
+
+    original = bench.padded_generate
+    bench.padded_generate = fake_padded_generate
+    try:
+        prompts, new_tokens = [[0], [1], [2], [3]], [1, 2, 1, 2]
+        # request 0 alone at t=0; 1 and 2 arrive during its batch; 3 long after
+        completions, outputs = bench.static_batching_server(None, prompts, new_tokens, [0.0, 0.01, 0.02, 0.3], 8)
+    finally:
+        bench.padded_generate = original
+    assert calls == [[0], [1, 2], [3]]
+    assert outputs == [[0], [1, 1], [2], [3, 3]]
+    assert completions[1] == completions[2] and completions[0] < completions[1] < completions[3]
+    assert completions[3] >= 0.3
