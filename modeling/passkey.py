@@ -37,6 +37,9 @@ FILLER_SENTENCES = (
     "There and back again.",
 )
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
+# Distractors: other 5-digit numbers in the filler, in sentences of the filler's own words, so that retrieving the key
+# means finding the number after "pass key", not copying the only digits in the prompt.
+DISTRACTOR_LINES = ("The sky is {key}.", "The grass is {key}.", "The sun is {key}.")
 QUESTION = "What is the pass key? The pass key is"
 NUM_DIGITS = 5
 
@@ -113,6 +116,7 @@ class PasskeyTask:
         middle, end = suffix.split("{key}")
         self.key_parts = (ids(prefix), ids(middle), ids(end))
         self.key_line_length = sum(map(len, self.key_parts)) + 2 * NUM_DIGITS
+        self.distractor_parts = [tuple(ids(part) for part in line.split("{key}")) for line in DISTRACTOR_LINES]
 
     @property
     def min_length(self) -> int:
@@ -137,13 +141,18 @@ class PasskeyTask:
             index += 1
         return tokens[:num_tokens], boundaries
 
+    def distractor_ids(self, number: str, template: int) -> list[int]:
+        prefix, end = self.distractor_parts[template]
+        return prefix + [self.digit_ids[int(d)] for d in number] + end
+
     def build(self, length: int, depth: float, passkey: str | None = None, rng: random.Random | None = None,
-              first_sentence: int | None = None) -> PasskeyPrompt:
+              first_sentence: int | None = None, distractors: int = 0) -> PasskeyPrompt:
         """A prompt of exactly `length` tokens with the key line at `depth` (0..1) of the filler.
 
         The key line starts at the sentence boundary nearest to `depth * filler_tokens`, so the achieved depth
         differs from the requested one by at most half a sentence (`PasskeyPrompt.depth` is the exact value).
-        `rng` draws the passkey (when not given) and the first filler sentence (when not given).
+        `rng` draws the passkey (when not given) and the first filler sentence (when not given). `distractors`
+        other 5-digit numbers ("The sky is 40817.") go at sentence boundaries of the filler drawn by `rng`.
         """
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"depth must be in [0, 1], got {depth}")
@@ -155,37 +164,62 @@ class PasskeyTask:
             raise ValueError(f"passkey must be {NUM_DIGITS} digits, got {passkey!r}")
         if first_sentence is None:
             first_sentence = rng.randrange(len(self.sentence_ids))
-        budget = length - self.min_length
+        if distractors < 0:
+            raise ValueError(f"distractors must be >= 0, got {distractors}")
+        distractor_lines = []
+        for _ in range(distractors):
+            number = passkey
+            while number == passkey:
+                number = self.random_passkey(rng)
+            distractor_lines.append(self.distractor_ids(number, rng.randrange(len(self.distractor_parts))))
+        budget = length - self.min_length - sum(map(len, distractor_lines))
+        if budget < 0:
+            raise ValueError(f"{distractors} distractors do not fit in a {length}-token prompt; use fewer or a longer "
+                             "prompt.")
         filler, boundaries = self.filler(budget, first_sentence)
         split = min(boundaries, key=lambda b: (abs(b - depth * budget), b))
         key_line = self.key_line_ids(passkey)
-        head = self.bos_ids + self.intro_ids + filler[:split]
-        input_ids = head + key_line + filler[split:] + self.question_ids
+        # (filler offset, 0 = key line / 1 = distractor: the key line first at one offset, tokens)
+        inserts = [(rng.choice(boundaries), 1, line) for line in distractor_lines] + [(split, 0, key_line)]
+        body, cursor, key_start = self.bos_ids + self.intro_ids, 0, None
+        for offset, _, tokens in sorted(inserts, key=lambda insert: insert[:2]):
+            body = body + filler[cursor:offset]
+            cursor = offset
+            if tokens is key_line:
+                key_start = len(body)
+            body = body + tokens
+        input_ids = body + filler[cursor:] + self.question_ids
         assert len(input_ids) == length, (len(input_ids), length)
         return PasskeyPrompt(
             input_ids=input_ids,
             answer_ids=[self.digit_ids[int(d)] for d in passkey],
             passkey=passkey,
-            key_start=len(head),
-            key_end=len(head) + len(key_line),
+            key_start=key_start,
+            key_end=key_start + len(key_line),
             depth=split / budget if budget else depth,
             requested_depth=depth,
         )
 
     def training_example(self, length: int, rng: random.Random, label_key_echo: bool = True,
-                         edge_depth_fraction: float = 0.0) -> dict[str, list[int]]:
+                         edge_depth_fraction: float = 0.0, distractors: int = 0) -> dict[str, list[int]]:
         """`input_ids` = a prompt of `length - NUM_DIGITS` tokens + the answer digits; `labels` are -100 except on the
         answer digits (and, with `label_key_echo`, on the key's second occurrence inside the key line, a short-range
         copy that teaches the copying circuit early).
 
         The depth is uniform in [0, 1], except that a fraction `edge_depth_fraction` of the examples put the key at
         exactly 0.0 or 1.0 (half each): the two special cases (key right after the introduction; key right before the
-        question, partly inside a small sliding window) that a uniform depth almost never produces."""
+        question, partly inside a small sliding window) that a uniform depth almost never produces. With `distractors`,
+        each example hides 0..`distractors` other numbers in its filler (uniform, as many as fit)."""
         if rng.random() < edge_depth_fraction:
             depth = float(rng.random() < 0.5)
         else:
             depth = rng.random()
-        prompt = self.build(length - NUM_DIGITS, depth, rng=rng)
+        count = 0
+        if distractors:
+            longest = max(len(prefix) + NUM_DIGITS + len(end) for prefix, end in self.distractor_parts)
+            room = max(0, (length - NUM_DIGITS - self.min_length) // longest)
+            count = rng.randint(0, min(distractors, room))
+        prompt = self.build(length - NUM_DIGITS, depth, rng=rng, distractors=count)
         input_ids = prompt.input_ids + prompt.answer_ids
         labels = [-100] * len(prompt.input_ids) + prompt.answer_ids
         if label_key_echo:
@@ -218,8 +252,9 @@ def score(predicted: str, passkey: str) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate_passkey(model, task: PasskeyTask, lengths, depths, samples: int, seed: int = 0,
-                     max_batch_tokens: int = 65536, progress=None) -> dict:
-    """Greedy exact-match accuracy for every (length, depth) cell, `samples` prompts each.
+                     max_batch_tokens: int = 65536, progress=None, distractors: int = 0) -> dict:
+    """Greedy exact-match accuracy for every (length, depth) cell, `samples` prompts each (with `distractors` other
+    numbers in each prompt's filler).
 
     Prompts of one cell share a length, so they are batched without padding (at most `max_batch_tokens` prompt
     tokens per `generate` call); the model's chunked prefill (`prefill_chunk_size`) bounds memory. The prompts of a
@@ -236,7 +271,7 @@ def evaluate_passkey(model, task: PasskeyTask, lengths, depths, samples: int, se
         row = {}
         for depth in depths:
             rng = random.Random(f"passkey-{seed}-{length}-{depth}")
-            prompts = [task.build(length, depth, rng=rng) for _ in range(samples)]
+            prompts = [task.build(length, depth, rng=rng, distractors=distractors) for _ in range(samples)]
             batch_size = max(1, max_batch_tokens // length)
             predictions, exact, digits = [], [], []
             for start in range(0, len(prompts), batch_size):

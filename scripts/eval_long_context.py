@@ -53,6 +53,11 @@ class EvalArguments:
     )
     depths: str = field(default="0,0.25,0.5,0.75,1.0", metadata={"help": "Comma-separated key depths in [0, 1]."})
     samples: int = field(default=5, metadata={"help": "Prompts per (length, depth) cell."})
+    distractors: int = field(
+        default=0,
+        metadata={"help": "Other 5-digit numbers hidden in each prompt's filler ('The sky is 40817.'): the model must "
+                  "return the one after 'pass key', not the only digits it sees."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the prompts (keys and filler start)."})
     max_batch_tokens: int = field(
         default=65536, metadata={"help": "Prompt tokens per generate call (prompts of a cell are batched)."}
@@ -150,7 +155,10 @@ def markdown(results: dict) -> str:
         f"# Passkey retrieval: {results['model']}",
         "",
         f"Greedy exact match of all 5 digits, {results['arguments']['samples']} prompts per cell (prompt lengths in "
-        f"tokens x depth of the key line in the filler); {results['seconds']:.0f} s on "
+        f"tokens x depth of the key line in the filler)"
+        + (f", {results['arguments']['distractors']} other 5-digit numbers in each filler"
+           if results["arguments"].get("distractors") else "")
+        + f"; {results['seconds']:.0f} s on "
         f"{results['torch_num_threads']} thread(s), torch {results['torch']}, transformers {results['transformers']}"
         + (f" (merged from {results['merged_from']} shards run in parallel; seconds summed)."
            if results.get("merged_from") else "."),
@@ -201,6 +209,8 @@ def merge_results(shards: list[dict], good_accuracy: float) -> dict:
     """One results dict from several runs of this script on the same model (different lengths / depths)."""
     if len({shard["model"] for shard in shards}) != 1:
         raise ValueError(f"Shards come from different models: {sorted({shard['model'] for shard in shards})}")
+    if len({shard["arguments"].get("distractors", 0) for shard in shards}) > 1:
+        raise ValueError("Shards were run with different --distractors; merge runs of one setting only.")
     lengths = sorted({n for shard in shards for n in shard["lengths"]})
     depths = sorted({d for shard in shards for d in shard["depths"]})
     cells: dict[str, dict] = {}
@@ -292,6 +302,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(str(error))
     if args.samples < 1:
         parser.error("--samples must be >= 1")
+    if args.distractors < 0:
+        parser.error("--distractors must be >= 0")
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         parser.error(f"--model {model_dir}: no saved model there (run scripts/train_passkey.py first).")
@@ -313,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
         with tqdm(total=len(lengths) * len(depths) * args.samples, desc="passkey eval", unit="prompt",
                   file=sys.stderr) as progress:
             evaluation = evaluate_passkey(model, task, lengths, depths, args.samples, seed=args.seed,
-                                          max_batch_tokens=args.max_batch_tokens, progress=progress.update)
+                                          max_batch_tokens=args.max_batch_tokens, progress=progress.update,
+                                          distractors=args.distractors)
         seconds = time.perf_counter() - started
     finally:
         torch.set_num_threads(previous_threads)
@@ -331,9 +344,10 @@ def main(argv: list[str] | None = None) -> dict:
         "transformers": transformers.__version__,
     }
     results["verdict"] = verdict(evaluation["overall"], lengths, train_length, args.good_accuracy)
-    output_dir = Path(args.output_dir) if args.output_dir else model_dir / "long_context_eval"
+    default_dir = model_dir / ("long_context_eval" + (f"_distractors{args.distractors}" if args.distractors else ""))
+    output_dir = Path(args.output_dir) if args.output_dir else default_dir
     print(write_outputs(output_dir, results))
-    if not args.output_dir:  # the full default run documents the model: its card gets the table
+    if not args.output_dir and not args.distractors:  # the default run documents the model: its card gets the table
         update_model_card(model_dir, results)
     return results
 

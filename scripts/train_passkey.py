@@ -165,6 +165,12 @@ class DataArguments:
                           "uniform depth: right after the introduction, and right before the question where the key "
                           "line is partly inside the sliding window, two cases a uniform depth almost never gives."},
     )
+    distractors: int = field(
+        default=4,
+        metadata={"help": "Up to this many other 5-digit numbers in each example's filler ('The sky is 40817.'; "
+                          "uniform 0..N, as many as fit), so the model learns to return the number after 'pass key' "
+                          "rather than any digits it sees; the final evaluation uses N. 0 = the classic task."},
+    )
     eval_samples: int = field(
         default=10, metadata={"help": "Prompts per depth for the final accuracy at --max_length (5 depths)."}
     )
@@ -210,7 +216,7 @@ class CurriculumDataset(torch.utils.data.IterableDataset):
         while True:
             length = self.batch_length(batch_index, rng)
             examples = [self.task.training_example(length, rng, self.data_args.label_key_echo,
-                                                   self.data_args.edge_depth_fraction)
+                                                   self.data_args.edge_depth_fraction, self.data_args.distractors)
                         for _ in range(max(1, self.data_args.tokens_per_batch // length))]
             yield {key: torch.tensor([example[key] for example in examples]) for key in ("input_ids", "labels")}
             batch_index += 1
@@ -319,6 +325,8 @@ def parse_args(argv: list[str] | None = None):
                      "--tokens_per_batch instead.")
     if data_args.length_multiple < 1 or data_args.eval_samples < 1 or data_args.tokens_per_batch < 1:
         parser.error("--length_multiple, --eval_samples and --tokens_per_batch must be >= 1.")
+    if data_args.distractors < 0:
+        parser.error("--distractors must be >= 0 (0 = the classic passkey task).")
     return model_args, data_args, training_args
 
 
@@ -375,6 +383,9 @@ def render_card(results: dict, config: SparseMoeConfig) -> str:
         "max_length": results["data"]["max_length"],
         "min_length": results["data"]["min_length"],
         "edge_percent": f"{100 * results['data']['edge_depth_fraction']:.0f}",
+        "distractors": (f"up to {results['data']['distractors']} other 5-digit numbers in the filler of each example "
+                        "(as many as fit), so the key is the number after \"pass key\", not the only one"
+                        if results["data"].get("distractors") else "no other numbers in the filler"),
         "layer_types": ", ".join(t.split("_")[0] for t in config.layer_types),
         "hidden_size": config.hidden_size,
         "num_layers": config.num_hidden_layers,
@@ -389,6 +400,7 @@ def render_card(results: dict, config: SparseMoeConfig) -> str:
         "threads": results["torch_num_threads"],
         "accuracy": f"{100 * results['accuracy_at_max_length']:.0f}",
         "eval_samples": results["eval_prompts_at_max_length"],
+        "eval_distractors": results["data"].get("distractors", 0),
         "accuracy_table": results["accuracy_table_md"],
         "final_loss": f"{results['final_train_loss']:.4f}",
     }
@@ -434,7 +446,8 @@ def _train(model_args, data_args, training_args, num_threads, started) -> dict:
     model.eval()
     eval_started = time.perf_counter()
     evaluation = evaluate_passkey(model, task, [data_args.max_length], (0.0, 0.25, 0.5, 0.75, 1.0),
-                                  data_args.eval_samples, seed=training_args.seed + 1)
+                                  data_args.eval_samples, seed=training_args.seed + 1,
+                                  distractors=data_args.distractors)
     accuracy = evaluation["overall"][str(data_args.max_length)]["exact"]
     logger.info("Exact-match accuracy at %d tokens: %.1f%% (%d prompts, %.0f s)", data_args.max_length,
                 100 * accuracy, evaluation["overall"][str(data_args.max_length)]["count"],

@@ -102,6 +102,31 @@ def test_prompt_validation_and_determinism(task):
         assert sentence.rstrip(".") in text
 
 
+@pytest.mark.parametrize("length", [120, 400])
+def test_distractors_are_other_numbers_at_sentence_boundaries(task, length):
+    """Distractor prompts keep the exact length and the key line; the other numbers sit between whole filler
+    sentences, differ from the key, and without distractors a prompt is what it always was."""
+    prompt = task.build(length, 0.5, rng=random.Random(3), distractors=3)
+    assert len(prompt.input_ids) == length
+    assert prompt.input_ids[prompt.key_start:prompt.key_end] == task.key_line_ids(prompt.passkey)
+    words = task.tokenizer.decode(prompt.input_ids).split(" ")
+    numbers = ["".join(words[i + 1 : i + 1 + NUM_DIGITS]) for i, word in enumerate(words[:-1])
+               if word == "is" and words[i + 1].isdigit()]
+    assert numbers.count(prompt.passkey) == 1 and len(numbers) == 4  # "pass key is K" + 3 distractors
+    assert all(len(n) == NUM_DIGITS and n != prompt.passkey for n in numbers if n != prompt.passkey)
+    # removing the distractor sentences leaves intro, whole filler sentences, key line and question
+    text = task.tokenizer.decode(prompt.input_ids)
+    for number in numbers:
+        if number != prompt.passkey:
+            spaced = " ".join(number)
+            assert any(f"The {w} is {spaced} ." in text for w in ("sky", "grass", "sun"))
+    assert task.build(300, 0.3, rng=random.Random(7), distractors=0) == task.build(300, 0.3, rng=random.Random(7))
+    with pytest.raises(ValueError, match="distractors do not fit"):
+        task.build(task.min_length + 5, 0.5, distractors=2)
+    with pytest.raises(ValueError, match="distractors must be >= 0"):
+        task.build(300, 0.5, distractors=-1)
+
+
 def test_training_example_labels_only_answer_and_echo(task):
     example = task.training_example(150, random.Random(0), label_key_echo=True)
     assert len(example["input_ids"]) == len(example["labels"]) == 150
@@ -111,6 +136,24 @@ def test_training_example_labels_only_answer_and_echo(task):
     assert [i for i, _ in labelled][-NUM_DIGITS:] == list(range(150 - NUM_DIGITS, 150))  # the answer at the end
     without_echo = task.training_example(150, random.Random(0), label_key_echo=False)
     assert sum(label != -100 for label in without_echo["labels"]) == NUM_DIGITS
+
+
+def test_training_examples_with_distractors_label_the_key_not_the_other_numbers(task):
+    """Up to N other numbers per example, as many as fit (none in the shortest prompts); the labels stay on the key's
+    echo and the answer, which is the key."""
+    rng = random.Random(0)
+    counts = []
+    for length in (96, 160, 256):
+        for _ in range(20):
+            example = task.training_example(length, rng, label_key_echo=True, distractors=4)
+            assert len(example["input_ids"]) == length
+            digits = sum(token in task.digit_ids for token in example["input_ids"])
+            counts.append((length, (digits - 3 * NUM_DIGITS) // NUM_DIGITS))  # key twice + answer, then distractors
+            labelled = [label for label in example["labels"] if label != -100]
+            assert labelled[:NUM_DIGITS] == labelled[NUM_DIGITS:] == example["input_ids"][-NUM_DIGITS:]
+    assert all(0 <= n <= 4 for _, n in counts) and max(n for _, n in counts) == 4
+    room_at_96 = (96 - NUM_DIGITS - task.min_length) // 9  # each distractor line is 9 tokens
+    assert all(n <= room_at_96 for length, n in counts if length == 96)
 
 
 def test_training_example_edge_depths(task):
@@ -284,6 +327,15 @@ def test_eval_long_context_writes_grid(trained_folder, tmp_path):
     assert merged["evaluation"]["cells"]["128"] == shard["evaluation"]["cells"]["128"]
     assert merged["evaluation"]["overall"]["96"] == results["evaluation"]["overall"]["96"]
     assert "| 128 |" in (tmp_path / "merged" / "results.md").read_text()
+    distracted = eval_long_context.main([
+        "--model", str(output_dir), "--lengths", "128", "--depths", "0,0.5,1", "--samples", "1", "--num_threads", "1",
+        "--distractors", "2", "--output_dir", str(tmp_path / "distracted"),
+    ])
+    assert distracted["arguments"]["distractors"] == 2
+    assert "2 other 5-digit numbers in each filler" in (tmp_path / "distracted" / "results.md").read_text()
+    with pytest.raises(SystemExit):  # shards of different distractor settings are not one grid
+        eval_long_context.main(["--merge", f"{tmp_path},{tmp_path / 'distracted'}", "--output_dir",
+                                str(tmp_path / "mixed")])
     hole = json.loads(json.dumps(results))
     hole["lengths"], hole["evaluation"]["cells"] = [160], {"160": {"0.0": results["evaluation"]["cells"]["160"]["0.0"]}}
     (tmp_path / "hole").mkdir()
