@@ -97,7 +97,7 @@ KEEP_IN_VARIANT_DIR = ("checkpoint-*", "runs")
 TRAINING_DEFAULTS = {
     "output_dir": "outputs/multimodal",
     "use_cpu": True,
-    "max_steps": 500,
+    "max_steps": 1500,  # 500 steps: VQA 85.8% vs 72.4% without alignment; 1500: 91.0% vs 66.8% (about 11 min for both)
     "per_device_train_batch_size": 32,
     "per_device_eval_batch_size": 64,
     "learning_rate": 2e-3,
@@ -176,7 +176,7 @@ class ScriptTrainingArguments(TrainingArguments):
     """transformers.TrainingArguments plus the wall-clock budget of the whole script."""
 
     time_budget_minutes: float = field(
-        default=14.0,
+        default=20.0,
         metadata={"help": "Wall-clock budget of the whole script (data, both runs, measurements, saving), in minutes. "
                   "The aligned run gets half of what is left after data preparation; the ablation then trains the "
                   "same number of steps. A run stopped by the budget is checkpointed (--resume_from_checkpoint True "
