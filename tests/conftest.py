@@ -19,6 +19,20 @@ import modeling  # noqa: E402,F401  (registers the Auto classes)
 from configuration import SparseMoeConfig  # noqa: E402
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts folder is not a package every test can import from)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, PROJECT_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_sparse_moe_config(**overrides) -> SparseMoeConfig:
     """A 3-layer hybrid (sliding, full, sliding) SparseMoe with 4 experts; override any field."""
     values = dict(

@@ -2,13 +2,11 @@
 decoding, sequence classification, saving and remote code, the task suite and both scripts' pieces."""
 
 import json
-import os
 import re
-import sys
 
 import pytest
 import torch
-from conftest import run_without_lightarch, tiny_sparse_moe_config
+from conftest import PNG_MAGIC, load_script, run_without_lightarch, tiny_sparse_moe_config
 from transformers import AutoConfig, DynamicCache, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from configuration import AdaptiveDepthConfig, SparseMoeConfig
@@ -432,19 +430,6 @@ def test_remote_code_loads_in_a_fresh_process_without_lightarch(saved_model, tmp
 
 # --------------------------------------------------------------------------------------------- task suite and scripts
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _load_script(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_task_suite_answers_labels_and_holdout():
     from modeling.adaptive_depth_data import PadCollator, all_problems, build_tokenizer, encode, sample_problems
@@ -478,7 +463,7 @@ TINY_TRAIN = [
 
 @pytest.fixture(scope="module")
 def trained_folder(tmp_path_factory):
-    train_adaptive = _load_script("train_adaptive")
+    train_adaptive = load_script("train_adaptive")
     folder = tmp_path_factory.mktemp("train_adaptive") / "run"
     results = train_adaptive.main(TINY_TRAIN + ["--output_dir", str(folder)])
     return folder, results
@@ -502,7 +487,7 @@ def test_train_script_writes_a_calibrated_model(trained_folder):
 
 def test_phase_two_trains_only_the_estimator(trained_folder, tmp_path):
     """With --max_steps 1 and a zero learning rate in phase 1, phase 2 must leave every backbone weight untouched."""
-    train_adaptive = _load_script("train_adaptive")
+    train_adaptive = load_script("train_adaptive")
     folder = tmp_path / "frozen"
     torch.manual_seed(0)
     train_adaptive.main(TINY_TRAIN + ["--output_dir", str(folder), "--max_steps", "1", "--learning_rate", "0",
@@ -517,7 +502,7 @@ def test_phase_two_trains_only_the_estimator(trained_folder, tmp_path):
 
 def test_bench_script_writes_results_table_and_curves(trained_folder, tmp_path):
     folder, _ = trained_folder
-    bench_adaptive = _load_script("bench_adaptive")
+    bench_adaptive = load_script("bench_adaptive")
     results = bench_adaptive.main(["--model_dir", str(folder), "--output_dir", str(tmp_path / "bench"),
                                    "--threshold_steps", "3", "--timing_examples", "2", "--timing_rounds", "1"])
     for name in ("results.json", "results.md", "curves.png"):
@@ -544,7 +529,7 @@ def test_bench_script_writes_results_table_and_curves(trained_folder, tmp_path):
 
 @pytest.mark.parametrize("script", ["train_adaptive", "bench_adaptive"])
 def test_help_explains_every_option(script, capsys):
-    module = _load_script(script)
+    module = load_script(script)
     with pytest.raises(SystemExit):
         module.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -568,7 +553,7 @@ def test_help_explains_every_option(script, capsys):
     ],
 )
 def test_train_script_rejects_bad_options_naming_them(args, option, tmp_path, capsys):
-    train_adaptive = _load_script("train_adaptive")
+    train_adaptive = load_script("train_adaptive")
     with pytest.raises(SystemExit) as error:
         train_adaptive.main(TINY_TRAIN + ["--output_dir", str(tmp_path / "x"), *args])
     assert error.value.code == 2

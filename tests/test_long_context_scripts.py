@@ -1,16 +1,15 @@
 """Passkey task (modeling/passkey.py) and the long-context scripts (train_passkey, eval_long_context,
 bench_long_context) end to end on micro configs. The whole file runs in well under 30 s on 2 CPU cores."""
 
-import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import PNG_MAGIC, load_script
 from modeling.passkey import (
     FILLER_SENTENCES,
     NUM_DIGITS,
@@ -21,18 +20,9 @@ from modeling.passkey import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY_BENCH_OVERRIDES = ("hidden_size=32,intermediate_size=64,moe_intermediate_size=16,num_attention_heads=2,"
                         "num_key_value_heads=1,vocab_size=128,sliding_window=32,prefill_chunk_size=128,"
                         "num_hidden_layers=3,num_experts=4,max_experts_per_token=2")
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

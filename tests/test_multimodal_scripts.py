@@ -5,7 +5,6 @@ that writes a WAV the way espeak-ng does (streaming header), and the end-to-end 
 """
 
 import gzip
-import importlib.util
 import json
 import math
 import os
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import PNG_MAGIC, load_script
 from modeling.multimodal_data import (
     CLASS_NAMES,
     FASHION_MNIST_FILES,
@@ -53,15 +53,6 @@ from modeling.multimodal_data import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 # ------------------------------------------------------------------------------------------------------ fixtures

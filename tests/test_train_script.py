@@ -14,6 +14,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import PNG_MAGIC
 from modeling.training import (
     BlockDataset,
     MoeStatsCallback,
@@ -26,7 +27,6 @@ from modeling.training import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 _spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
 train_script = importlib.util.module_from_spec(_spec)
