@@ -376,8 +376,6 @@ def continuous_batching_worker(args: BenchArguments, prompts: list[list[int]], n
     --throughput_rounds timed passes of every request, then one online run per entry of `online_arrivals`
     ({rate: arrival times}: each request submitted at its arrival time). Runs in a process of its own (see
     measure_continuous)."""
-    import modeling  # noqa: F401  (registers the lightarch Auto classes in this process)
-
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32,
                                                  attn_implementation=args.cb_attn_implementation).eval()
@@ -391,20 +389,9 @@ def continuous_batching_worker(args: BenchArguments, prompts: list[list[int]], n
     )
     manager.start()
 
-    def serve_all() -> list[list[int]]:
-        ids = [manager.add_request(p, max_new_tokens=n) for p, n in zip(prompts, new_tokens)]
-        done = {}
-        deadline = time.monotonic() + 600
-        while len(done) < len(ids) and time.monotonic() < deadline:
-            result = manager.get_result(timeout=1)
-            if result is not None and result.is_finished():
-                done[result.request_id] = result.generated_tokens
-        if len(done) < len(ids):
-            raise RuntimeError(f"continuous batching finished {len(done)} of {len(ids)} requests in 600 s")
-        return [done[i] for i in ids]
-
-    def serve_online(arrivals: list[float]) -> tuple[list[float], list[list[int]]]:
-        """Submit each request at its arrival time; a collector thread stamps each one's completion."""
+    def serve(arrivals: list[float]) -> tuple[list[float], list[list[int]]]:
+        """Submit each request at its arrival time (seconds from now; all 0 = every request at once), and return
+        each one's completion time, stamped by a collector thread, and its tokens."""
         finished, start = {}, time.perf_counter()
 
         def collect():
@@ -422,17 +409,18 @@ def continuous_batching_worker(args: BenchArguments, prompts: list[list[int]], n
             ids.append(manager.add_request(prompt, max_new_tokens=n))
         collector.join()
         if len(finished) < len(ids):
-            raise RuntimeError(f"continuous batching finished {len(finished)} of {len(ids)} online requests in 600 s")
+            raise RuntimeError(f"continuous batching finished {len(finished)} of {len(ids)} requests in 600 s")
         return [finished[i][0] for i in ids], [finished[i][1] for i in ids]
 
+    at_once = [0.0] * len(prompts)
     try:
-        outputs = serve_all()
+        _, outputs = serve(at_once)
         timings = []
         for _ in range(args.throughput_rounds):
             start = time.perf_counter()
-            serve_all()
+            serve(at_once)
             timings.append(time.perf_counter() - start)
-        online = {rate: serve_online(arrivals) for rate, arrivals in (online_arrivals or {}).items()}
+        online = {rate: serve(arrivals) for rate, arrivals in (online_arrivals or {}).items()}
         cache_bytes = manager.batch_processor.cache.cache_tensor.nbytes
     finally:
         manager.stop(block=True, timeout=60)
