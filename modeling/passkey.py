@@ -179,15 +179,15 @@ class PasskeyTask:
         filler, boundaries = self.filler(budget, first_sentence)
         split = min(boundaries, key=lambda b: (abs(b - depth * budget), b))
         key_line = self.key_line_ids(passkey)
-        # (filler offset, 0 = key line / 1 = distractor: the key line first at one offset, tokens)
-        inserts = [(rng.choice(boundaries), 1, line) for line in distractor_lines] + [(split, 0, key_line)]
+        # (filler offset, is a distractor, tokens): at one offset the key line comes first
+        inserts = [(rng.choice(boundaries), True, line) for line in distractor_lines] + [(split, False, key_line)]
         body, cursor, key_start = self.bos_ids + self.intro_ids, 0, None
-        for offset, _, tokens in sorted(inserts, key=lambda insert: insert[:2]):
-            body = body + filler[cursor:offset]
+        for offset, is_distractor, tokens in sorted(inserts, key=lambda insert: insert[:2]):
+            body.extend(filler[cursor:offset])
             cursor = offset
-            if tokens is key_line:
+            if not is_distractor:
                 key_start = len(body)
-            body = body + tokens
+            body.extend(tokens)
         input_ids = body + filler[cursor:] + self.question_ids
         assert len(input_ids) == length, (len(input_ids), length)
         return PasskeyPrompt(
