@@ -48,7 +48,7 @@ class AdaptiveDepthConfig(SparseMoeConfig):
     Example:
 
     ```python
-    >>> from configuration import AdaptiveDepthConfig
+    >>> from lightarch import AdaptiveDepthConfig
     >>> config = AdaptiveDepthConfig(num_hidden_layers=8, first_k_dense_layers=8, exit_layers=[2, 4, 8])
     ```
     """

@@ -82,7 +82,7 @@ class MultiModalConfig(PreTrainedConfig):
     Example:
 
     ```python
-    >>> from configuration import MultiModalConfig
+    >>> from lightarch import MultiModalConfig
     >>> from transformers import LlamaConfig
     >>> config = MultiModalConfig(decoder_config=LlamaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=500))
     ```

@@ -48,7 +48,7 @@ class SparseMoeConfig(PreTrainedConfig):
     Example:
 
     ```python
-    >>> from configuration import SparseMoeConfig
+    >>> from lightarch import SparseMoeConfig
     >>> config = SparseMoeConfig(num_hidden_layers=4, layer_types=["sliding_attention"] * 3 + ["full_attention"])
     ```
     """

@@ -9,9 +9,9 @@ from transformers import (
     AutoProcessor,
 )
 
-from configuration import AdaptiveDepthConfig, MultiModalConfig, SparseMoeConfig
+from .configuration import AdaptiveDepthConfig, MultiModalConfig, SparseMoeConfig
 
-from .conversion import from_transformers, to_transformers
+from .interop import from_transformers, to_transformers
 from .modeling_adaptive_depth import (
     AdaptiveDepthCausalLMOutputWithPast,
     AdaptiveDepthForCausalLM,

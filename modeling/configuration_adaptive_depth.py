@@ -1,10 +1,10 @@
 """Lets `modeling_adaptive_depth.py` import its config relatively, as remote code needs.
 
-Installed, this re-exports `configuration.configuration_adaptive_depth`; in a saved model folder the real configuration
+Installed, this re-exports `lightarch.configuration.configuration_adaptive_depth`; in a saved model folder the real configuration
 file takes this name (it is copied there after the modeling files, together with `configuration_sparse_moe.py`, which
 it imports relatively).
 """
 
-from configuration.configuration_adaptive_depth import AdaptiveDepthConfig
+from lightarch.configuration.configuration_adaptive_depth import AdaptiveDepthConfig
 
 __all__ = ["AdaptiveDepthConfig"]

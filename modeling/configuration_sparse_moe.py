@@ -1,9 +1,9 @@
 """Lets `modeling_sparse_moe.py` import its config relatively, as remote code needs.
 
-Installed, this re-exports `configuration.configuration_sparse_moe`; in a saved model folder the real configuration
+Installed, this re-exports `lightarch.configuration.configuration_sparse_moe`; in a saved model folder the real configuration
 file takes this name (it is copied there after the modeling files).
 """
 
-from configuration.configuration_sparse_moe import SparseMoeConfig
+from lightarch.configuration.configuration_sparse_moe import SparseMoeConfig
 
 __all__ = ["SparseMoeConfig"]

@@ -11,7 +11,7 @@ For each split it reports, for full depth, the estimator policy (whole-input rou
 - the accuracy-compute curve of both policies as the threshold moves (`curves.png`).
 
 Accuracy and layers come from teacher-forced forwards, which are exact for greedy decoding (see
-`modeling/adaptive_depth_data.py`); the timed generations re-measure accuracy and must agree. For the confidence
+`lightarch.data.arithmetic`); the timed generations re-measure accuracy and must agree. For the confidence
 policy two compute numbers are given: `mean_layers` (each token's own exit depth) and `executed_layers` (what a
 batch-1 generation runs: the prompt's forward lasts until its deepest token leaves).
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import platform
 import random
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,14 +37,10 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-if str(PROJECT_ROOT) not in sys.path:  # runs from a plain checkout too
-    sys.path.insert(0, str(PROJECT_ROOT))
 
-import modeling  # noqa: E402,F401  (registers the lightarch Auto classes)
-from modeling.adaptive_depth_data import (  # noqa: E402
-    SPLITS,
-    all_problems,
+import lightarch  # noqa: E402,F401  (registers the lightarch Auto classes)
+from lightarch.data.arithmetic import SPLITS, all_problems
+from lightarch.evaluation.adaptive_depth import (
     confidence_operating_point,
     estimator_operating_point,
     exit_measurements,
@@ -53,7 +48,8 @@ from modeling.adaptive_depth_data import (  # noqa: E402
     time_generation,
     time_greedy_loop,
 )
-from modeling.training import figure_to_png, pyplot, atomic_save_pretrained  # noqa: E402
+from lightarch.evaluation.plots import figure_to_png, pyplot  # noqa: E402
+from lightarch.training.checkpoints import atomic_save_pretrained  # noqa: E402
 
 TARGETS = {"easy_min_layer_reduction": 0.60, "easy_max_accuracy_drop": 0.01, "hard_max_accuracy_drop": 0.005}
 POLICIES = ("full", "estimator", "confidence")

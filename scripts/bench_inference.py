@@ -13,16 +13,16 @@ Latency, end to end (prefill + greedy decode), one request of --prompt_tokens he
 
     torch_fp32          model.generate
     torch_int8          torch.ao dynamic int8 of the nn.Linear layers (experts stay fp32: they are 3D tensors)
-    onnx_fp32           ONNX Runtime, modeling.deploy.OrtDecoder on scripts/export_onnx.py's graph
+    onnx_fp32           ONNX Runtime, lightarch.deploy.OrtDecoder on scripts/export_onnx.py's graph
     onnx_int8           the same graph after ONNX Runtime dynamic int8 quantization (router kept float)
-    bnb_int8            bitsandbytes LLM.int8 (modeling.deploy.load_quantized)
+    bnb_int8            bitsandbytes LLM.int8 (lightarch.deploy.load_quantized)
 
 Each variant is timed in a block of its own (ONNX Runtime's and torch's idle threads spin, so alternating them slows
 both); p50 / p95 are over all its runs. Throughput: --throughput_requests requests with prompt lengths spread from
 --min_prompt to --max_prompt tokens, for each workload of --throughput_new_tokens (every request generating the same
 number of tokens, or lengths spread over a range, as answers of a real service end at different points): padded
 `generate` in batches of each of --padded_batch_sizes (arrival order; a batch runs until its longest request is done)
-against one warm continuous-batching manager (paged cache sized by modeling.deploy.cpu_continuous_batching_config)
+against one warm continuous-batching manager (paged cache sized by lightarch.deploy.cpu_continuous_batching_config)
 running in a process of its own, as a server would; the speed-up is over the fastest padded batch size. The padding
 bound (token positions padded / real) is the most continuous batching could gain if compute were the only cost.
 Online serving: the --online_workload requests arrive over time at each of --online_rates (Poisson), served by a
@@ -50,34 +50,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, HfArgumentParser  # noqa: E402
 
-import modeling  # noqa: E402,F401  (registers the lightarch Auto classes)
-from configuration.configuration_sparse_moe import SPARSE_MOE_PRESETS  # noqa: E402
-from modeling.deploy import (  # noqa: E402
-    OrtDecoder,
-    bnb_quantization_config,
-    cpu_continuous_batching_config,
-    export_onnx_decoder,
-    heldout_texts,
-    heldout_token_stream,
-    load_quantized,
-    memory_report,
-    paged_cache_bytes,
-    quantize_onnx_int8,
-)
-from modeling.training import (  # noqa: E402
-    available_cpus,
-    figure_to_png,
-    pyplot,
-    write_atomically,
-)
+import lightarch  # noqa: E402,F401  (registers the lightarch Auto classes)
+from lightarch.configuration.configuration_sparse_moe import SPARSE_MOE_PRESETS  # noqa: E402
+from lightarch.deploy.onnx import OrtDecoder, export_onnx_decoder, quantize_onnx_int8
+from lightarch.deploy.bitsandbytes import bnb_quantization_config, load_quantized, memory_report
+from lightarch.deploy.serving import cpu_continuous_batching_config, paged_cache_bytes
+from lightarch.data.corpus import heldout_texts, heldout_token_stream
+from lightarch.training.cli import available_cpus
+from lightarch.evaluation.plots import figure_to_png, pyplot
+from lightarch.training.checkpoints import write_atomically
 
 logger = logging.getLogger("bench_inference")
 LATENCY_VARIANTS = ("torch_fp32", "torch_int8", "onnx_fp32", "onnx_int8", "bnb_int8")

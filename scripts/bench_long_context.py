@@ -50,8 +50,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-if str(PROJECT_ROOT) not in sys.path:  # runs from a plain checkout too
-    sys.path.insert(0, str(PROJECT_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -60,18 +58,13 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import HfArgumentParser, StoppingCriteria, StoppingCriteriaList  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
-import modeling  # noqa: E402,F401  (registers the Auto classes)
-from configuration import SparseMoeConfig  # noqa: E402
-from configuration.configuration_sparse_moe import SPARSE_MOE_PRESETS  # noqa: E402
-from modeling import SparseMoeForCausalLM, to_transformers  # noqa: E402
-from modeling.training import (  # noqa: E402
-    available_cpus,
-    figure_to_png,
-    other_running_processes,
-    parse_config_overrides,
-    pyplot,
-    write_atomically,
-)
+import lightarch  # noqa: E402,F401  (registers the Auto classes)
+from lightarch import SparseMoeConfig  # noqa: E402
+from lightarch.configuration.configuration_sparse_moe import SPARSE_MOE_PRESETS  # noqa: E402
+from lightarch import SparseMoeForCausalLM, to_transformers  # noqa: E402
+from lightarch.training.cli import available_cpus, other_running_processes, parse_config_overrides
+from lightarch.evaluation.plots import figure_to_png, pyplot
+from lightarch.training.checkpoints import write_atomically
 
 logger = logging.get_logger("bench_long_context")
 

@@ -4,11 +4,11 @@ Variants, all at the same config and (for the MoE ones) the same weights:
 
 - `transformers_eager`, `transformers_grouped_mm`: `Qwen3MoeSparseMoeBlock`, experts implementation set through
   `config._experts_implementation` (dispatched by `transformers.integrations.moe.use_experts_implementation`).
-- `lightarch_top_k_eager`, `lightarch_top_k_grouped_mm`: `modeling.layers.SparseMoeBlock` in top-k mode with the Qwen
+- `lightarch_top_k_eager`, `lightarch_top_k_grouped_mm`: `lightarch.layers.SparseMoeBlock` in top-k mode with the Qwen
   block's weights; outputs and gradients are checked against the transformers block before anything is timed.
 - `lightarch_top_p_eager`, `lightarch_top_p_grouped_mm`: the same weights with dynamic top-p routing (the mean number
   of experts per token is reported: its cost scales with it).
-- `dense_mlp`: a SwiGLU `modeling.layers.MLP` with `top_k * moe_intermediate_size` hidden units, i.e. the same
+- `dense_mlp`: a SwiGLU `lightarch.layers.MLP` with `top_k * moe_intermediate_size` hidden units, i.e. the same
   active parameters per token as top-k routing, as a no-routing reference.
 
 Each variant's ratio is its tokens/s over the transformers block with the same experts implementation (the dense
@@ -39,13 +39,11 @@ from transformers import HfArgumentParser, Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 from transformers.utils import logging
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-if str(PROJECT_ROOT) not in sys.path:  # runs from a plain checkout too
-    sys.path.insert(0, str(PROJECT_ROOT))
 
-from configuration import SparseMoeConfig  # noqa: E402
-from modeling.layers import MLP, SparseMoeBlock  # noqa: E402
-from modeling.training import available_cpus, other_running_processes, write_atomically  # noqa: E402
+from lightarch import SparseMoeConfig  # noqa: E402
+from lightarch.layers import MLP, SparseMoeBlock  # noqa: E402
+from lightarch.training.cli import available_cpus, other_running_processes  # noqa: E402
+from lightarch.training.checkpoints import write_atomically  # noqa: E402
 
 logger = logging.get_logger("bench_moe")
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm")

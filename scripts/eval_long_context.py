@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Passkey retrieval accuracy of a saved model by context length x key depth (see modeling/passkey.py).
+"""Passkey retrieval accuracy of a saved model by context length x key depth (see lightarch.data.passkey).
 
 For every (length, depth) cell, --samples prompts of exactly `length` tokens hide a random 5-digit key at `depth`
 of the filler; the model generates 5 tokens greedily (`generate`, with the model's chunked prefill keeping memory
@@ -23,9 +23,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -33,15 +30,12 @@ import transformers  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser  # noqa: E402
 
-import modeling  # noqa: E402,F401  (registers the lightarch Auto classes)
-from modeling.passkey import PasskeyTask, evaluate_passkey  # noqa: E402
-from modeling.training import (  # noqa: E402
-    available_cpus,
-    figure_to_png,
-    other_running_processes,
-    pyplot,
-    write_atomically,
-)
+import lightarch  # noqa: E402,F401  (registers the lightarch Auto classes)
+from lightarch.data.passkey import PasskeyTask  # noqa: E402
+from lightarch.evaluation.passkey import evaluate_passkey  # noqa: E402
+from lightarch.training.cli import available_cpus, other_running_processes
+from lightarch.evaluation.plots import figure_to_png, pyplot
+from lightarch.training.checkpoints import write_atomically
 
 
 @dataclass

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,27 +36,23 @@ from pathlib import Path
 if __name__ == "__main__":  # spinning OpenMP threads crawl on a shared CPU (before torch; see scripts/train.py)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser  # noqa: E402
 
-import modeling  # noqa: E402,F401  (registers the lightarch Auto classes)
-from modeling.multimodal_data import (  # noqa: E402
+import lightarch  # noqa: E402,F401  (registers the lightarch Auto classes)
+from lightarch.data.multimodal import (
     CLASS_NAMES,
     FASHION_MNIST_DIR,
     MissingDataError,
-    class_similarity_matrix,
-    comparison_table,
-    evaluate_model,
     fashion_mnist_pools,
     generate_questions,
     synthetic_pools,
 )
-from modeling.training import atomic_save_pretrained, figure_to_png, pyplot  # noqa: E402
+from lightarch.evaluation.multimodal import class_similarity_matrix, comparison_table, evaluate_model
+from lightarch.training.checkpoints import atomic_save_pretrained  # noqa: E402
+from lightarch.evaluation.plots import figure_to_png, pyplot  # noqa: E402
 
 VARIANTS = ("aligned", "no_alignment")  # the run folders of scripts/train_multimodal.py
 PAIRS = (("image", "text"), ("audio", "text"), ("image", "audio"))

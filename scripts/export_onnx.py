@@ -5,18 +5,18 @@ Writes into --output_dir:
 
     model.onnx, model_int8.onnx       one decoding step each: (input_ids, attention_mask, past keys / values)
                                       -> (logits, present keys / values); prefill is the same graph with empty past
-    onnx_decoder.json                 I/O names and cache shapes, read by modeling.deploy.OrtDecoder
+    onnx_decoder.json                 I/O names and cache shapes, read by lightarch.deploy.OrtDecoder
     tokenizer files, config.json      so the folder is self-contained
     report.json, report.md            fp32 max |logits - torch|, int8 greedy agreement with torch fp32 on held-out
                                       prompts, held-out perplexity (torch fp32, ONNX fp32, ONNX int8)
 
 Generation then runs step by step in ONNX Runtime:
 
-    from modeling.deploy import OrtDecoder
+    from lightarch.deploy.onnx import OrtDecoder
     decoder = OrtDecoder("outputs/onnx/model_int8.onnx")
     tokens = decoder.generate(tokenizer("def add(", return_tensors="np").input_ids, max_new_tokens=16)
 
-The export goes through torch.onnx (dynamo) on `modeling.deploy.OnnxDecoderStep`, not transformers' exporter: that
+The export goes through torch.onnx (dynamo) on `lightarch.deploy.OnnxDecoderStep`, not transformers' exporter: that
 one needs the model's input checks disabled, cannot trace top-p routing (data-dependent shapes), and its expert
 matmuls gather weights at run time, which ONNX Runtime's int8 quantization cannot quantize. The script fails with a
 message naming the check when fp32 logits differ from torch by more than --fp32_tolerance.
@@ -28,32 +28,27 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser  # noqa: E402
 
-import modeling  # noqa: E402,F401  (registers the lightarch Auto classes)
-from modeling.deploy import (  # noqa: E402
+import lightarch  # noqa: E402,F401  (registers the lightarch Auto classes)
+from lightarch.deploy.onnx import (
     OrtDecoder,
     check_onnx_exportable,
     compare_onnx_with_torch,
     export_onnx_decoder,
     greedy_agreement,
-    heldout_texts,
-    heldout_token_stream,
     onnx_perplexity,
-    perplexity,
     quantize_onnx_int8,
 )
-from modeling.training import write_atomically  # noqa: E402
+from lightarch.data.corpus import heldout_texts, heldout_token_stream
+from lightarch.evaluation.perplexity import perplexity
+from lightarch.training.checkpoints import write_atomically  # noqa: E402
 
 logger = logging.getLogger("export_onnx")
 

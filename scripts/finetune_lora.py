@@ -3,7 +3,7 @@
 
 The model folder must hold a lightarch causal LM and its tokenizer (what scripts/train.py writes). LoRA adapts the
 groups given by --targets (attention projections, dense MLPs, shared experts, routed experts; never the router, see
-modeling/deploy.py). Without --text_file it trains on a small embedded English corpus. It writes into --output_dir:
+lightarch.deploy). Without --text_file it trains on a small embedded English corpus. It writes into --output_dir:
 
     adapter_model.safetensors, adapter_config.json     the adapter (PeftModel.from_pretrained(base, output_dir))
     results.json, results.md                           held-out perplexity before / after, trainable parameters
@@ -20,31 +20,21 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments  # noqa: E402
 
-import modeling  # noqa: E402,F401  (registers the lightarch Auto classes)
-from modeling.deploy import (  # noqa: E402
-    LORA_TARGET_GROUPS,
-    BlockDataset,
-    bnb_quantization_config,
-    check_lora_targets,
-    load_quantized,
-    lora_config,
-    perplexity,
-    text_blocks,
-)
-from modeling.training import write_atomically  # noqa: E402
+import lightarch  # noqa: E402,F401  (registers the lightarch Auto classes)
+from lightarch.deploy.peft import LORA_TARGET_GROUPS, check_lora_targets, lora_config
+from lightarch.data.corpus import BlockDataset, text_blocks
+from lightarch.deploy.bitsandbytes import bnb_quantization_config, load_quantized
+from lightarch.evaluation.perplexity import perplexity
+from lightarch.training.checkpoints import write_atomically  # noqa: E402
 
 logger = logging.getLogger("finetune_lora")
 

@@ -24,17 +24,18 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 import transformers  # noqa: E402
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser  # noqa: E402
 
-import modeling  # noqa: E402  (registers the lightarch Auto classes)
-from modeling.deploy import TokenBudgetMiddleware, cpu_continuous_batching_config, paged_cache_bytes, request_token_budget  # noqa: E402
+import lightarch  # noqa: E402  (registers the lightarch Auto classes)
+from lightarch.deploy.serving import (  # noqa: E402
+    TokenBudgetMiddleware,
+    cpu_continuous_batching_config,
+    paged_cache_bytes,
+    request_token_budget,
+)
 
 logger = logging.getLogger("serve")
 
@@ -68,20 +69,20 @@ class ServeArguments:
 
 
 def lightarch_architectures() -> dict:
-    return {name: getattr(modeling, name) for name in modeling.__all__ if name.startswith("SparseMoeFor")}
+    return {name: getattr(lightarch, name) for name in lightarch.__all__ if name.startswith("SparseMoeFor")}
 
 
 def check_folder(args: ServeArguments):
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         raise ValueError(f"--model_dir {args.model_dir} has no config.json; train or save a model there first.")
     config = AutoConfig.from_pretrained(args.model_dir)
-    if config.model_type != modeling.SparseMoeConfig.model_type:
+    if config.model_type != lightarch.SparseMoeConfig.model_type:
         raise ValueError(f"--model_dir holds a {config.model_type!r} model; this launcher serves lightarch models.")
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"The tokenizer in {args.model_dir} has no chat template, which /v1/chat/completions needs. Set one "
-            "(tokenizer.chat_template = modeling.deploy.CHAT_TEMPLATE; tokenizer.save_pretrained(folder))."
+            "(tokenizer.chat_template = lightarch.data.tokenizers.CHAT_TEMPLATE; tokenizer.save_pretrained(folder))."
         )
     if args.attn_implementation not in ("sdpa", "paged|eager"):
         raise ValueError(f"--attn_implementation {args.attn_implementation!r}: use 'sdpa' or 'paged|eager' on CPU.")

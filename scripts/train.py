@@ -41,9 +41,6 @@ PROCESS_START = time.perf_counter()  # the time budget counts the imports below 
 # (a process spawned by an importer would inherit it). It must be set before torch loads OpenMP.
 if __name__ == "__main__":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -57,34 +54,29 @@ from transformers import (  # noqa: E402
     set_seed,
 )
 
-import modeling  # noqa: E402,F401  (registers the lightarch Auto classes)
-from configuration import SparseMoeConfig  # noqa: E402
-from modeling import SparseMoeForCausalLM  # noqa: E402
-from modeling.training import (  # noqa: E402
+import lightarch  # noqa: E402,F401  (registers the lightarch Auto classes)
+from lightarch import SparseMoeConfig  # noqa: E402
+from lightarch import SparseMoeForCausalLM  # noqa: E402
+from lightarch.data.corpus import (
     BlockDataset,
-    MoeStatsCallback,
-    TimeBudgetCallback,
-    atomic_save_pretrained,
-    code_fence,
-    last_complete_checkpoint,
+    token_blocks,
     list_source_files,
-    parameter_counts,
-    parse_config_overrides,
-    plot_expert_load,
-    plot_loss_curves,
     read_text_files,
-    render_model_card,
-    script_parser,
     split_by_file,
     split_text_tail,
     tokenize_documents,
-    train_bpe_tokenizer,
-    unigram_perplexity,
 )
+from lightarch.training.callbacks import MoeStatsCallback, TimeBudgetCallback
+from lightarch.training.checkpoints import atomic_save_pretrained, last_complete_checkpoint
+from lightarch.evaluation.model_cards import code_fence, model_card_template, render_model_card
+from lightarch.evaluation.parameters import parameter_counts
+from lightarch.training.cli import parse_config_overrides, script_parser
+from lightarch.evaluation.plots import plot_expert_load, plot_loss_curves
+from lightarch.data.tokenizers import train_bpe_tokenizer
+from lightarch.evaluation.perplexity import unigram_perplexity
 
 logger = logging.getLogger("train")
 
-MODEL_CARD_TEMPLATE = REPO_ROOT / "model_cards" / "sparse_moe.md"
 # Not source code worth learning from: installed packages, bytecode caches, and encodings/ (codec tables).
 STDLIB_EXCLUDED_DIRS = ("site-packages", "dist-packages", "__pycache__", "encodings")
 # Entries of an existing output_dir that a new final save keeps (everything else there is replaced).
@@ -497,10 +489,10 @@ def main(argv: list[str] | None = None, started: float | None = None) -> dict:
     else:
         logger.info("Training a byte-level BPE tokenizer (vocab %d) on the train split", data_args.vocab_size)
         tokenizer = train_bpe_tokenizer(corpus["train_texts"], data_args.vocab_size, data_args.tokenizer_min_frequency)
-    train_dataset = BlockDataset(tokenize_documents(tokenizer, corpus["train_texts"], desc="Tokenizing train"),
-                                 data_args.block_size)
-    eval_dataset = BlockDataset(tokenize_documents(tokenizer, corpus["eval_texts"], desc="Tokenizing held-out"),
-                                data_args.block_size)
+    train_dataset = BlockDataset(token_blocks(
+        tokenize_documents(tokenizer, corpus["train_texts"], desc="Tokenizing train"), data_args.block_size))
+    eval_dataset = BlockDataset(token_blocks(
+        tokenize_documents(tokenizer, corpus["eval_texts"], desc="Tokenizing held-out"), data_args.block_size))
     if len(train_dataset) == 0 or len(eval_dataset) == 0:
         raise SystemExit(
             f"error: the {'training' if len(train_dataset) == 0 else 'held-out'} data has fewer tokens than one "
@@ -601,7 +593,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> dict:
     load_png = plot_expert_load(final["expert_load"], final["experts_per_token"], layer_labels,
                                 config.experts_per_token_limit if config.router_mode == "top_p" else None)
     results["run_wall_time_seconds"] = time.perf_counter() - started
-    card = render_model_card(MODEL_CARD_TEMPLATE.read_text(encoding="utf-8"),
+    card = render_model_card(model_card_template("sparse_moe"),
                              card_values(results, config, corpus, data_args, training_args, output_dir, params))
     atomic_save_pretrained(
         output_dir, model, tokenizer,

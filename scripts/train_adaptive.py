@@ -2,7 +2,7 @@
 """Train a lightarch adaptive-depth model on generated arithmetic with an easy / hard split (CPU, minutes).
 
 Easy questions are one step (`7*8=`), hard ones two steps with precedence (`7+2*3=`); see
-`modeling/adaptive_depth_data.py`. Training runs on `transformers.Trainer` in two phases:
+`lightarch.data.arithmetic`. Training runs on `transformers.Trainer` in two phases:
 
 1. joint: every exit's LM loss (weights `--exit_loss_weights`) plus the complexity estimator's loss, whose target
    is the earliest exit that already answers right;
@@ -30,46 +30,40 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed  # noqa: E402
 
-import modeling  # noqa: E402,F401  (registers the lightarch Auto classes)
-from configuration import AdaptiveDepthConfig  # noqa: E402
-from modeling import AdaptiveDepthForCausalLM  # noqa: E402
-from modeling.adaptive_depth_data import (  # noqa: E402
+import lightarch  # noqa: E402,F401  (registers the lightarch Auto classes)
+from lightarch import AdaptiveDepthConfig  # noqa: E402
+from lightarch import AdaptiveDepthForCausalLM  # noqa: E402
+from lightarch.data.arithmetic import (
     SPLITS,
     PadCollator,
     ProblemDataset,
     all_problems,
     build_tokenizer,
+    sample_problems,
+)
+from lightarch.evaluation.adaptive_depth import (
     choose_threshold,
     confidence_operating_point,
     estimator_operating_point,
     exit_measurements,
-    sample_problems,
     threshold_grid,
 )
-from modeling.training import (  # noqa: E402
-    atomic_save_pretrained,
-    figure_to_png,
-    pyplot,
-    render_model_card,
-    script_parser,
-)
+from lightarch.training.checkpoints import atomic_save_pretrained
+from lightarch.evaluation.plots import figure_to_png, pyplot
+from lightarch.evaluation.model_cards import model_card_template, render_model_card
+from lightarch.training.cli import script_parser
 
 logger = logging.getLogger("train_adaptive")
-MODEL_CARD_TEMPLATE = REPO_ROOT / "model_cards" / "adaptive_depth.md"
 
 # Defaults for transformers.TrainingArguments (phase 1) when the command line does not set them (shown by --help).
 TRAINING_DEFAULTS = {
@@ -496,7 +490,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     png = plot_training(history, calibrated, list(config.exit_layers))
     results["run_wall_time_seconds"] = time.perf_counter() - started
-    card = render_model_card(MODEL_CARD_TEMPLATE.read_text(encoding="utf-8"),
+    card = render_model_card(model_card_template("adaptive_depth"),
                              card_values(results, config, training_args, data_args, output_dir))
     atomic_save_pretrained(
         output_dir, model, tokenizer,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the lightarch multimodal model on the built-in tri-modal data, with and without the alignment loss (CPU).
 
-The data (modeling/multimodal_data.py): Fashion-MNIST images, the ten class names spoken by espeak-ng in several
+The data (lightarch.data.multimodal): Fashion-MNIST images, the ten class names spoken by espeak-ng in several
 voices, speeds and pitches, and generated questions needing one or two modalities ("<image> what is shown?",
 "<audio> what is said?", "<image> <audio> does the voice name what is shown?", "<image> <image> which of the two items
 is worn on the feet?", "<image> where is it worn?"). Evaluation uses held-out images (the Fashion-MNIST test file)
@@ -41,7 +41,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,45 +48,35 @@ from pathlib import Path
 PROCESS_START = time.perf_counter()  # the time budget counts the imports below too
 if __name__ == "__main__":  # spinning OpenMP threads crawl on a shared CPU (before torch; see scripts/train.py)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import HfArgumentParser, TrainingArguments, set_seed  # noqa: E402
 
-import modeling  # noqa: E402,F401  (registers the lightarch Auto classes)
-from configuration import MultiModalConfig  # noqa: E402
-from modeling import MultiModalForConditionalGeneration, MultiModalProcessor  # noqa: E402
-from modeling.multimodal_data import (  # noqa: E402
+import lightarch  # noqa: E402,F401  (registers the lightarch Auto classes)
+from lightarch import MultiModalConfig  # noqa: E402
+from lightarch import MultiModalForConditionalGeneration, MultiModalProcessor  # noqa: E402
+from lightarch.data.multimodal import (
     FASHION_MNIST_DIR,
     QUESTION_KINDS,
     MissingDataError,
     QuestionAlignmentCollator,
     QuestionAlignmentDataset,
     alignment_examples,
-    comparison_table,
     build_tokenizer,
-    evaluate_model,
     fashion_mnist_pools,
     generate_questions,
     synthetic_pools,
 )
-from modeling.multimodal_training import MultiModalTrainer  # noqa: E402
-from modeling.training import (  # noqa: E402
-    TimeBudgetCallback,
-    atomic_save_pretrained,
-    figure_to_png,
-    last_complete_checkpoint,
-    pyplot,
-    render_model_card,
-    script_parser,
-    write_atomically,
-)
+from lightarch.evaluation.multimodal import comparison_table, evaluate_model
+from lightarch.training.multimodal_trainer import MultiModalTrainer  # noqa: E402
+from lightarch.training.callbacks import TimeBudgetCallback
+from lightarch.training.checkpoints import atomic_save_pretrained, last_complete_checkpoint, write_atomically
+from lightarch.evaluation.plots import figure_to_png, pyplot
+from lightarch.evaluation.model_cards import model_card_template, render_model_card
+from lightarch.training.cli import script_parser
 
 logger = logging.getLogger("train_multimodal")
-MODEL_CARD_TEMPLATE = REPO_ROOT / "model_cards" / "multimodal.md"
 VARIANTS = ("aligned", "no_alignment")
 LOSS_PARTS = ("generation_loss", "alignment_loss", "text_image_loss", "text_audio_loss", "image_audio_loss")
 KEEP_IN_VARIANT_DIR = ("checkpoint-*", "runs")
@@ -381,7 +370,7 @@ def train_variant(variant: str, model_args, data_args, training_args, tokenizer,
                 {k: round(v, 3) for k, v in results["heldout"]["vqa"]["per_kind"].items()},
                 {k: round(v, 3) for k, v in results["heldout"]["retrieval_r_at_1"].items()},
                 results["heldout"]["alignment_error"]["error"])
-    card = render_model_card(MODEL_CARD_TEMPLATE.read_text(encoding="utf-8"),
+    card = render_model_card(model_card_template("multimodal"),
                              card_values(results, config, data_args, training_args, variant_dir, pools))
     atomic_save_pretrained(variant_dir, model, processor,
                            extra_files={"README.md": card, "results.json": json.dumps(results, indent=2),

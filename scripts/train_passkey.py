@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a small hybrid SparseMoe from scratch on passkey retrieval (see modeling/passkey.py), on CPU.
+"""Train a small hybrid SparseMoe from scratch on passkey retrieval (see lightarch.data.passkey), on CPU.
 
 The model mixes rotary sliding-window layers (local structure, the copy circuit) with one global layer without
 position encoding (NoPE) that has to find the key line anywhere in the prompt: the iRoPE recipe of Llama 4 /
@@ -36,15 +36,9 @@ import json
 import logging
 import os
 import random
-import string
-import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -57,21 +51,17 @@ from transformers import (  # noqa: E402
     set_seed,
 )
 
-import modeling  # noqa: E402,F401  (registers the lightarch Auto classes)
-from configuration import SparseMoeConfig  # noqa: E402
-from modeling import SparseMoeForCausalLM  # noqa: E402
-from modeling.passkey import PasskeyTask, build_tokenizer, evaluate_passkey  # noqa: E402
-from modeling.training import (  # noqa: E402
-    atomic_save_pretrained,
-    available_cpus,
-    other_running_processes,
-    parse_config_overrides,
-    script_parser,
-)
+import lightarch  # noqa: E402,F401  (registers the lightarch Auto classes)
+from lightarch import SparseMoeConfig  # noqa: E402
+from lightarch import SparseMoeForCausalLM  # noqa: E402
+from lightarch.data.passkey import PasskeyTask, build_tokenizer  # noqa: E402
+from lightarch.evaluation.model_cards import model_card_template, render_model_card
+from lightarch.evaluation.passkey import evaluate_passkey  # noqa: E402
+from lightarch.training.checkpoints import atomic_save_pretrained
+from lightarch.training.cli import available_cpus, other_running_processes, parse_config_overrides, script_parser
 
 logger = logging.getLogger("train_passkey")
 
-MODEL_CARD_TEMPLATE = REPO_ROOT / "model_cards" / "passkey.md"
 TRAINING_DEFAULTS = {
     "output_dir": "outputs/passkey",
     "use_cpu": True,
@@ -404,8 +394,7 @@ def render_card(results: dict, config: SparseMoeConfig) -> str:
         "accuracy_table": results["accuracy_table_md"],
         "final_loss": f"{results['final_train_loss']:.4f}",
     }
-    template = MODEL_CARD_TEMPLATE.read_text(encoding="utf-8")
-    return string.Template(template).substitute({k: str(v) for k, v in values.items()})
+    return render_model_card(model_card_template("passkey"), values)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -491,8 +480,7 @@ def _train(model_args, data_args, training_args, num_threads, started) -> dict:
         "results.json": json.dumps(results, indent=2, default=str),
         "training.png": plot_training(monitor.history) if monitor.history else b"",
     }
-    if MODEL_CARD_TEMPLATE.is_file():
-        extra_files["README.md"] = render_card(results, config)
+    extra_files["README.md"] = render_card(results, config)
     if not extra_files["training.png"]:
         del extra_files["training.png"]
     model.generation_config.pad_token_id = tokenizer.pad_token_id

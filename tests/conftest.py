@@ -15,8 +15,8 @@ if str(PROJECT_ROOT) not in sys.path:  # tests also run from a plain checkout, b
     sys.path.insert(0, str(PROJECT_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import modeling  # noqa: E402,F401  (registers the Auto classes)
-from configuration import SparseMoeConfig  # noqa: E402
+import lightarch  # noqa: E402,F401  (registers the Auto classes)
+from lightarch import SparseMoeConfig  # noqa: E402
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -66,14 +66,14 @@ _BLOCK_LIGHTARCH = """
 import importlib.abc, sys
 class BlockLightarch(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("configuration", "modeling"):
+        if name.split(".")[0] in ("configuration", "modeling", "lightarch"):
             raise ImportError("lightarch is not installed here: " + name)
 sys.meta_path.insert(0, BlockLightarch())
 """
 
 
 def run_without_lightarch(script: str, tmp_path: Path) -> None:
-    """Run `script` in a new interpreter outside the project, where `configuration` / `modeling` cannot be imported:
+    """Run `script` in a new interpreter outside the project, where `lightarch` (and the repository folders `configuration` / `modeling`) cannot be imported:
     a user loading a saved folder through remote code. The script must print REMOTE-CODE-OK at its end."""
     import subprocess
     import textwrap

@@ -5,8 +5,8 @@ from pathlib import Path
 import torch
 from conftest import tiny_sparse_moe_config
 
-from modeling import SparseMoeForCausalLM
-from modeling.deploy import byte_level_tokenizer
+from lightarch import SparseMoeForCausalLM
+from lightarch.data.tokenizers import byte_level_tokenizer
 
 BYTE_VOCAB = 259  # 256 bytes + <pad> <s> </s> (ids 0, 1, 2 like tiny_sparse_moe_config's special ids)
 
@@ -28,7 +28,7 @@ def save_tiny_model(folder: Path, seed: int = 0, **overrides) -> Path:
 
 def tiny_adaptive_config(**overrides):
     """The tiny byte-vocabulary decoder as an adaptive-depth model: 4 layers (MoE from layer 1), exits after 1, 2, 4."""
-    from configuration import AdaptiveDepthConfig, SparseMoeConfig
+    from lightarch import AdaptiveDepthConfig, SparseMoeConfig
 
     values = tiny_byte_config().to_dict()
     # (not model_type: an explicit value would override AdaptiveDepthConfig's "lightarch_adaptive")
@@ -42,7 +42,7 @@ def tiny_adaptive_config(**overrides):
 
 def save_tiny_adaptive_model(folder: Path, seed: int = 0, **overrides) -> Path:
     """Save a randomly initialised tiny AdaptiveDepthForCausalLM and the byte-level tokenizer into `folder`."""
-    from modeling import AdaptiveDepthForCausalLM
+    from lightarch import AdaptiveDepthForCausalLM
 
     torch.manual_seed(seed)
     model = AdaptiveDepthForCausalLM(tiny_adaptive_config(**overrides)).eval()

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 
-import modeling  # noqa: F401
+import lightarch  # noqa: F401
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

@@ -9,14 +9,14 @@ import torch
 from conftest import PNG_MAGIC, load_script, run_without_lightarch, tiny_sparse_moe_config
 from transformers import AutoConfig, DynamicCache, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from configuration import AdaptiveDepthConfig, SparseMoeConfig
-from modeling import (
+from lightarch import AdaptiveDepthConfig, SparseMoeConfig
+from lightarch import (
     AdaptiveDepthForCausalLM,
     AdaptiveDepthForSequenceClassification,
     AdaptiveDepthModel,
     SparseMoeForCausalLM,
 )
-from modeling.modeling_adaptive_depth import earliest_sufficient_exit, route_from_estimate, softmax_margin
+from lightarch.modeling_adaptive_depth import earliest_sufficient_exit, route_from_estimate, softmax_margin
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -396,7 +396,7 @@ def test_round_trip_through_auto_classes(saved_model):
     for name in ("configuration_adaptive_depth.py", "configuration_sparse_moe.py", "modeling_adaptive_depth.py",
                  "modeling_sparse_moe.py", "layers.py"):
         source = (folder / name).read_text()
-        assert not re.search(r"^\s*(from|import) (configuration|modeling)\b", source, flags=re.MULTILINE), name
+        assert not re.search(r"^\s*(from|import) (configuration|modeling|lightarch)\b", source, flags=re.MULTILINE), name
     assert "class SparseMoeConfig" in (folder / "configuration_sparse_moe.py").read_text()
 
 
@@ -432,7 +432,7 @@ def test_remote_code_loads_in_a_fresh_process_without_lightarch(saved_model, tmp
 
 
 def test_task_suite_answers_labels_and_holdout():
-    from modeling.adaptive_depth_data import PadCollator, all_problems, build_tokenizer, encode, sample_problems
+    from lightarch.data.arithmetic import PadCollator, all_problems, build_tokenizer, encode, sample_problems
 
     easy, hard = all_problems("easy"), all_problems("hard")
     assert len({p.prompt for p in easy}) == 300 and len({p.prompt for p in hard}) == 9000

@@ -19,10 +19,10 @@ from transformers import (
 )
 from transformers.testing_utils import CaptureLogger
 
-import modeling.conversion
-from configuration import SparseMoeConfig
-from modeling import SparseMoeForCausalLM, from_transformers, to_transformers
-from modeling.conversion import config_to_transformers
+import lightarch.interop.conversion
+from lightarch import SparseMoeConfig
+from lightarch import SparseMoeForCausalLM, from_transformers, to_transformers
+from lightarch.interop.conversion import config_to_transformers
 
 ATOL = 1e-5
 VOCAB = 101
@@ -298,7 +298,7 @@ def test_architecture_is_picked_automatically(overrides, expected):
 
 def test_training_only_settings_are_dropped_with_a_warning():
     model = SparseMoeForCausalLM(lightarch_config(router_z_loss_coef=1e-3)).eval()
-    with CaptureLogger(modeling.conversion.logger) as captured:
+    with CaptureLogger(lightarch.interop.conversion.logger) as captured:
         converted = to_transformers(model, "mixtral")
     assert "router_z_loss_coef" in captured.out
     assert max_diff(model, converted) <= ATOL

@@ -6,14 +6,9 @@ import torch
 from deploy_helpers import save_tiny_adaptive_model, tiny_adaptive_config
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from modeling import AdaptiveDepthForCausalLM
-from modeling.deploy import (
-    bnb_quantization_config,
-    check_lora_targets,
-    load_quantized,
-    lora_config,
-    quantizable_linears,
-)
+from lightarch import AdaptiveDepthForCausalLM
+from lightarch.deploy.bitsandbytes import bnb_quantization_config, load_quantized, quantizable_linears
+from lightarch.deploy.peft import check_lora_targets, lora_config
 
 POLICIES = ("full", "estimator", "confidence")
 
@@ -103,7 +98,7 @@ def test_lora_adapts_the_decoder_not_the_estimator_and_merging_changes_nothing()
 def test_onnx_export_of_the_full_depth_path_matches_torch(tmp_path):
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
-    from modeling.deploy import OrtDecoder, export_onnx_decoder
+    from lightarch.deploy.onnx import OrtDecoder, export_onnx_decoder
 
     torch.manual_seed(0)
     # Two layers (a dense sliding one, an MoE full one) keep the export short; every block kind is still there.

@@ -84,8 +84,8 @@ def test_bench_inference_rejects_bad_options(tmp_path):
 def test_realtime_preset_validates_and_the_main_job_accepts_it(tmp_path):
     """The benchmark's model: a valid top-k preset whose vocabulary is the main job's tokenizer, which scripts/train.py
     turns into exactly that config (parsed and validated, not trained)."""
-    from configuration import SparseMoeConfig
-    from configuration.configuration_sparse_moe import SPARSE_MOE_PRESETS
+    from lightarch import SparseMoeConfig
+    from lightarch.configuration.configuration_sparse_moe import SPARSE_MOE_PRESETS
     from scripts.bench_inference import BenchArguments, preset_differences, train_command
     from scripts.train import DataArguments, build_config, parse_args
 

@@ -4,14 +4,14 @@ import pytest
 import torch
 from deploy_helpers import save_tiny_model, tiny_byte_config
 
-from modeling.deploy import (
+from lightarch.deploy.bitsandbytes import (
     bnb_quantization_config,
     check_quantization_config,
-    disable_bnb_cpu_packing,
     load_quantized,
     memory_report,
     quantizable_linears,
 )
+from lightarch.checkpoint_checks import disable_bnb_cpu_packing
 
 bnb = pytest.importorskip("bitsandbytes")
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402

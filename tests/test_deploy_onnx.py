@@ -12,7 +12,9 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 pytest.importorskip("onnxruntime")
 
-from modeling.deploy import OrtDecoder, byte_level_tokenizer, text_blocks  # noqa: E402
+from lightarch.deploy.onnx import OrtDecoder  # noqa: E402
+from lightarch.data.tokenizers import byte_level_tokenizer  # noqa: E402
+from lightarch.data.corpus import text_blocks  # noqa: E402
 
 # A dense sliding layer then two MoE layers (full, sliding): every kind of block the export handles.
 OVERRIDES = dict(router_mode="top_p", router_top_p=0.7, num_shared_experts=1, first_k_dense_layers=1,

@@ -7,8 +7,9 @@ import torch
 from conftest import tiny_sparse_moe_config
 from deploy_helpers import save_tiny_model, tiny_byte_config
 
-from modeling import SparseMoeForCausalLM
-from modeling.deploy import BlockDataset, check_lora_targets, lora_config
+from lightarch import SparseMoeForCausalLM
+from lightarch.data.corpus import BlockDataset
+from lightarch.deploy.peft import check_lora_targets, lora_config
 
 peft = pytest.importorskip("peft")
 
@@ -102,7 +103,7 @@ def test_trainer_lora_finetuning_then_merge_and_unload_gives_the_same_outputs(tm
 
 def test_qlora_4bit_base_trains_on_cpu(tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
-    from modeling.deploy import bnb_quantization_config, load_quantized
+    from lightarch.deploy.bitsandbytes import bnb_quantization_config, load_quantized
 
     folder = save_tiny_model(tmp_path / "base", router_mode="top_p", num_shared_experts=1)
     config = tiny_byte_config(router_mode="top_p", num_shared_experts=1)

@@ -18,14 +18,14 @@ from conftest import tiny_sparse_moe_config
 from deploy_helpers import save_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from modeling import SparseMoeForCausalLM
-from modeling.deploy import (
+from lightarch import SparseMoeForCausalLM
+from lightarch.deploy.serving import (
     TokenBudgetMiddleware,
-    byte_level_tokenizer,
     cpu_continuous_batching_config,
     paged_cache_bytes,
     request_token_budget,
 )
+from lightarch.data.tokenizers import byte_level_tokenizer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

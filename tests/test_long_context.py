@@ -8,10 +8,10 @@ import torch
 from conftest import tiny_sparse_moe_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from configuration import SparseMoeConfig
-from modeling import SparseMoeForCausalLM
-from modeling.layers import Attention, RotaryEmbedding, apply_rotary_pos_emb
-from modeling.long_context import BlockAttentionMask, block_attention, sink_attention
+from lightarch import SparseMoeConfig
+from lightarch import SparseMoeForCausalLM
+from lightarch.layers import Attention, RotaryEmbedding, apply_rotary_pos_emb
+from lightarch.long_context import BlockAttentionMask, block_attention, sink_attention
 
 
 def naive_attention(query, key, value, key_padding_mask, window, scaling, groups):

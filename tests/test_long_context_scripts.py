@@ -1,4 +1,4 @@
-"""Passkey task (modeling/passkey.py) and the long-context scripts (train_passkey, eval_long_context,
+"""Passkey task (lightarch.data.passkey) and the long-context scripts (train_passkey, eval_long_context,
 bench_long_context) end to end on micro configs. The whole file runs in well under 30 s on 2 CPU cores."""
 
 import json
@@ -10,14 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import PNG_MAGIC, load_script
-from modeling.passkey import (
-    FILLER_SENTENCES,
-    NUM_DIGITS,
-    PasskeyTask,
-    build_tokenizer,
-    passkey_from_text,
-    score,
-)
+from lightarch.data.passkey import FILLER_SENTENCES, NUM_DIGITS, PasskeyTask, build_tokenizer, passkey_from_text
+from lightarch.evaluation.passkey import score
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BENCH_OVERRIDES = ("hidden_size=32,intermediate_size=64,moe_intermediate_size=16,num_attention_heads=2,"

@@ -23,16 +23,16 @@ from transformers import (
     ViTConfig,
 )
 
-from configuration import MultiModalConfig
-from modeling import (
+from lightarch import MultiModalConfig
+from lightarch import (
     MultiModalForConditionalGeneration,
     MultiModalModel,
     MultiModalProcessor,
     SparseMoeForCausalLM,
     loss_parts,
 )
-from modeling.modeling_multimodal import masked_adaptive_avg_pool
-from modeling.multimodal_training import MultiModalTrainer
+from lightarch.modeling_multimodal import masked_adaptive_avg_pool
+from lightarch.training.multimodal_trainer import MultiModalTrainer
 
 WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", "what", "is", "shown", "?", "does", "the", "voice", "name", "it",
          "shirt", "boot", "bag", "yes", "no"]

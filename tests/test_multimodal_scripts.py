@@ -1,4 +1,4 @@
-"""The tri-modal data set (modeling/multimodal_data.py) and the multimodal scripts (train_multimodal, eval_multimodal).
+"""The tri-modal data set (lightarch.data.multimodal) and the multimodal scripts (train_multimodal, eval_multimodal).
 
 Never needs the apt packages: Fashion-MNIST is replaced by tiny generated IDX files, espeak-ng by a fake executable
 that writes a WAV the way espeak-ng does (streaming header), and the end-to-end run uses `--dataset synthetic`.
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from conftest import PNG_MAGIC, load_script
-from modeling.multimodal_data import (
+from lightarch.data.multimodal import (
     CLASS_NAMES,
     FASHION_MNIST_FILES,
     FOOTWEAR,
@@ -33,23 +33,25 @@ from modeling.multimodal_data import (
     MissingDataError,
     Voice,
     alignment_examples,
-    answer_accuracy,
     check_espeak,
     check_fashion_mnist,
     class_texts,
-    class_similarity_matrix,
     fashion_mnist_pools,
     generate_questions,
     load_fashion_mnist,
-    modality_alignment_error,
     parse_wav,
     read_idx,
-    recall_at_1,
     speak,
     split_words,
     synthetic_pools,
     vocabulary,
     write_idx,
+)
+from lightarch.evaluation.multimodal import (
+    answer_accuracy,
+    class_similarity_matrix,
+    modality_alignment_error,
+    recall_at_1,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -479,7 +481,7 @@ def test_model_card_snippet_runs_in_a_fresh_process_without_lightarch(trained, t
     assert str((output_dir / "aligned").as_posix()) in snippet
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    check = snippet + "\nimport sys\nassert 'modeling' not in sys.modules\n"
+    check = snippet + "\nimport sys\nassert 'lightarch' not in sys.modules\n"
     result = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import PROJECT_ROOT, tiny_sparse_moe_config
 
-from modeling import SparseMoeForCausalLM
+from lightarch import SparseMoeForCausalLM
 
 
 def free_port() -> int:

@@ -10,7 +10,7 @@ from conftest import run_without_lightarch, tiny_sparse_moe_config
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from modeling import SparseMoeForCausalLM, SparseMoeForSequenceClassification, SparseMoeModel
+from lightarch import SparseMoeForCausalLM, SparseMoeForSequenceClassification, SparseMoeModel
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_saved_folder_carries_self_contained_remote_code(saved_model):
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_sparse_moe.SparseMoeForCausalLM"
     for name in ("configuration_sparse_moe.py", "modeling_sparse_moe.py", "layers.py", "checkpoint_checks.py"):
         source = (folder / name).read_text()
-        assert not re.search(r"^\s*(from|import) (configuration|modeling)\b", source, flags=re.MULTILINE), name
+        assert not re.search(r"^\s*(from|import) (configuration|modeling|lightarch)\b", source, flags=re.MULTILINE), name
     assert "class SparseMoeConfig" in (folder / "configuration_sparse_moe.py").read_text()
 
 

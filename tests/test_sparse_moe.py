@@ -7,14 +7,14 @@ import torch
 from conftest import tiny_sparse_moe_config
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from configuration import SparseMoeConfig
-from modeling import (
+from lightarch import SparseMoeConfig
+from lightarch import (
     SparseMoeForCausalLM,
     SparseMoeForSequenceClassification,
     SparseMoeModel,
     router_statistics,
 )
-from modeling.layers import SparseMoeBlock
+from lightarch.layers import SparseMoeBlock
 
 
 def left_padded_batch(vocab_size: int = 97, length: int = 12, pad: int = 3):

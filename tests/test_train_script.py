@@ -15,16 +15,11 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import PNG_MAGIC
-from modeling.training import (
-    BlockDataset,
-    MoeStatsCallback,
-    TimeBudgetCallback,
-    atomic_save_pretrained,
-    last_complete_checkpoint,
-    render_model_card,
-    split_by_file,
-    unigram_perplexity,
-)
+from lightarch.data.corpus import BlockDataset, split_by_file, token_blocks
+from lightarch.training.callbacks import MoeStatsCallback, TimeBudgetCallback
+from lightarch.training.checkpoints import atomic_save_pretrained, last_complete_checkpoint
+from lightarch.evaluation.model_cards import render_model_card
+from lightarch.evaluation.perplexity import unigram_perplexity
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,7 +120,7 @@ def test_folder_loads_with_trust_remote_code_without_lightarch(trained, tmp_path
     code = (
         "import sys, torch\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        "assert 'modeling' not in sys.modules\n"
+        "assert 'lightarch' not in sys.modules\n"
         f"model = AutoModelForCausalLM.from_pretrained({str(output_dir)!r}, trust_remote_code=True)\n"
         f"tok = AutoTokenizer.from_pretrained({str(output_dir)!r}, trust_remote_code=True)\n"
         "ids = tok('x = 1\\n', return_tensors='pt')\n"
@@ -239,7 +234,7 @@ class _Exploding:
 
 def test_atomic_save_never_leaves_a_half_written_model(tmp_path):
     from conftest import tiny_sparse_moe_config
-    from modeling import SparseMoeForCausalLM
+    from lightarch import SparseMoeForCausalLM
 
     destination = tmp_path / "model"
     model = SparseMoeForCausalLM(tiny_sparse_moe_config())
@@ -278,7 +273,7 @@ def test_data_helpers():
     assert split_by_file(list(reversed(paths)), 0.1) == (train, heldout)  # deterministic, order-independent
     assert not set(train) & set(heldout) and len(train) + len(heldout) == 200 and 5 < len(heldout) < 40
 
-    blocks = BlockDataset(list(range(10)), 4)
+    blocks = BlockDataset(token_blocks(list(range(10)), 4))
     assert len(blocks) == 2 and blocks[1]["input_ids"].tolist() == [4, 5, 6, 7]
 
     # Train counts 0:3, 1:1 (+1 smoothing over 3 tokens: 4/7, 2/7, 1/7); held-out targets are 0 and 2.
@@ -314,7 +309,7 @@ def test_stats_callback_matches_router_statistics():
     from types import SimpleNamespace
 
     from conftest import tiny_sparse_moe_config
-    from modeling import SparseMoeForCausalLM, router_statistics
+    from lightarch import SparseMoeForCausalLM, router_statistics
 
     model = SparseMoeForCausalLM(tiny_sparse_moe_config(router_mode="top_p", router_top_p=0.4)).eval()
     stats = MoeStatsCallback(model)
@@ -333,7 +328,7 @@ def test_stats_callback_matches_router_statistics():
 
 
 def test_config_overrides_parse_json_key_values_and_bracketed_lists():
-    from modeling.training import parse_config_overrides
+    from lightarch.training.cli import parse_config_overrides
 
     assert parse_config_overrides('{"hidden_size": 64}') == {"hidden_size": 64}
     assert parse_config_overrides("hidden_size=64, router_mode=top_p,no_rope_layers=[1,0,1]") == {

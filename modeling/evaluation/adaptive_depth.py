@@ -1,126 +1,15 @@
-"""A generated question-answering suite with a labelled easy / hard split, and the measurements of an adaptive-depth
-model on it (used by `scripts/train_adaptive.py`, `scripts/bench_adaptive.py` and the tests).
-
-- easy, one step: `a op b=` with single digits and op in + - * (300 distinct questions), e.g. `7*8=56`;
-- hard, multi-step: `a op b op c=` with the usual precedence (9,000 questions), e.g. `7+2*3=13`.
-
-Questions are characters, answers are decimal integers followed by `<eos>`; only the answer is trained (the prompt's
-labels are -100). Hard evaluation questions are held out of training (`exclude=`); the easy space is small enough
-that a model sees all of it, as a simple lookup.
-
-Accuracy and depth are measured by teacher forcing, which is exact for greedy decoding: a route to exit `e` answers
-right iff exit `e` predicts every answer token (and `<eos>`) given the right prefix; under the confidence policy a
-forward over the whole sequence equals cached decoding (per-token exits and key/value filling depend on the prefix
-only). Wall time is measured separately with `generate`.
-"""
+"""Measurements of an adaptive-depth model on the arithmetic suite: accuracy and layers per exit, the operating
+points of the estimator and confidence policies, wall time."""
 
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedTokenizerFast
 
-OPERATORS = "+-*"
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
-ALPHABET = "0123456789+-*="
-SPLITS = ("easy", "hard")
-
-
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Character-level tokenizer: `<pad>`=0, `<bos>`=1, `<eos>`=2, then digits and `+-*=`; saved with the model."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {token: i for i, token in enumerate(list(SPECIAL_TOKENS) + list(ALPHABET))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=None))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
-
-
-@dataclass(frozen=True)
-class Problem:
-    prompt: str  # "7+2*3="
-    answer: str  # "13"
-    split: str  # "easy" | "hard"
-
-
-def _problem(operands: Sequence[int], operators: Sequence[str], split: str) -> Problem:
-    expression = "".join(f"{a}{op}" for a, op in zip(operands, operators)) + str(operands[-1])
-    return Problem(expression + "=", str(eval(expression)), split)  # digits and + - * only
-
-
-def all_problems(split: str) -> list[Problem]:
-    """Every distinct question of a split (300 easy, 9,000 hard)."""
-    digits = range(10)
-    if split == "easy":
-        return [_problem((a, b), (op,), "easy") for a in digits for b in digits for op in OPERATORS]
-    if split == "hard":
-        return [_problem((a, b, c), (op1, op2), "hard") for a in digits for b in digits for c in digits
-                for op1 in OPERATORS for op2 in OPERATORS]
-    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-
-
-def sample_problems(count: int, hard_fraction: float, seed: int, exclude: set[str] | None = None) -> list[Problem]:
-    """`count` random questions, a `hard_fraction` of them hard, none whose prompt is in `exclude`."""
-    rng = random.Random(seed)
-    pools = {split: [p for p in all_problems(split) if not exclude or p.prompt not in exclude] for split in SPLITS}
-    return [rng.choice(pools["hard" if rng.random() < hard_fraction else "easy"]) for _ in range(count)]
-
-
-def heldout_problems(per_split: int, seed: int) -> dict[str, list[Problem]]:
-    """Evaluation questions per split, distinct within a split (hard ones are then excluded from training)."""
-    rng = random.Random(seed)
-    chosen = {}
-    for split in SPLITS:
-        pool = all_problems(split)
-        chosen[split] = rng.sample(pool, min(per_split, len(pool)))
-    return chosen
-
-
-def encode(problem: Problem, tokenizer) -> dict[str, list[int]]:
-    """`<bos> prompt answer <eos>` with labels on the answer and `<eos>` only."""
-    prompt = [tokenizer.bos_token_id] + tokenizer.convert_tokens_to_ids(list(problem.prompt))
-    answer = tokenizer.convert_tokens_to_ids(list(problem.answer)) + [tokenizer.eos_token_id]
-    return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
-
-
-class ProblemDataset(torch.utils.data.Dataset):
-    def __init__(self, problems: Sequence[Problem], tokenizer) -> None:
-        self.problems = list(problems)
-        self.examples = [encode(p, tokenizer) for p in self.problems]
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        return self.examples[index]
-
-
-class PadCollator:
-    """Right-pads `input_ids` (pad id), `labels` (-100) and builds `attention_mask` and `estimator_mask` (the prompt:
-    the estimator routes on the question alone, as in `generate`)."""
-
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
-        length = max(len(e["input_ids"]) for e in examples)
-        input_ids = torch.full((len(examples), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(examples), length), -100, dtype=torch.long)
-        attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
-        for i, e in enumerate(examples):
-            n = len(e["input_ids"])
-            input_ids[i, :n] = torch.tensor(e["input_ids"])
-            labels[i, :n] = torch.tensor(e["labels"])
-            attention_mask[i, :n] = 1
-        estimator_mask = attention_mask.bool() & (labels == -100)
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-                "estimator_mask": estimator_mask}
+from ..data.arithmetic import Problem, PadCollator, encode
 
 
 def _batches(problems: Sequence[Problem], tokenizer, batch_size: int):
@@ -154,7 +43,7 @@ def exit_measurements(model, problems: Sequence[Problem], tokenizer, batch_size:
 def estimator_operating_point(measured: dict[str, torch.Tensor], exit_layers: Sequence[int], threshold: float
                               ) -> dict[str, float]:
     """Accuracy and mean layers per token when each question is routed by the estimator at `threshold`."""
-    from .modeling_adaptive_depth import route_from_estimate
+    from ..modeling_adaptive_depth import route_from_estimate
 
     route = route_from_estimate(measured["probabilities"].log(), threshold)
     correct = measured["correct"].gather(1, route[:, None]).squeeze(1)
@@ -260,23 +149,3 @@ def threshold_grid(steps: int = 41) -> list[float]:
     values = {round(i / (steps - 1), 4) for i in range(steps)}
     values |= {round(1 - 10 ** (-k / 4), 6) for k in range(4, 21, max(1, 40 // steps))}  # 0.9 ... 0.99999
     return sorted(v for v in values if 0.0 <= v <= 1.0 and not math.isnan(v))
-
-
-__all__ = [
-    "PadCollator",
-    "Problem",
-    "ProblemDataset",
-    "SPLITS",
-    "all_problems",
-    "build_tokenizer",
-    "choose_threshold",
-    "confidence_operating_point",
-    "encode",
-    "estimator_operating_point",
-    "exit_measurements",
-    "heldout_problems",
-    "sample_problems",
-    "threshold_grid",
-    "time_generation",
-    "time_greedy_loop",
-]

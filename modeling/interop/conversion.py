@@ -6,7 +6,7 @@ lightarch kept the parameter names of those checkpoints (`model.layers.N.self_at
 renamed, reshaped or re-laid-out, and a round trip gives back bit-identical weights.
 
 ```python
->>> from modeling import from_transformers, to_transformers
+>>> from lightarch import from_transformers, to_transformers
 >>> lightarch_model = from_transformers(mixtral)            # same logits as `mixtral`
 >>> mixtral_again = to_transformers(lightarch_model)        # architecture picked from the config
 >>> # Switch lightarch features on while converting: top-p routing reuses every expert as is.
@@ -35,9 +35,9 @@ from transformers import (
 from transformers import initialization as init
 from transformers.utils import logging
 
-from configuration import SparseMoeConfig
+from ..configuration import SparseMoeConfig
 
-from .modeling_sparse_moe import SparseMoeForCausalLM
+from ..modeling_sparse_moe import SparseMoeForCausalLM
 
 logger = logging.get_logger(__name__)
 

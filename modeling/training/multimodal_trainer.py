@@ -11,7 +11,7 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 
-from .modeling_multimodal import loss_parts
+from ..modeling_multimodal import loss_parts
 
 
 class MultiModalTrainer(Trainer):
