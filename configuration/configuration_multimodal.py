@@ -227,6 +227,11 @@ class MultiModalConfig(PreTrainedConfig):
                 f"{self.logit_scale_init_value}; CLIP uses 2.6592 = ln(1/0.07)."
             )
 
+    @staticmethod
+    def presets() -> dict[str, dict]:
+        """The named presets, name -> fields (`MULTIMODAL_PRESETS`)."""
+        return MULTIMODAL_PRESETS
+
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "MultiModalConfig":
         """A named starting point (see `MULTIMODAL_PRESETS`); keyword arguments override its top-level fields."""

@@ -240,6 +240,11 @@ class SparseMoeConfig(PreTrainedConfig):
             raise ValueError(f"`router_jitter_noise` must be < 1 (it scales inputs by 1 ± noise), got "
                              f"{self.router_jitter_noise}.")
 
+    @staticmethod
+    def presets() -> dict[str, dict]:
+        """The named presets, name -> fields (`SPARSE_MOE_PRESETS`)."""
+        return SPARSE_MOE_PRESETS
+
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "SparseMoeConfig":
         """A named starting point (see `SPARSE_MOE_PRESETS`); keyword arguments override its fields."""

@@ -94,3 +94,36 @@ def script_parser(
         if action.dest in (help_overrides or {}):
             action.help = help_overrides[action.dest]
     return parser
+
+
+def known_config_fields(config_class: type) -> set[str]:
+    """The field names a config accepts: its own `__init__` arguments and every `PretrainedConfig` attribute."""
+    import inspect
+
+    from transformers import PretrainedConfig
+
+    own = {name for name, parameter in inspect.signature(config_class.__init__).parameters.items()
+           if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY) and name != "self"}
+    return own | set(PretrainedConfig().to_dict())
+
+
+def config_from_preset(config_class: type, preset: str, config_overrides: str | None = None):
+    """`--preset NAME --config_overrides TEXT` -> a config: the preset (the only place architecture defaults live)
+    with the overrides on top. Bad input is a ValueError naming the option and the fix."""
+    presets = getattr(config_class, "presets", None)
+    names = sorted(presets()) if callable(presets) else None
+    try:
+        overrides = parse_config_overrides(config_overrides) if config_overrides else {}
+    except ValueError as error:
+        raise ValueError(f"--config_overrides {config_overrides!r}: {error}; write key=value,key=value or a JSON "
+                         "object.") from None
+    if names is not None and preset not in names:
+        raise ValueError(f"--preset {preset!r} is not a {config_class.__name__} preset; choose one of {names}.")
+    unknown = sorted(set(overrides) - known_config_fields(config_class))
+    if unknown:
+        raise ValueError(f"--config_overrides: {config_class.__name__} has no field {', '.join(map(repr, unknown))}; "
+                         f"see `help({config_class.__name__})` for its fields.")
+    try:
+        return config_class.from_preset(preset, **overrides)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--preset {preset} with --config_overrides {config_overrides!r}: {error}") from None
