@@ -6,6 +6,7 @@ early exits, a complexity estimator and the inference policies. This file import
 lightarch is not installed.
 """
 
+
 from huggingface_hub.dataclasses import strict
 
 from .configuration_sparse_moe import SparseMoeConfig
@@ -56,7 +57,7 @@ class AdaptiveDepthConfig(SparseMoeConfig):
     model_type = "lightarch_adaptive"
 
     exit_layers: list[int] | None = None
-    exit_loss_weights: list[float] | None = None
+    exit_loss_weights: list[float | int] | None = None
     exit_policy: str = "full"
     estimator_threshold: float = 0.5
     confidence_threshold: float = 0.9
@@ -73,6 +74,7 @@ class AdaptiveDepthConfig(SparseMoeConfig):
             self.exit_layers = sorted(set(range(step, self.num_hidden_layers + 1, step)) | {self.num_hidden_layers})
         if self.exit_loss_weights is None:
             self.exit_loss_weights = [1.0] * len(self.exit_layers)
+        self.exit_loss_weights = [float(w) for w in self.exit_loss_weights]  # [2, 1] as written on a command line
         super().__post_init__(**kwargs)
 
     def _check_values(self) -> None:
@@ -133,5 +135,30 @@ class AdaptiveDepthConfig(SparseMoeConfig):
             return self.confidence_threshold
         return 1.0
 
+    @staticmethod
+    def presets() -> dict[str, dict]:
+        """The named presets, name -> fields (`ADAPTIVE_DEPTH_PRESETS`; not `SparseMoeConfig`'s)."""
+        return ADAPTIVE_DEPTH_PRESETS
 
-__all__ = ["AdaptiveDepthConfig", "EXIT_POLICIES"]
+
+# Named starting points.
+ADAPTIVE_DEPTH_PRESETS: dict[str, dict] = {
+    # the easy / hard arithmetic suite (scripts/train_adaptive.py, lightarch.training.adaptive_depth): a dense
+    # 8-layer decoder (1.2M parameters, dense SwiGLU layers are the fastest on a CPU) over the 17-token vocabulary and
+    # special-token ids of lightarch.data.arithmetic's character-level tokenizer, prompts of at most ~12 tokens. Exits
+    # every 2 layers; the first exit's loss weighs double (it must answer the easy questions alone). The estimator
+    # reads the states after layer 1 and learns, at a tenth of the LM loss' weight, which exit answers right. For a
+    # mixture of experts in every layer override first_k_dense_layers=0, num_experts=N, num_experts_per_tok=k,
+    # max_experts_per_token=k.
+    "arithmetic": dict(
+        vocab_size=17, hidden_size=128, intermediate_size=256, num_hidden_layers=8, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, first_k_dense_layers=8, num_experts=1,
+        num_experts_per_tok=1, max_experts_per_token=1, moe_intermediate_size=128, router_mode="top_k",
+        exit_layers=[2, 4, 6, 8], exit_loss_weights=[2.0, 1.0, 1.0, 1.0], estimator_input_layer=1,
+        estimator_hidden_size=64, estimator_loss_weight=0.1, estimator_target="correct", estimator_loss_tolerance=0.1,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    ),
+}
+
+
+__all__ = ["ADAPTIVE_DEPTH_PRESETS", "AdaptiveDepthConfig", "EXIT_POLICIES"]

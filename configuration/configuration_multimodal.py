@@ -8,6 +8,8 @@ This file imports only transformers and its sibling `configuration_sparse_moe.py
 folder, so `trust_remote_code=True` works where lightarch is not installed.
 """
 
+import copy
+
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, ParakeetEncoderConfig, ViTConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
@@ -238,25 +240,38 @@ class MultiModalConfig(PreTrainedConfig):
         if name not in MULTIMODAL_PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(MULTIMODAL_PRESETS)}.")
         preset = MULTIMODAL_PRESETS[name]
-        values = {key: dict(value) if isinstance(value, dict) else value for key, value in preset.items()}
+        values = copy.deepcopy(preset)  # a config never shares a list or dict with its preset
         for key in ("decoder_config", "vision_config", "audio_config"):
             if isinstance(overrides.get(key), dict):
                 values[key] = {**values.get(key, {}), **overrides.pop(key)}
         return cls(**{**values, **overrides})
 
 
-# Named starting points. "tiny" trains in minutes on 2 CPU cores (28x28 grey images, clips under ~2 s).
+# "tiny" trains in minutes on 2 CPU cores (28x28 grey images, clips under ~2 s).
+_TINY = dict(
+    decoder_config=dict(DEFAULT_DECODER, vocab_size=256, hidden_size=128, intermediate_size=256,
+                        moe_intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2),
+    vision_config=dict(DEFAULT_VISION, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=128),
+    audio_config=dict(DEFAULT_AUDIO, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=128, subsampling_conv_channels=32, num_mel_bins=64),
+    audio_seq_length=8,
+    alignment_embed_dim=64,
+)
+
+# Named starting points.
 MULTIMODAL_PRESETS: dict[str, dict] = {
-    "tiny": dict(
-        decoder_config=dict(DEFAULT_DECODER, vocab_size=256, hidden_size=128, intermediate_size=256,
-                            moe_intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2),
-        vision_config=dict(DEFAULT_VISION, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=128),
-        audio_config=dict(DEFAULT_AUDIO, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=128, subsampling_conv_channels=32, num_mel_bins=64),
-        audio_seq_length=8,
-        alignment_embed_dim=64,
+    "tiny": _TINY,
+    # the built-in tri-modal question answering (scripts/train_multimodal.py, lightarch.training.multimodal): "tiny"
+    # over the 74-token vocabulary, special-token and placeholder ids (<image>=4, <audio>=5) of
+    # lightarch.data.multimodal's word-level tokenizer, trained on the text-image and text-audio pairs only, so that
+    # image-audio retrieval measures the alignment that emerges through text (ImageBind). The ablation run of the
+    # script sets alignment_loss_weight=0.
+    "trimodal-qa": dict(
+        _TINY, decoder_config=dict(_TINY["decoder_config"], vocab_size=74, pad_token_id=0, bos_token_id=2,
+                                   eos_token_id=3),
+        image_token_id=4, audio_token_id=5, alignment_pairs=["text_image", "text_audio"], alignment_loss_weight=1.0,
     ),
 }
 

@@ -4,6 +4,8 @@ This file imports only transformers: it is copied next to `modeling_sparse_moe.p
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works where lightarch is not installed.
 """
 
+import copy
+
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
@@ -37,7 +39,9 @@ class SparseMoeConfig(PreTrainedConfig):
         - `router_jitter_noise`: multiplicative noise on the router input while training.
         - `router_bias_update_rate`: DeepSeek-V3 auxiliary-loss-free balancing. A per-expert bias is added to the
           scores used for *selection only*; after every optimizer step it moves by this rate towards equal load.
-          0 disables it.
+          0 disables it. The update is registered by the training loop, not by the model:
+          `lightarch.training.RouterBiasUpdateCallback()` in a Trainer, `register_router_bias_hook(optimizer, model)`
+          in a custom loop.
 
     Position encoding (Llama 4 / SmolLM3 field names):
         - `no_rope_layers`: one entry per layer, 1 = rotary embeddings, 0 = no position encoding (NoPE). None: all
@@ -247,10 +251,12 @@ class SparseMoeConfig(PreTrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "SparseMoeConfig":
-        """A named starting point (see `SPARSE_MOE_PRESETS`); keyword arguments override its fields."""
-        if name not in SPARSE_MOE_PRESETS:
-            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(SPARSE_MOE_PRESETS)}.")
-        return cls(**{**SPARSE_MOE_PRESETS[name], **overrides})
+        """A named starting point (see `presets()`); keyword arguments override its fields. Subclasses with presets of
+        their own override `presets()` only."""
+        presets = cls.presets()
+        if name not in presets:
+            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(presets)}.")
+        return cls(**{**copy.deepcopy(presets[name]), **overrides})  # a config never shares a list with its preset
 
     @property
     def experts_per_token_limit(self) -> int:
@@ -264,11 +270,33 @@ _SMALL = dict(
     max_experts_per_token=3,
 )
 
+# The main job's architecture (scripts/train.py): narrow and shallow so that it trains on the standard library in under
+# ten minutes on two CPU cores; 3 sliding : 1 global layers, and the vocabulary of the byte-level BPE the job trains.
+_MAIN_JOB = dict(
+    vocab_size=2048, hidden_size=96, intermediate_size=384, moe_intermediate_size=128, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, num_experts=8, sliding_window=64,
+    layer_types=["sliding_attention"] * 3 + ["full_attention"], max_position_embeddings=1024,
+)
+
 # Named starting points. Long-context presets combine sliding layers (cache bounded by the window) with few global
 # layers; `prefill_chunk_size` bounds prefill memory.
 SPARSE_MOE_PRESETS: dict[str, dict] = {
     # all layers see everything: the simplest model, limited to its trained length
     "full-attention": dict(_SMALL, max_position_embeddings=4096),
+    # passkey retrieval from scratch (scripts/train_passkey.py, lightarch.training.passkey): 993K parameters over the
+    # 56-token vocabulary (and special-token ids) of lightarch.data.passkey's word-level tokenizer. iRoPE: three
+    # rotary sliding layers with a 32-token window, so that already in short training prompts the key is out of the
+    # window and only the global layer can fetch it, and one global NoPE layer (content-only matching, no unseen
+    # rotary angle past the training length) with Llama 4 attention temperature tuning every 128 positions.
+    "passkey": dict(
+        vocab_size=56, hidden_size=128, intermediate_size=256, moe_intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=4, router_mode="top_k", num_experts_per_tok=2,
+        max_experts_per_token=2, sliding_window=32,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, no_rope_layers=[1, 1, 0, 1],
+        attn_temperature_tuning=True, floor_scale=128, attn_scale=0.1, prefill_chunk_size=1024,
+        max_position_embeddings=262144, tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    ),
     # 5 sliding : 1 global, for documents up to 256K tokens on a CPU
     "hybrid-long": dict(
         _SMALL, sliding_window=512, max_position_embeddings=262144, prefill_chunk_size=4096,
@@ -280,14 +308,13 @@ SPARSE_MOE_PRESETS: dict[str, dict] = {
         _SMALL, sliding_window=512, num_sink_tokens=4, prefill_chunk_size=4096,
         layer_types=["sliding_attention"] * 6,
     ),
-    # interactive use on a CPU (scripts/bench_inference.py): ~1.7M parameters, narrow and shallow because at batch 1
-    # a decoding step costs per-layer overhead, not FLOPs; top-k routing keeps shapes static (ONNX, paged batching);
-    # the vocabulary of scripts/train.py's byte-level BPE, and its 3 sliding : 1 global layout.
-    "realtime": dict(
-        vocab_size=2048, hidden_size=96, intermediate_size=384, moe_intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, num_experts=8, router_mode="top_k", num_experts_per_tok=2,
-        sliding_window=64, layer_types=["sliding_attention"] * 3 + ["full_attention"], max_position_embeddings=1024,
-    ),
+    # scripts/train.py's default model (the main job, lightarch.training.sparse_moe): ~1.7M parameters with dynamic
+    # top-p routing (a token takes experts until half of the probability mass, at most 3)
+    "tiny": dict(_MAIN_JOB, router_mode="top_p", router_top_p=0.5, max_experts_per_token=3),
+    # interactive use on a CPU (scripts/bench_inference.py, which trains it with `scripts/train.py --preset realtime`):
+    # the main job's architecture, narrow and shallow because at batch 1 a decoding step costs per-layer overhead, not
+    # FLOPs, but with top-2 routing instead of the main job's top-p: static shapes for ONNX and paged batching.
+    "realtime": dict(_MAIN_JOB, router_mode="top_k", num_experts_per_tok=2),
 }
 
 

@@ -6,11 +6,9 @@ Every block takes the model config and follows transformers' conventions (attent
 This file imports only torch and transformers: it is copied into saved model folders for `trust_remote_code`.
 """
 
-import weakref
 from collections.abc import Callable
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
@@ -19,8 +17,11 @@ from transformers.integrations import use_experts_implementation
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
 
 from .long_context import BlockAttentionMask, block_attention, sink_attention
+
+logger = logging.get_logger(__name__)
 
 
 class RMSNorm(nn.Module):
@@ -146,6 +147,39 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = nn.Identity()
 
+    def project_qkv(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Query, key and value of `hidden_states` (B, T, hidden) as this layer attends and caches them.
+
+        Per-head q / k norms when configured; rotary embeddings (`position_embeddings`: cos, sin of (B, T, D)) on
+        rotary layers only; on NoPE layers with `attn_temperature_tuning`, Llama 4's query scaling by position, which
+        needs `position_ids` (B, T) or (1, T). Returns query (B, H, T, D), key and value (B, Hkv, T, D). Every path that
+        computes attention inputs calls this: `forward`, the adaptive model's skipped-layer KV fill, the ONNX step.
+        """
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)  # (B, T, heads, D)
+        query = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)  # (B, H, T, D)
+        key = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)  # (B, Hkv, T, D)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hkv, T, D)
+
+        if self.use_rope:
+            cos, sin = position_embeddings
+            query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        elif self.temperature_tuning:  # Llama 4: sharper attention far into a long context, for NoPE layers
+            if position_ids is None:
+                raise ValueError(
+                    f"Layer {self.layer_idx} is a NoPE layer with attn_temperature_tuning=True: its queries are "
+                    "scaled by position, so pass position_ids (B, T) to project_qkv / the attention forward."
+                )
+            positions = position_ids.to(query.dtype)[:, None, :, None]  # (B, 1, T, 1)
+            query = query * (
+                torch.log1p(torch.floor((positions + 1.0) / self.config.floor_scale)) * self.config.attn_scale + 1.0
+            )
+        return query, key, value
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -155,20 +189,9 @@ class Attention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-
-        query_states = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
-        key_states = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-
-        if self.use_rope:
-            cos, sin = position_embeddings
-            query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        elif self.temperature_tuning:  # Llama 4: sharper attention far into a long context, for NoPE layers
-            positions = kwargs["position_ids"].to(query_states.dtype)[:, None, :, None]
-            query_states = query_states * (
-                torch.log1p(torch.floor((positions + 1.0) / self.config.floor_scale)) * self.config.attn_scale + 1.0
-            )
+        query_states, key_states, value_states = self.project_qkv(
+            hidden_states, position_embeddings, kwargs.get("position_ids")
+        )
 
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
@@ -194,7 +217,6 @@ class Attention(nn.Module):
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
-
 
     def _block_attention(self, query_states, key_states, value_states, mask: BlockAttentionMask, cache):
         use_sdpa = self.config._attn_implementation == "sdpa"
@@ -270,33 +292,39 @@ class Experts(nn.Module):
         return final_hidden_states
 
 
-# Routers with auxiliary-loss-free balancing, so an optimizer step can update their biases (see `Router`).
-_BALANCED_ROUTERS: "weakref.WeakSet[Router]" = weakref.WeakSet()
-_OPTIMIZER_HOOK = None
+# A balanced router whose weight trains warns once after this many training forwards without a bias update: the
+# update is registered by the training loop (`lightarch.training.RouterBiasUpdateCallback`), which may forget it.
+_FORWARDS_BEFORE_MISSING_UPDATE_WARNING = 1000
 
 
-def update_router_biases(routers) -> None:
+def update_router_biases(model: nn.Module) -> int:
     """DeepSeek-V3 auxiliary-loss-free balancing: move each expert's selection bias towards equal load.
 
-    `bias_i += rate * sign(mean_load - load_i)`, with the load counted since the last update (all-reduced across
-    ranks when torch.distributed is running, so every rank keeps the same bias).
+    `bias_i += rate * sign(mean_load - load_i)` for every balanced router in `model` (any module, wrapped or not),
+    with the load counted since the last update. Under torch.distributed the loads of all routers are all-reduced
+    in one call (every rank calls it, even with no tokens), so every rank keeps the same bias. Call it after each
+    optimizer step: `lightarch.training.RouterBiasUpdateCallback` (Trainer) or `register_router_bias_hook` (custom
+    loops) do. Returns the number of routers updated.
     """
-    for router in routers:
-        load = router.tokens_per_expert
-        if load.sum() == 0:
-            continue
+    routers = [
+        module for module in model.modules()
+        if getattr(module, "bias_update_rate", 0) > 0 and hasattr(module, "tokens_per_expert")
+    ]
+    if not routers:
+        return 0
+    with torch.no_grad():
+        loads = torch.stack([router.tokens_per_expert for router in routers])  # (routers, num_experts)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(load)
-        router.e_score_correction_bias.add_(router.bias_update_rate * torch.sign(load.mean() - load))
-        load.zero_()
-
-
-def _update_biases_after_optimizer_step(optimizer, args, kwargs) -> None:
-    """Global optimizer post-step hook: update the routers whose weights this optimizer trains."""
-    if not _BALANCED_ROUTERS:
-        return
-    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    update_router_biases([router for router in list(_BALANCED_ROUTERS) if id(router.weight) in trained])
+            torch.distributed.all_reduce(loads)
+        updated = 0
+        for router, load in zip(routers, loads):
+            router.tokens_per_expert.zero_()
+            router._forwards_since_bias_update = 0
+            if load.sum() == 0:
+                continue
+            router.e_score_correction_bias.add_(router.bias_update_rate * torch.sign(load.mean() - load))
+            updated += 1
+    return updated
 
 
 class Router(nn.Module):
@@ -322,7 +350,7 @@ class Router(nn.Module):
         if self.bias_update_rate > 0:
             self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts))
             self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts), persistent=False)
-            _register_balanced_router(self)
+            self._forwards_since_bias_update = 0
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
@@ -353,14 +381,17 @@ class Router(nn.Module):
             with torch.no_grad():
                 counts = torch.bincount(selected_experts.flatten(), minlength=self.num_experts + 1)
                 self.tokens_per_expert += counts[: self.num_experts].float()
+            if self.weight.requires_grad and not torch.compiler.is_compiling():  # a Python counter: no sync
+                self._forwards_since_bias_update += 1
+                if self._forwards_since_bias_update == _FORWARDS_BEFORE_MISSING_UPDATE_WARNING:
+                    logger.warning_once(
+                        f"A router with router_bias_update_rate={self.bias_update_rate} has trained for "
+                        f"{_FORWARDS_BEFORE_MISSING_UPDATE_WARNING} forwards without a bias update: its experts "
+                        "are not being balanced. The update is registered by the training loop: add "
+                        "`lightarch.training.RouterBiasUpdateCallback()` to the Trainer's callbacks, or call "
+                        "`lightarch.training.register_router_bias_hook(optimizer, model)` in a custom loop."
+                    )
         return router_logits, routing_weights.to(router_logits.dtype), selected_experts
-
-
-def _register_balanced_router(router: Router) -> None:
-    global _OPTIMIZER_HOOK
-    _BALANCED_ROUTERS.add(router)
-    if _OPTIMIZER_HOOK is None:
-        _OPTIMIZER_HOOK = register_optimizer_step_post_hook(_update_biases_after_optimizer_step)
 
 
 class SparseMoeBlock(nn.Module):

@@ -35,7 +35,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_adaptive_depth import AdaptiveDepthConfig
-from .layers import DecoderLayer, RMSNorm, RotaryEmbedding, rotate_half
+from .layers import DecoderLayer, RMSNorm, RotaryEmbedding
 from .modeling_sparse_moe import (
     SparseMoeCausalLMOutputWithPast,
     SparseMoeModel,
@@ -197,20 +197,16 @@ class AdaptiveDepthEstimator(nn.Module):
         return self.out(F.silu(self.hidden(torch.cat([mean, maximum], dim=-1))))
 
 
-def fill_skipped_kv(layer: DecoderLayer, hidden_states: torch.Tensor, position_embeddings, cache: Cache) -> None:
+def fill_skipped_kv(layer: DecoderLayer, hidden_states: torch.Tensor, position_embeddings, position_ids,
+                    cache: Cache) -> None:
     """CALM's state propagation: the key/value a skipped layer would have cached, computed from the exit hidden state.
 
-    Only the layer's input norm and k/v projections run (no query, attention or feed-forward).
+    Only the layer's input norm and its attention's `project_qkv` run (no attention, no feed-forward), so the keys
+    are exactly the ones the layer caches when it runs: rotated on rotary layers only. The query is discarded.
     """
     attention = layer.self_attn
-    normed = layer.input_layernorm(hidden_states)
-    shape = (*normed.shape[:-1], -1, attention.head_dim)
-    keys = attention.k_norm(attention.k_proj(normed).view(shape)).transpose(1, 2)  # (B, Hkv, T, D)
-    values = attention.v_proj(normed).view(shape).transpose(1, 2)
-    cos, sin = position_embeddings
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    keys = keys * cos + rotate_half(keys) * sin
-    cache.update(keys, values, attention.layer_idx)
+    _, keys, values = attention.project_qkv(layer.input_layernorm(hidden_states), position_embeddings, position_ids)
+    cache.update(keys, values, attention.layer_idx)  # keys, values: (B, Hkv, T, D)
 
 
 class AdaptiveDepthPreTrainedModel(SparseMoePreTrainedModel):
@@ -346,7 +342,8 @@ class AdaptiveDepthModel(AdaptiveDepthPreTrainedModel):
         estimator_logits = route = exit_states = None
         if policy == "confidence":
             output, exit_layer, layers_computed = self._confidence_forward(
-                hidden_states, run_layer, position_embeddings, cache, token_mask, exit_head, threshold, exit_index
+                hidden_states, run_layer, position_embeddings, position_ids, cache, token_mask, exit_head, threshold,
+                exit_index,
             )
         else:
             # "full" / drafting: one depth for everyone; "estimator": the deepest route in the batch, each row read at
@@ -396,8 +393,8 @@ class AdaptiveDepthModel(AdaptiveDepthPreTrainedModel):
             layers_computed=torch.tensor(layers_computed),
         )
 
-    def _confidence_forward(self, hidden_states, run_layer, position_embeddings, cache, token_mask, exit_head,
-                            threshold, exit_index):
+    def _confidence_forward(self, hidden_states, run_layer, position_embeddings, position_ids, cache, token_mask,
+                            exit_head, threshold, exit_index):
         """Per-token early exit. A token that has exited keeps its hidden state: where other tokens still run a layer,
         that layer sees it unchanged (so the key/value it caches come from the exit state); where no token runs a
         layer, only its key/value are computed (`fill_skipped_kv`). Returns (output, exit_layer, layers run)."""
@@ -424,7 +421,7 @@ class AdaptiveDepthModel(AdaptiveDepthPreTrainedModel):
                 hidden_states = torch.where(active[..., None], updated, hidden_states)
                 layers_computed += 1
             elif cache is not None:
-                fill_skipped_kv(self.layers[depth], hidden_states, position_embeddings, cache)
+                fill_skipped_kv(self.layers[depth], hidden_states, position_embeddings, position_ids, cache)
         return output, exit_layer, layers_computed
 
 

@@ -4,15 +4,14 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads crawl on a shared CPU
 
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-if str(PROJECT_ROOT) not in sys.path:  # tests also run from a plain checkout, before `pip install -e .`
-    sys.path.insert(0, str(PROJECT_ROOT))
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # lightarch itself is imported as installed (pip install -e .)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lightarch  # noqa: E402,F401  (registers the Auto classes)
@@ -22,15 +21,15 @@ from lightarch import SparseMoeConfig  # noqa: E402
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def load_script(name: str):
-    """scripts/<name>.py as a module (the scripts folder is not a package every test can import from)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, PROJECT_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
+def run_script(name: str, *args: str, cwd: str | os.PathLike = PROJECT_ROOT, threads: int | None = 1
+               ) -> subprocess.CompletedProcess:
+    """`python scripts/<name>.py ARGS` as a user runs it, in a fresh interpreter (offline, `threads` OpenMP threads,
+    no progress bars); nothing imports a script."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / f"{name}.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
 
 
 def tiny_sparse_moe_config(**overrides) -> SparseMoeConfig:

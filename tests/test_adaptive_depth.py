@@ -1,12 +1,13 @@
 """AdaptiveDepth: config validation, exits and estimator, policies, cached vs uncached decoding, self-speculative
-decoding, sequence classification, saving and remote code, the task suite and both scripts' pieces."""
+decoding, sequence classification, saving and remote code, the task suite, the training recipe and the
+benchmark (both scripts also end to end, as subprocesses)."""
 
 import json
 import re
 
 import pytest
 import torch
-from conftest import PNG_MAGIC, load_script, run_without_lightarch, tiny_sparse_moe_config
+from conftest import PNG_MAGIC, run_script, run_without_lightarch, tiny_sparse_moe_config
 from transformers import AutoConfig, DynamicCache, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from lightarch import AdaptiveDepthConfig, SparseMoeConfig
@@ -243,6 +244,29 @@ def test_confidence_policy_exits_per_token_and_fills_skipped_layers_kv():
             torch.testing.assert_close(step.cache.layers[index].values[:, :, -1:], reference.layers[index].values)
 
 
+def test_filled_kv_equals_the_kv_attention_caches_on_nope_and_rotary_layers():
+    """iRoPE + Llama 4 temperature tuning: the keys filled for a skipped NoPE layer are not rotated, a rotary layer's
+    are, exactly as each layer's attention caches them for the same hidden states and positions."""
+    model = confident_model(no_rope_layers=[1, 0, 1, 0], attn_temperature_tuning=True, floor_scale=2)
+    input_ids = torch.randint(3, 97, (2, 7))
+    with torch.no_grad():
+        prefill = model(input_ids, exit_policy="confidence", exit_threshold=1.0, use_cache=True)
+        captured = []
+        hook = model.model.layers[0].register_forward_hook(lambda module, args, output: captured.append(output))
+        step = model(input_ids[:, :1], cache=prefill.cache, exit_policy="confidence", exit_threshold=0.0)
+        hook.remove()
+        assert int(step.layers_computed) == 1  # layers 2-4 (NoPE, rotary, NoPE) only filled their key/value
+        exit_state, position = captured[0], torch.tensor([[7], [7]])
+        rotary = model.model.rotary_emb(exit_state, position)
+        for index in (1, 2, 3):
+            layer = model.model.layers[index]
+            assert layer.self_attn.use_rope == (index == 2)
+            reference = DynamicCache(config=model.config)
+            layer.self_attn(layer.input_layernorm(exit_state), rotary, None, cache=reference, position_ids=position)
+            torch.testing.assert_close(step.cache.layers[index].keys[:, :, -1:], reference.layers[index].keys)
+            torch.testing.assert_close(step.cache.layers[index].values[:, :, -1:], reference.layers[index].values)
+
+
 # --------------------------------------------------------------------------------------------- decoding
 
 
@@ -451,22 +475,57 @@ def test_task_suite_answers_labels_and_holdout():
     assert batch["labels"][batch["attention_mask"] == 0].eq(-100).all()
 
 
-TINY_TRAIN = [
-    "--hidden_size", "16", "--num_hidden_layers", "4", "--num_attention_heads", "2", "--num_key_value_heads", "1",
-    "--intermediate_size", "32", "--exit_layers", "1,2,4", "--estimator_hidden_size", "8", "--train_examples", "64",
-    "--heldout_hard", "24", "--calibration_hard", "12", "--calibration_easy", "12", "--max_steps", "3",
-    "--estimator_steps", "2", "--per_device_train_batch_size", "16", "--estimator_batch_size", "16",
-    "--logging_steps", "1", "--warmup_steps", "0", "--disable_tqdm", "True", "--num_threads", "1",
-    "--calibration_threshold_steps", "3",
-]
+TINY_MODEL = ("hidden_size=16,num_hidden_layers=4,num_attention_heads=2,num_key_value_heads=1,intermediate_size=32,"
+              "first_k_dense_layers=4,exit_layers=[1,2,4],exit_loss_weights=[2,1,1],estimator_hidden_size=8")
+TINY_SIZES = dict(train_examples=64, heldout_hard=24, calibration_hard=12, calibration_easy=12)
+TINY_SCHEDULE = dict(estimator_steps=2, estimator_batch_size=16, calibration_threshold_steps=3)
+TINY_TRAINING = dict(max_steps=3, per_device_train_batch_size=16, logging_steps=1, warmup_steps=0, disable_tqdm=True)
+TINY_TRAIN = ["--config_overrides", TINY_MODEL, "--num_threads", "1"] + [
+    f"--{name}={value}" for name, value in {**TINY_SIZES, **TINY_SCHEDULE, **TINY_TRAINING}.items()]
+
+
+def tiny_run(output_dir, training: dict | None = None, schedule: dict | None = None):
+    """The library call the script makes, on the tiny model."""
+    from transformers import TrainingArguments
+
+    from lightarch.data.arithmetic import SuiteSizes
+    from lightarch.training.adaptive_depth import AdaptiveSchedule, train_adaptive
+    from lightarch.training.cli import config_from_preset
+
+    config = config_from_preset(AdaptiveDepthConfig, "arithmetic", TINY_MODEL)
+    args = TrainingArguments(output_dir=str(output_dir), use_cpu=True, report_to="none", save_strategy="no",
+                             seed=42, **{**TINY_TRAINING, **(training or {})})
+    schedule = AdaptiveSchedule(**{**TINY_SCHEDULE, **(schedule or {})})
+    return train_adaptive(config, args, SuiteSizes(**TINY_SIZES), schedule)
+
+
+def test_arithmetic_preset_is_the_training_default_and_fits_the_tokenizer():
+    from lightarch.configuration.configuration_adaptive_depth import ADAPTIVE_DEPTH_PRESETS
+    from lightarch.data.arithmetic import build_tokenizer
+
+    assert AdaptiveDepthConfig.presets() is ADAPTIVE_DEPTH_PRESETS and "tiny" not in AdaptiveDepthConfig.presets()
+    config = AdaptiveDepthConfig.from_preset("arithmetic")
+    tokenizer = build_tokenizer()
+    assert config.vocab_size == len(tokenizer) == 17
+    assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (
+        tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    # the model scripts/train_adaptive.py trained before presets existed (its re-declared defaults)
+    assert config.exit_layers == [2, 4, 6, 8] and config.exit_loss_weights == [2.0, 1.0, 1.0, 1.0]
+    assert config.first_k_dense_layers == config.num_hidden_layers == 8 and config.estimator_loss_weight == 0.1
+    assert sum(p.numel() for p in AdaptiveDepthForCausalLM(config).parameters()) == 1_203_460
+    config.exit_layers.append(9)  # a config never shares the preset's lists
+    assert AdaptiveDepthConfig.from_preset("arithmetic").exit_layers == [2, 4, 6, 8]
+    with pytest.raises(ValueError, match="Unknown preset 'tiny'"):
+        AdaptiveDepthConfig.from_preset("tiny")
 
 
 @pytest.fixture(scope="module")
 def trained_folder(tmp_path_factory):
-    train_adaptive = load_script("train_adaptive")
+    """scripts/train_adaptive.py end to end on the tiny model (seconds)."""
     folder = tmp_path_factory.mktemp("train_adaptive") / "run"
-    results = train_adaptive.main(TINY_TRAIN + ["--output_dir", str(folder)])
-    return folder, results
+    result = run_script("train_adaptive", *TINY_TRAIN, "--output_dir", str(folder))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder, json.loads((folder / "results.json").read_text())
 
 
 def test_train_script_writes_a_calibrated_model(trained_folder):
@@ -479,35 +538,52 @@ def test_train_script_writes_a_calibrated_model(trained_folder):
     assert results["phase1_steps"] == 3 and results["phase2_steps"] == 2
     assert {"loss_exit_1", "loss_exit_4", "estimator_loss"} <= set(results["history"][0])
     model = AutoModelForCausalLM.from_pretrained(folder)
-    assert model.config.exit_policy == "estimator"
+    assert model.config.exit_policy == "estimator" and model.config.exit_layers == [1, 2, 4]
     assert model.config.estimator_threshold == results["thresholds"]["estimator"]
     heldout = json.loads((folder / "heldout.json").read_text())
     assert len(heldout["test"]["hard"]) == 12 and not set(heldout["test"]["hard"]) & set(heldout["calibration"]["hard"])
 
 
-def test_phase_two_trains_only_the_estimator(trained_folder, tmp_path):
-    """With --max_steps 1 and a zero learning rate in phase 1, phase 2 must leave every backbone weight untouched."""
-    train_adaptive = load_script("train_adaptive")
+def test_phase_two_trains_only_the_estimator(tmp_path):
+    """With one phase-1 step at learning rate 0, phase 2 must leave every backbone weight untouched."""
     folder = tmp_path / "frozen"
-    torch.manual_seed(0)
-    train_adaptive.main(TINY_TRAIN + ["--output_dir", str(folder), "--max_steps", "1", "--learning_rate", "0",
-                                      "--estimator_learning_rate", "0.05"])
+    tiny_run(folder, training=dict(max_steps=1, learning_rate=0.0), schedule=dict(estimator_learning_rate=0.05))
     trained = AutoModelForCausalLM.from_pretrained(folder)
-    fresh_config = trained.config
-    torch.manual_seed(42)  # the script's seed: the same initial weights
-    initial = AdaptiveDepthForCausalLM(fresh_config)
+    torch.manual_seed(42)  # the recipe's seed: the same initial weights
+    initial = AdaptiveDepthForCausalLM(trained.config)
     changed = {k for k, v in trained.state_dict().items() if not torch.equal(v, initial.state_dict()[k])}
     assert changed and all(k.startswith("model.estimator.") for k in changed), changed
 
 
+def test_a_failing_model_card_never_loses_the_trained_model(tmp_path, monkeypatch, caplog):
+    import lightarch.training.adaptive_depth as recipe
+
+    def broken_plot(*args, **kwargs):
+        raise RuntimeError("the plot broke")
+
+    monkeypatch.setattr(recipe, "plot_training", broken_plot)
+    folder = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="the plot broke"):
+        tiny_run(folder, schedule=dict(estimator_steps=0))
+    assert str(folder) in caplog.text and "saved, complete" in caplog.text
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.config.exit_policy == "estimator"
+    assert json.loads((folder / "results.json").read_text())["thresholds"]["estimator"] == \
+        model.config.estimator_threshold
+    assert (folder / "heldout.json").is_file() and not (folder / "training.png").exists()
+
+
 def test_bench_script_writes_results_table_and_curves(trained_folder, tmp_path):
     folder, _ = trained_folder
-    bench_adaptive = load_script("bench_adaptive")
-    results = bench_adaptive.main(["--model_dir", str(folder), "--output_dir", str(tmp_path / "bench"),
-                                   "--threshold_steps", "3", "--timing_examples", "2", "--timing_rounds", "1"])
+    result = run_script("bench_adaptive", "--model_dir", str(folder), "--output_dir", str(tmp_path / "bench"),
+                        "--threshold_steps", "3", "--timing_examples", "2", "--timing_rounds", "1",
+                        "--disable_tqdm", "True")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| easy | estimator |" in result.stdout
     for name in ("results.json", "results.md", "curves.png"):
         assert (tmp_path / "bench" / name).is_file()
     assert (tmp_path / "bench" / "curves.png").read_bytes().startswith(PNG_MAGIC)
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
     for split in ("easy", "hard"):
         r = results["splits"][split]
         assert {"full", "estimator", "confidence", "estimator_curve", "confidence_curve"} <= set(r)
@@ -524,37 +600,83 @@ def test_bench_script_writes_results_table_and_curves(trained_folder, tmp_path):
         assert timing["decoding_agrees_with_teacher_forcing"], (accuracy, timing["teacher_forced_accuracy"])
         assert timing["self_speculative_equals_greedy"]
     assert set(results["targets"]) == {"estimator", "confidence"}
-    assert "| easy | estimator |" in (tmp_path / "bench" / "results.md").read_text()
+
+
+def test_bench_refuses_a_folder_without_heldout_questions(tmp_path):
+    from lightarch.evaluation.benchmarks.adaptive_depth import check_bench_options
+
+    with pytest.raises(ValueError, match="--model_dir .* has no heldout.json; train it with scripts/train_adaptive"):
+        check_bench_options(tmp_path)
+    (tmp_path / "heldout.json").write_text("{}")
+    with pytest.raises(ValueError, match="--timing_rounds must be >= 1"):
+        check_bench_options(tmp_path, timing_rounds=0)
 
 
 @pytest.mark.parametrize("script", ["train_adaptive", "bench_adaptive"])
-def test_help_explains_every_option(script, capsys):
-    module = load_script(script)
-    with pytest.raises(SystemExit):
-        module.parse_args(["--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    classes = ((module.ModelArguments, module.DataArguments, module.AdaptiveArguments) if script == "train_adaptive"
-               else (module.BenchArguments,))
-    for cls in classes:
-        for name, spec in cls.__dataclass_fields__.items():
-            help_text = spec.metadata.get("help")
-            assert help_text, f"--{name} has no help"
-            assert f"--{name}" in text and " ".join(help_text.split()[:4]) in text, name
+def test_help_explains_every_option(script):
+    text = run_script(script, "--help").stdout
+    options = re.findall(r"^  (--\w+)(.*)\n((?:  {6,}.*\n)*)", text.split("options:")[1], flags=re.MULTILINE)
+    assert len(options) >= 8
+    for name, rest, more in options:
+        explanation = re.sub(r"\(default: .*?\)|[A-Z_]+|--[\w-]+|,", "", rest + more).strip()
+        assert len(explanation) > 10, f"{script} {name} has no help"
+    if script == "train_adaptive":
+        assert "--preset" in text and "--help_all" in text and "TrainingArguments option is accepted" in text
 
 
 @pytest.mark.parametrize(
-    "args, option",
+    "make, option",
     [
-        (["--exit_layers", "2,1,4"], "exit_layers"),
-        (["--exit_layers", "1,2"], "exit_layers"),
-        (["--calibration_easy", "300"], "--calibration_easy"),
-        (["--hard_fraction", "1.5"], "--hard_fraction"),
-        (["--estimator_input_layer", "3"], "estimator_input_layer"),
+        (lambda: _config("exit_layers=[2,1,4],exit_loss_weights=null"), "exit_layers"),
+        (lambda: _config("exit_layers=[1,2]"), "exit_layers"),
+        (lambda: _config("estimator_input_layer=3"), "estimator_input_layer"),
+        (lambda: _config("exit_width=3"), "--config_overrides: AdaptiveDepthConfig has no field 'exit_width'"),
+        (lambda: _check(_config("vocab_size=12")), "--config_overrides vocab_size=12"),
+        (lambda: _check(_config("bos_token_id=5")), "--config_overrides bos_token_id=5"),
+        (lambda: _check(AdaptiveDepthConfig.from_preset("arithmetic"), max_steps=-1), "--max_steps"),
+        (lambda: _sizes(calibration_easy=300), "--calibration_easy"),
+        (lambda: _sizes(hard_fraction=1.5), "--hard_fraction"),
+        (lambda: _sizes(calibration_hard=30), "--calibration_hard"),
+        (lambda: _schedule(reserve_minutes=20.0), "--reserve_minutes"),
+        (lambda: _schedule(estimator_steps=-1), "--estimator_steps"),
     ],
 )
-def test_train_script_rejects_bad_options_naming_them(args, option, tmp_path, capsys):
-    train_adaptive = load_script("train_adaptive")
-    with pytest.raises(SystemExit) as error:
-        train_adaptive.main(TINY_TRAIN + ["--output_dir", str(tmp_path / "x"), *args])
-    assert error.value.code == 2
-    assert option in capsys.readouterr().err
+def test_bad_training_options_are_refused_naming_them(make, option):
+    with pytest.raises(ValueError, match=re.escape(option)):
+        make()
+
+
+def _config(overrides: str):
+    from lightarch.training.cli import config_from_preset
+
+    return config_from_preset(AdaptiveDepthConfig, "arithmetic", overrides)
+
+
+def _check(config, max_steps: int = 10):
+    from transformers import TrainingArguments
+
+    from lightarch.training.adaptive_depth import check_adaptive_run
+
+    check_adaptive_run(config, TrainingArguments(output_dir="unused", max_steps=max_steps, report_to="none"))
+
+
+def _sizes(**values):
+    from lightarch.data.arithmetic import SuiteSizes
+
+    return SuiteSizes(**{**TINY_SIZES, **values})
+
+
+def _schedule(**values):
+    from lightarch.training.adaptive_depth import AdaptiveSchedule
+
+    return AdaptiveSchedule(**values)
+
+
+def test_train_script_refuses_bad_options_in_one_line(tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    result = run_script("train_adaptive", *TINY_TRAIN, "--output_dir", str(foreign))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--output_dir" in result.stderr and "is not empty" in result.stderr
+    assert (foreign / "notes.txt").read_text() == "mine"

@@ -1,14 +1,17 @@
-"""scripts/bench_moe.py runs end to end on a micro config and writes well-formed results."""
+"""The MoE block benchmark (lightarch.evaluation.benchmarks.moe): scripts/bench_moe.py runs end to end on a micro
+config and writes well-formed results; the equivalence check catches different weights."""
 
-import importlib.util
 import json
+import os
+import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_moe.py"
+from conftest import PROJECT_ROOT
+from lightarch.evaluation.benchmarks.moe import block_config, build_variants, check_equivalence, check_moe_options
+
 MICRO = [
     "--hidden_size", "32", "--moe_intermediate_size", "16", "--num_experts", "4", "--top_k", "2",
     "--max_experts_per_token", "3", "--batch_size", "2", "--seq_len", "8",
@@ -25,23 +28,13 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def bench_moe():
-    spec = importlib.util.spec_from_file_location("bench_moe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_micro_run_writes_results(bench_moe, tmp_path):
-    threads = torch.get_num_threads()
-    try:
-        returned = bench_moe.main([*MICRO, "--output_dir", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+def test_micro_run_writes_results(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "bench_moe.py"), *MICRO, "--output_dir",
+                             str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results == json.loads(json.dumps(returned))
+    assert (tmp_path / "results.md").read_text() in result.stdout  # the table is printed too
     assert {"config", "environment", "variants"} <= results.keys()
     assert results["config"]["hidden_size"] == 32 and results["config"]["top_k"] == 2
     assert {"torch", "transformers", "cpu_count", "torch_num_threads"} <= results["environment"].keys()
@@ -70,13 +63,22 @@ def test_micro_run_writes_results(bench_moe, tmp_path):
     assert all(f"| {name} |" in table for name in VARIANTS)
 
 
-def test_equivalence_check_catches_different_weights(bench_moe):
-    args = bench_moe.BenchArguments(hidden_size=32, moe_intermediate_size=16, num_experts=4, max_experts_per_token=3)
-    variants = bench_moe.build_variants(args, torch.float32)
+def test_equivalence_check_catches_different_weights():
+    config = block_config(hidden_size=32, moe_intermediate_size=16, num_experts=4, max_experts_per_token=3)
+    variants = build_variants(config, router_std=0.1, dtype=torch.float32)
     inputs = torch.randn(2, 8, 32)
     grad_output = torch.randn_like(inputs)
-    bench_moe.check_equivalence(variants, inputs, grad_output, torch.float32)  # same weights: passes
+    check_equivalence(variants, inputs, grad_output, torch.float32)  # same weights: passes
     with torch.no_grad():
         variants["lightarch_top_k_grouped_mm"][0].experts.down_proj.mul_(1.01)
     with pytest.raises(AssertionError, match="lightarch_top_k_grouped_mm"):
-        bench_moe.check_equivalence(variants, inputs, grad_output, torch.float32)
+        check_equivalence(variants, inputs, grad_output, torch.float32)
+
+
+@pytest.mark.parametrize("options, message", [(dict(dtype="float64"), "--dtype must be one of"),
+                                              (dict(rounds=0), "--rounds must be >= 1")])
+def test_bad_options_name_the_option(options, message):
+    values = dict(dtype="float32", batch_size=2, seq_len=8, rounds=1, iters_per_round=1)
+    check_moe_options(**values)
+    with pytest.raises(ValueError, match=message):
+        check_moe_options(**{**values, **options})

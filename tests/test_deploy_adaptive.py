@@ -122,9 +122,9 @@ def test_onnx_export_of_the_full_depth_path_matches_torch(tmp_path):
 
 
 def test_onnx_export_refuses_run_time_exit_policies(tmp_path):
-    from scripts.export_onnx import main
+    from lightarch.deploy.onnx import export_onnx_folder  # what scripts/export_onnx.py runs
 
     folder = save_tiny_adaptive_model(tmp_path / "model", exit_policy="estimator")
     with pytest.raises(ValueError, match="exit_policy='estimator': the ONNX export is a fixed-depth decoding step"):
-        main(["--model_dir", str(folder), "--output_dir", str(tmp_path / "out")])
+        export_onnx_folder(folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()

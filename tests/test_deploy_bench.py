@@ -1,30 +1,36 @@
-"""scripts/bench_inference.py runs end to end on a tiny model and writes well-formed results (no timing asserts)."""
+"""The inference benchmark (lightarch.evaluation.benchmarks.inference): scripts/bench_inference.py runs end to end on
+a tiny model and writes well-formed results (no timing asserts); option checks, the realtime preset, the padding
+bound's arithmetic and the static-batching server in process."""
 
 import json
+import subprocess
 
 import pytest
-import torch
 from deploy_helpers import save_tiny_model
 
+from conftest import run_script
+from lightarch.evaluation.benchmarks import inference as bench
+from lightarch.evaluation.benchmarks.inference import check_inference_options, preset_differences, token_positions
 
-@pytest.mark.parametrize("variants", ["torch_fp32,torch_int8"])
-def test_bench_inference_micro_run_writes_results(tmp_path, variants):
-    from scripts.bench_inference import main
 
+def run_bench(*args: str, cwd) -> subprocess.CompletedProcess:
+    return run_script("bench_inference", *args, cwd=cwd)
+
+
+def test_bench_inference_micro_run_writes_results(tmp_path):
+    variants = "torch_fp32,torch_int8"
     folder = save_tiny_model(tmp_path / "model", router_mode="top_p", num_shared_experts=1)
     heldout = tmp_path / "model" / "results.json"  # no held-out list: standard-library files are used
     assert not heldout.exists()
-    threads = torch.get_num_threads()
-    try:
-        results = main(["--model_dir", str(folder), "--output_dir", str(tmp_path / "out"), "--variants", variants,
+    result = run_bench("--model_dir", str(folder), "--output_dir", str(tmp_path / "out"), "--variants", variants,
                         "--prompt_tokens", "16", "--new_tokens", "4", "--rounds", "1", "--prompts", "2",
                         "--warmup", "1", "--throughput_requests", "6", "--min_prompt", "4", "--max_prompt", "40",
                         "--padded_batch_sizes", "3,6", "--throughput_rounds", "1", "--num_threads", "1",
-                        "--throughput_new_tokens", "4,2-9", "--online_workload", "2-9", "--online_rates", "200,2000"])
-    finally:
-        torch.set_num_threads(threads)
+                        "--throughput_new_tokens", "4,2-9", "--online_workload", "2-9", "--online_rates", "200,2000",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
     written = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert set(written["latency"]) == set(variants.split(",")) == set(results["latency"])
+    assert set(written["latency"]) == set(variants.split(","))
     for row in written["latency"].values():
         assert 0 < row["p50_ms"] <= row["p95_ms"] and row["runs"] == 2
     assert written["latency"]["torch_fp32"]["greedy_agreement_with_torch_fp32"] == 1.0
@@ -60,55 +66,62 @@ def test_bench_inference_micro_run_writes_results(tmp_path, variants):
     assert (tmp_path / "out" / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_inference_rejects_bad_options(tmp_path):
-    from scripts.bench_inference import main
-
-    with pytest.raises(ValueError, match="--variants 'torch_fp16'"):
-        main(["--variants", "torch_fp16"])
-    with pytest.raises(ValueError, match="has no model.*--config_overrides"):
-        main(["--model_dir", str(tmp_path / "missing"), "--train_if_missing", "false"])
-    with pytest.raises(ValueError, match="--padded_batch_sizes '0'"):
-        main(["--padded_batch_sizes", "0"])
-    with pytest.raises(ValueError, match="--cb_attn_implementation 'sdpa_paged'"):
-        main(["--cb_attn_implementation", "sdpa_paged"])
-    with pytest.raises(ValueError, match="--preset 'huge' is unknown"):
-        main(["--preset", "huge"])
-    with pytest.raises(ValueError, match="--throughput_new_tokens '16,9-4'"):
-        main(["--throughput_new_tokens", "16,9-4"])
-    with pytest.raises(ValueError, match="--online_rates '4,-1'"):
-        main(["--online_rates", "4,-1"])
-    with pytest.raises(ValueError, match="--online_workload '32' is not one of"):
-        main(["--online_workload", "32"])
+GOOD_OPTIONS = dict(preset="realtime", variants="torch_fp32", padded_batch_sizes="8,32",
+                    throughput_new_tokens="16,8-128", online_rates="4,8", online_workload="8-128",
+                    cb_attn_implementation="sdpa", min_prompt=8, max_prompt=256)
 
 
-def test_realtime_preset_validates_and_the_main_job_accepts_it(tmp_path):
-    """The benchmark's model: a valid top-k preset whose vocabulary is the main job's tokenizer, which scripts/train.py
-    turns into exactly that config (parsed and validated, not trained)."""
+@pytest.mark.parametrize("options, message", [
+    (dict(variants="torch_fp16"), "--variants 'torch_fp16'"),
+    (dict(padded_batch_sizes="0"), "--padded_batch_sizes '0'"),
+    (dict(padded_batch_sizes="a,b"), "--padded_batch_sizes 'a,b'"),
+    (dict(cb_attn_implementation="sdpa_paged"), "--cb_attn_implementation 'sdpa_paged'"),
+    (dict(preset="huge"), "--preset 'huge' is unknown"),
+    (dict(throughput_new_tokens="16,9-4"), "--throughput_new_tokens '16,9-4'"),
+    (dict(online_rates="4,-1"), "--online_rates '4,-1'"),
+    (dict(online_workload="32"), "--online_workload '32' is not one of"),
+    (dict(min_prompt=300), "--min_prompt <= --max_prompt"),
+])
+def test_bench_inference_rejects_bad_options(options, message):
+    check_inference_options(**GOOD_OPTIONS)  # passes
+    with pytest.raises(ValueError, match=message):
+        check_inference_options(**{**GOOD_OPTIONS, **options})
+
+
+def test_bench_inference_without_a_model_names_the_training_command(tmp_path):
+    result = run_bench("--model_dir", str(tmp_path / "missing"), "--train_if_missing", "false", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "has no model" in result.stderr and "scripts/train.py --preset realtime --output_dir" in result.stderr
+    assert not (tmp_path / "missing").exists()
+
+
+def test_realtime_preset_is_the_main_jobs_architecture_with_top_k_routing(tmp_path):
+    """The benchmark's model: a valid top-k preset with the main job's vocabulary and layout, which the main job's
+    checks accept as it is (scripts/train.py --preset realtime)."""
+    from transformers import TrainingArguments
+
     from lightarch import SparseMoeConfig
-    from lightarch.configuration.configuration_sparse_moe import SPARSE_MOE_PRESETS
-    from scripts.bench_inference import BenchArguments, preset_differences, train_command
-    from scripts.train import DataArguments, build_config, parse_args
+    from lightarch.training.cli import config_from_preset
+    from lightarch.training.sparse_moe import check_train_options
 
-    assert BenchArguments().preset == "realtime"
-    config = SparseMoeConfig.from_preset("realtime")
-    assert config.router_mode == "top_k" and config.vocab_size == DataArguments().vocab_size
+    config = config_from_preset(SparseMoeConfig, "realtime")
+    main_job = SparseMoeConfig.from_preset("tiny")
+    assert config.router_mode == "top_k" and main_job.router_mode == "top_p"
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "layer_types", "num_experts", "sliding_window",
+                 "moe_intermediate_size", "max_position_embeddings"):
+        assert getattr(config, name) == getattr(main_job, name), name
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         SparseMoeConfig.from_preset("realtime", num_experts_per_tok=9)
-
-    command = train_command("realtime", str(tmp_path / "out"))
-    model_args, data_args, _ = parse_args(command[2:])
-    trained = build_config(model_args, data_args.vocab_size, data_args.block_size,
-                           {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2})
-    assert preset_differences(trained, "realtime") == {}
-    assert set(SPARSE_MOE_PRESETS["realtime"]) - {"vocab_size"} <= set(json.loads(command[-1]))
+    check_train_options(config, TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, max_steps=1),
+                        block_size=256, tokenizer_min_frequency=2, time_budget_minutes=9, sample_prompt="x",
+                        sample_max_new_tokens=8)
+    assert preset_differences(config, "realtime") == {}
     assert preset_differences(SparseMoeConfig.from_preset("realtime", hidden_size=64), "realtime") == {
         "hidden_size": (96, 64)}
 
 
 def test_token_positions_counts_padding_against_a_naive_count():
     """The padding bound's arithmetic, against a position-by-position count of what each forward computes."""
-    from scripts.bench_inference import token_positions
-
     prompts = [[1] * 5, [1] * 2, [1] * 9, [1] * 3]
     new_tokens = [4, 1, 2, 6]
 
@@ -129,8 +142,6 @@ def test_token_positions_counts_padding_against_a_naive_count():
 def test_static_batching_server_batches_what_has_arrived():
     """The online baseline: requests that arrive while a batch runs wait for it, then go together (a fake model
     records each padded `generate` call's rows)."""
-    import scripts.bench_inference as bench
-
     calls = []
 
     def fake_padded_generate(model, prompts, new_tokens):

@@ -1,15 +1,25 @@
-"""PEFT on lightarch: documented LoRA targets (never the router), Trainer fine-tuning, merge equality, QLoRA, script."""
+"""PEFT on lightarch: documented LoRA targets (never the router), Trainer fine-tuning, merge equality, QLoRA, and
+scripts/finetune_lora.py (lightarch.deploy.peft.finetune_lora) end to end."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import tiny_sparse_moe_config
+from conftest import PROJECT_ROOT, tiny_sparse_moe_config
 from deploy_helpers import save_tiny_model, tiny_byte_config
 
 from lightarch import SparseMoeForCausalLM
 from lightarch.data.corpus import BlockDataset
-from lightarch.deploy.peft import check_lora_targets, lora_config
+from lightarch.deploy.peft import (
+    check_finetune_options,
+    check_lora_targets,
+    finetune_lora,
+    lora_config,
+    parse_lora_targets,
+)
 
 peft = pytest.importorskip("peft")
 
@@ -122,20 +132,25 @@ def test_qlora_4bit_base_trains_on_cpu(tmp_path, monkeypatch):
 
 
 def test_finetune_lora_script_saves_an_adapter_that_reloads(tmp_path):
+    """scripts/finetune_lora.py end to end, as a user runs it."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
-    from scripts.finetune_lora import main
 
     folder = save_tiny_model(tmp_path / "base", router_mode="top_p", num_shared_experts=1)
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 30)
     out = tmp_path / "lora"
-    results = main(["--model_dir", str(folder), "--text_file", str(text), "--output_dir", str(out),
-                    "--block_size", "32", "--batch_size", "4", "--max_steps", "5", "--r", "4", "--merge"])
-    assert results["trainable_parameters"] > 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "scripts" / "finetune_lora.py"), "--model_dir", str(folder),
+         "--text_file", str(text), "--output_dir", str(out), "--block_size", "32", "--batch_size", "4",
+         "--max_steps", "5", "--r", "4", "--merge"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["trainable_parameters"] > 0 and results["args"]["max_steps"] == 5
     assert results["heldout_perplexity_after"] < results["heldout_perplexity_before"]
-    assert json.loads((out / "results.json").read_text())["targets"] == results["targets"]
+    assert results["targets"] == ["attention", "dense_mlp", "shared_experts", "experts"]
     assert "held-out perplexity after" in (out / "results.md").read_text()
 
     base = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -149,13 +164,22 @@ def test_finetune_lora_script_saves_an_adapter_that_reloads(tmp_path):
     torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-5, rtol=1e-5)
 
 
-def test_finetune_lora_script_rejects_bad_options(tmp_path):
-    from scripts.finetune_lora import main
-
+def test_finetune_lora_rejects_bad_options(tmp_path):
     folder = save_tiny_model(tmp_path / "base")
-    with pytest.raises(ValueError, match="--targets"):
-        main(["--model_dir", str(folder), "--targets", "attention,router"])
+    good = dict(model_dir=folder, text_file=None, merge=False, qlora=False, heldout_fraction=0.1, r=8, block_size=32,
+                batch_size=4, max_steps=5)
+    check_finetune_options(**good)
+    with pytest.raises(ValueError, match="--targets 'attention,router'"):
+        parse_lora_targets("attention,router")
+    assert parse_lora_targets(" attention, experts") == ["attention", "experts"]
     with pytest.raises(ValueError, match="--merge cannot be used with --qlora"):
-        main(["--model_dir", str(folder), "--qlora", "--merge"])
+        check_finetune_options(**{**good, "qlora": True, "merge": True})
     with pytest.raises(ValueError, match="has no config.json"):
-        main(["--model_dir", str(tmp_path / "missing")])
+        check_finetune_options(**{**good, "model_dir": tmp_path / "missing"})
+    with pytest.raises(ValueError, match="--heldout_fraction must be in"):
+        check_finetune_options(**{**good, "heldout_fraction": 1.0})
+    with pytest.raises(ValueError, match="--max_steps must be >= 1"):
+        check_finetune_options(**{**good, "max_steps": 0})
+    with pytest.raises(ValueError, match="has no config.json"):  # the library function checks its arguments too
+        finetune_lora(tmp_path / "missing", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

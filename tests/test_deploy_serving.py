@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from lightarch import SparseMoeForCausalLM
 from lightarch.deploy.serving import (
     TokenBudgetMiddleware,
+    check_servable_folder,
     cpu_continuous_batching_config,
     paged_cache_bytes,
     request_token_budget,
@@ -190,13 +191,17 @@ def test_transformers_serve_continuous_batching_answers_concurrent_requests(tmp_
             process.wait(timeout=10)
 
 
-def test_serve_script_refuses_a_tokenizer_without_chat_template(tmp_path):
-    from scripts.serve import main
-
+def test_serving_refuses_folders_it_cannot_serve(tmp_path):
     folder = save_tiny_model(tmp_path / "model")
+    config, _ = check_servable_folder(folder)
+    assert config.model_type == "lightarch_sparse_moe"
+    with pytest.raises(ValueError, match="--attn_implementation 'sdpa_paged'"):
+        check_servable_folder(folder, "sdpa_paged")
+    with pytest.raises(ValueError, match="has no config.json"):
+        check_servable_folder(tmp_path / "missing")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.chat_template = None
     tokenizer.save_pretrained(folder)
     (folder / "chat_template.jinja").unlink(missing_ok=True)
     with pytest.raises(ValueError, match="has no chat template"):
-        main(["--model_dir", str(folder)])
+        check_servable_folder(folder)

@@ -324,6 +324,15 @@ def test_attention_temperature_tuning_scales_nope_queries_after_floor_scale():
     assert not torch.allclose(tuned_logits[:, 4:], plain_logits[:, 4:])
 
 
+def test_temperature_tuned_nope_layer_needs_position_ids():
+    config = _hybrid(no_rope_layers=[1, 0, 1], attn_temperature_tuning=True, floor_scale=4)
+    hidden = torch.randn(1, 5, config.hidden_size)
+    cos_sin = RotaryEmbedding(config)(hidden, torch.arange(5)[None])
+    with pytest.raises(ValueError, match="Layer 1 is a NoPE layer with attn_temperature_tuning=True.*position_ids"):
+        Attention(config, layer_idx=1).project_qkv(hidden, cos_sin)
+    Attention(config, layer_idx=0).project_qkv(hidden, cos_sin)  # a rotary layer reads positions from cos / sin
+
+
 @pytest.mark.parametrize("value", [[1, 0], [1, 2, 0]])
 def test_config_rejects_bad_no_rope_layers(value):
     with pytest.raises(ValueError, match="no_rope_layers"):

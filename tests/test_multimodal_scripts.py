@@ -1,4 +1,5 @@
-"""The tri-modal data set (lightarch.data.multimodal) and the multimodal scripts (train_multimodal, eval_multimodal).
+"""The tri-modal data set (lightarch.data.multimodal), the training recipe (lightarch.training.multimodal), the
+evaluation of saved runs, and both scripts (train_multimodal, eval_multimodal) end to end as subprocesses.
 
 Never needs the apt packages: Fashion-MNIST is replaced by tiny generated IDX files, espeak-ng by a fake executable
 that writes a WAV the way espeak-ng does (streaming header), and the end-to-end run uses `--dataset synthetic`.
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PNG_MAGIC, load_script
+from conftest import PNG_MAGIC, PROJECT_ROOT, run_script
 from lightarch.data.multimodal import (
     CLASS_NAMES,
     FASHION_MNIST_FILES,
@@ -54,7 +55,7 @@ from lightarch.evaluation.multimodal import (
     recall_at_1,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+
 
 
 # ------------------------------------------------------------------------------------------------------ fixtures
@@ -304,48 +305,80 @@ MICRO_MODEL = json.dumps({
     "vision_config": {"hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64},
     "audio_config": {"hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64},
 })
-MICRO_TRAIN = [
-    "--dataset", "synthetic", "--train_images_per_class", "6", "--eval_images_per_class", "3",
-    "--eval_questions_per_kind", "4", "--max_steps", "6", "--per_device_train_batch_size", "8",
-    "--per_device_eval_batch_size", "16", "--logging_steps", "2", "--save_steps", "3", "--warmup_steps", "0",
-    "--config_overrides", MICRO_MODEL, "--dataloader_num_workers", "0", "--num_threads", "1",
-    "--disable_tqdm", "True",
-]
+MICRO_DATA = dict(dataset="synthetic", train_images_per_class=6, eval_images_per_class=3, eval_questions_per_kind=4)
+MICRO_TRAINING = dict(max_steps=6, per_device_train_batch_size=8, per_device_eval_batch_size=16, logging_steps=2,
+                      save_steps=3, warmup_steps=0, dataloader_num_workers=0, disable_tqdm=True)
+MICRO_TRAIN = ["--config_overrides", MICRO_MODEL, "--num_threads", "1"] + [
+    f"--{name}={value}" for name, value in {**MICRO_DATA, **MICRO_TRAINING}.items()]
 
 
-@pytest.fixture(scope="module")
-def train_script():
-    return load_script("train_multimodal")
+def micro_config(overrides: str = MICRO_MODEL):
+    from lightarch import MultiModalConfig
+    from lightarch.training.cli import config_from_preset
+
+    return config_from_preset(MultiModalConfig, "trimodal-qa", overrides)
 
 
-@pytest.fixture(scope="module")
-def eval_script():
-    return load_script("eval_multimodal")
+def micro_training_args(output_dir, **overrides):
+    """The TrainingArguments scripts/train_multimodal.py builds for MICRO_TRAIN."""
+    from transformers import TrainingArguments
+
+    values = dict(use_cpu=True, save_strategy="steps", save_total_limit=1, report_to="none", seed=42,
+                  learning_rate=2e-3, lr_scheduler_type="cosine", weight_decay=0.01, max_grad_norm=1.0,
+                  logging_first_step=True, remove_unused_columns=False)
+    return TrainingArguments(output_dir=str(output_dir), **{**values, **MICRO_TRAINING, **overrides})
 
 
-@pytest.fixture(scope="module")
-def trained(train_script, tmp_path_factory):
-    """One micro run of both models on the synthetic fixture (seconds)."""
+def micro_run(output_dir, ablation: bool = True, **training):
+    """The library call the script makes for MICRO_TRAIN (one torch thread, like the script)."""
+    from lightarch.data.multimodal import MultiModalData
+    from lightarch.training.multimodal import train_multimodal
+
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_multimodal(micro_config(), micro_training_args(output_dir, **training),
+                                MultiModalData(**MICRO_DATA), ablation=ablation)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """scripts/train_multimodal.py end to end: one micro run of both models on the synthetic fixture (seconds)."""
     output_dir = tmp_path_factory.mktemp("mm") / "run"
-    results = train_script.main(MICRO_TRAIN + ["--output_dir", str(output_dir)])
-    torch.set_num_threads(threads)
-    return output_dir, results
+    result = run_script("train_multimodal", *MICRO_TRAIN, "--output_dir", str(output_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir, json.loads((output_dir / "results.json").read_text())
 
 
-def test_train_script_help_runs_as_a_command():
-    result = subprocess.run([sys.executable, "scripts/train_multimodal.py", "--help"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def test_trimodal_qa_preset_is_the_training_default_and_fits_the_tokenizer():
+    from lightarch import MultiModalConfig
+    from lightarch.data.multimodal import build_tokenizer
+
+    config, tokenizer = MultiModalConfig.from_preset("trimodal-qa"), build_tokenizer()
+    decoder = config.decoder_config
+    assert decoder.vocab_size == len(tokenizer) == 74
+    assert (decoder.pad_token_id, decoder.bos_token_id, decoder.eos_token_id) == (
+        tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    assert (config.image_token_id, config.audio_token_id) == tuple(tokenizer.convert_tokens_to_ids(["<image>",
+                                                                                                    "<audio>"]))
+    assert config.alignment_pairs == ["text_image", "text_audio"] and config.alignment_loss_weight == 1.0
+    # otherwise the "tiny" architecture
+    tiny = MultiModalConfig.from_preset("tiny")
+    assert decoder.num_hidden_layers == tiny.decoder_config.num_hidden_layers == 3
+    assert config.vision_config.to_dict() == tiny.vision_config.to_dict()
+    assert config.audio_config.to_dict() == tiny.audio_config.to_dict()
+
+
+def test_help_runs_fast_and_lists_the_options():
+    result = run_script("train_multimodal", "--help")
     assert result.returncode == 0, result.stderr
-    for option in ("--alignment_pairs", "--dataset", "--time_budget_minutes", "--resume_from_checkpoint"):
-        assert option in result.stdout
-
-
-def test_eval_script_help(eval_script, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        eval_script.main(["--help"])
-    assert exit_info.value.code == 0
-    assert "--model_dir" in capsys.readouterr().out
+    for option in ("--preset", "--config_overrides", "--ablation", "--dataset", "--time_budget_minutes",
+                   "--resume_from_checkpoint", "--help_all"):
+        assert option in result.stdout, option
+    result = run_script("eval_multimodal", "--help")
+    assert result.returncode == 0 and "--model_dir" in result.stdout and "--eval_questions_per_kind" in result.stdout
 
 
 def _check_measurements(heldout: dict) -> None:
@@ -365,7 +398,7 @@ def test_micro_training_writes_both_models(trained):
     for name in ("results.json", "results.md", "training.png"):
         assert (output_dir / name).is_file(), name
     assert (output_dir / "training.png").read_bytes()[:8] == PNG_MAGIC
-    assert json.loads((output_dir / "results.json").read_text())["runs"].keys() == {"aligned", "no_alignment"}
+    assert results["runs"].keys() == {"aligned", "no_alignment"}
     assert "| VQA accuracy, all kinds |" in (output_dir / "results.md").read_text()
     runs = results["runs"]
     assert runs["aligned"]["alignment_loss_weight"] == 1.0 and runs["no_alignment"]["alignment_loss_weight"] == 0.0
@@ -376,7 +409,8 @@ def test_micro_training_writes_both_models(trained):
     for variant in ("aligned", "no_alignment"):
         folder = output_dir / variant
         for name in ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
-                     "modeling_multimodal.py", "processing_multimodal.py", "README.md", "results.json"):
+                     "modeling_multimodal.py", "processing_multimodal.py", "README.md", "results.json",
+                     "training.png"):
             assert (folder / name).is_file(), f"{variant}/{name}"
         card = (folder / "README.md").read_text()
         assert "${" not in card and "## Results (held-out images and voices)" in card
@@ -384,6 +418,7 @@ def test_micro_training_writes_both_models(trained):
         _check_measurements(saved["heldout"])
         config = json.loads((folder / "config.json").read_text())
         assert config["alignment_loss_weight"] == runs[variant]["alignment_loss_weight"]
+        assert config["decoder_config"]["num_hidden_layers"] == 2  # --config_overrides over the preset
         # Trainer logged every loss part; the ablation still measures alignment (without training it)
         logged = [e for e in saved["history"] if "generation_loss" in e]
         assert logged and all(math.isfinite(e["generation_loss"]) for e in logged)
@@ -397,14 +432,14 @@ def test_micro_training_writes_both_models(trained):
     assert all(e["loss"] == pytest.approx(e["generation_loss"], rel=1e-3) for e in ablation_log)
 
 
-def test_eval_reloads_the_saved_models_and_matches_training(trained, eval_script):
+def test_eval_reloads_the_saved_models_and_matches_training(trained):
     output_dir, results = trained
-    threads = torch.get_num_threads()
-    evaluation = eval_script.main(["--model_dir", str(output_dir), "--eval_questions_per_kind", "4",
-                                   "--disable_tqdm", "True", "--num_threads", "1"])
-    torch.set_num_threads(threads)
+    result = run_script("eval_multimodal", "--model_dir", str(output_dir), "--disable_tqdm", "True",
+                        "--num_threads", "1")  # the data settings and the seed come from training's results.json
+    assert result.returncode == 0, result.stderr[-3000:]
     folder = output_dir / "eval"
-    assert json.loads((folder / "results.json").read_text())["models"].keys() == {"aligned", "no_alignment"}
+    evaluation = json.loads((folder / "results.json").read_text())
+    assert evaluation["models"].keys() == {"aligned", "no_alignment"}
     assert (folder / "retrieval.png").read_bytes()[:8] == PNG_MAGIC
     assert "modality alignment error" in (folder / "results.md").read_text()
     assert evaluation["data"]["dataset"] == "synthetic" and evaluation["data"]["images"] == 30
@@ -420,48 +455,84 @@ def test_eval_reloads_the_saved_models_and_matches_training(trained, eval_script
     assert evaluation["vqa_accuracy_gain"] == pytest.approx(results["vqa_accuracy_gain"])
 
 
-def test_resume_keeps_finished_runs_and_continues_unfinished_ones(trained, train_script, tmp_path):
+def test_eval_data_settings_follow_the_command_line_then_training(tmp_path):
+    from lightarch.evaluation.multimodal import find_models, heldout_data
+
+    record = {"data_args": {"dataset": "synthetic", "eval_images_per_class": 3, "num_threads": 1}}
+    data = heldout_data(record, dataset=None, eval_images_per_class=5)
+    assert (data.dataset, data.eval_images_per_class, data.eval_questions_per_kind) == ("synthetic", 5, 100)
+    assert heldout_data({}).dataset == "fashion_mnist"
+    with pytest.raises(ValueError, match="--model_dir .* holds no saved model"):
+        find_models(tmp_path)
+
+
+def test_resume_keeps_finished_runs_and_continues_unfinished_ones(trained, tmp_path):
     output_dir, results = trained
     copy = tmp_path / "run"
     subprocess.run(["cp", "-r", str(output_dir), str(copy)], check=True)
     (copy / "no_alignment" / "results.json").unlink()  # as if the process died before the ablation's final save
-    threads = torch.get_num_threads()
-    resumed = train_script.main(MICRO_TRAIN + ["--output_dir", str(copy), "--resume_from_checkpoint", "True"])
-    torch.set_num_threads(threads)
+    (copy / "aligned" / "README.md").unlink()  # and the aligned card was never written
+    resumed = micro_run(copy, resume_from_checkpoint="True")
     assert resumed["runs"]["aligned"]["heldout"] == results["runs"]["aligned"]["heldout"]  # kept, not retrained
+    assert "${" not in (copy / "aligned" / "README.md").read_text()  # written again
     ablation = resumed["runs"]["no_alignment"]
     assert ablation["resumed_from"].endswith("checkpoint-6") and ablation["train_steps"] == 6
     assert ablation["heldout"]["vqa"] == results["runs"]["no_alignment"]["heldout"]["vqa"]
 
 
-def test_train_script_refuses_bad_options(train_script, tmp_path, capsys):
+def test_a_failing_model_card_never_loses_the_trained_model(tmp_path, monkeypatch, caplog):
+    from transformers import AutoModelForImageTextToText
+
+    import lightarch.training.multimodal as recipe
+
+    def broken_plot(*args, **kwargs):
+        raise RuntimeError("the plot broke")
+
+    monkeypatch.setattr(recipe, "plot_losses", broken_plot)
+    with pytest.raises(RuntimeError, match="the plot broke"):
+        micro_run(tmp_path / "run", ablation=False, max_steps=2, save_strategy="no")
+    folder = tmp_path / "run" / "aligned"
+    assert str(folder) in caplog.text and "saved, complete" in caplog.text
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+    assert model.config.alignment_loss_weight == 1.0
+    assert json.loads((folder / "results.json").read_text())["train_steps"] == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, training, message",
+    [
+        ("alignment_pairs=[\"text_smell\"]", {}, "alignment_pairs"),
+        ("alignment_loss_weight=0", {}, "--ablation True"),
+        ("[1, 2]", {}, "JSON object"),
+        ("image_token_id=6", {}, "--config_overrides image_token_id=6"),
+        ('{"decoder_config": {"vocab_size": 50}}', {}, "--config_overrides decoder_config.vocab_size=50"),
+        ("", {"per_device_train_batch_size": 1}, "in-batch negatives"),
+        ("", {"resume_from_checkpoint": "some/checkpoint-3"}, "takes True"),
+    ],
+)
+def test_bad_training_options_are_refused_naming_them(overrides, training, message, tmp_path):
+    from lightarch.training.multimodal import check_multimodal_run
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_multimodal_run(micro_config(overrides), micro_training_args(tmp_path / "out", **training))
+
+
+def test_train_script_refuses_a_foreign_output_dir_and_names_missing_packages(tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    cases = [
-        (["--output_dir", str(foreign)], "is not empty"),
-        (["--resume_from_checkpoint", "some/checkpoint-3"], "takes True"),
-        (["--alignment_pairs", "text_smell"], "alignment_pairs"),
-        (["--per_device_train_batch_size", "1"], "in-batch negatives"),
-        (["--config_overrides", "[1, 2]"], "JSON object"),
-    ]
-    for extra, message in cases:
-        with pytest.raises(SystemExit):
-            train_script.parse_args(MICRO_TRAIN + ["--output_dir", str(tmp_path / "out")] + extra)
-        assert message in capsys.readouterr().err, extra
-
-
-def test_train_script_names_the_missing_packages(train_script, tmp_path):
-    argv = MICRO_TRAIN + ["--output_dir", str(tmp_path / "out"), "--dataset", "fashion_mnist",
-                          "--fashion_mnist_dir", str(tmp_path / "nothing"), "--espeak_executable", "no-such-espeak"]
-    with pytest.raises(SystemExit) as error:
-        train_script.main(argv)
-    assert INSTALL_COMMAND in str(error.value) and "dataset-fashion-mnist" in str(error.value)
+    result = run_script("train_multimodal", *MICRO_TRAIN, "--output_dir", str(foreign))
+    assert result.returncode == 2 and "is not empty" in result.stderr and "Traceback" not in result.stderr
+    result = run_script("train_multimodal", *MICRO_TRAIN, "--output_dir", str(tmp_path / "out"), "--dataset",
+                        "fashion_mnist", "--fashion_mnist_dir", str(tmp_path / "nothing"), "--espeak_executable",
+                        "no-such-espeak")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert INSTALL_COMMAND in result.stderr and "dataset-fashion-mnist" in result.stderr
 
 
 def test_readme_multimodal_snippet_runs():
     """The Python block of the README's Multimodal section runs as written (offline, seconds)."""
-    readme = (ROOT / "README.md").read_text()
+    readme = (PROJECT_ROOT / "README.md").read_text()
     section = readme[readme.index("## Multimodal"):]
     section = section[: section.index("\n## ", 1)]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)

@@ -1,7 +1,8 @@
-"""scripts/train.py end to end, with a tiny model on a few standard-library files (the whole file runs in well under
-90 s on 2 CPU cores): outputs, loading, resume, argument validation, atomic saving."""
+"""The main job, lightarch.training.sparse_moe, with a tiny model on a few standard-library files: outputs, loading,
+resume, saving before the card and plots, option checks. scripts/train.py itself runs end to end in a subprocess, as a
+user runs it (a run and a resumed run, a bad option, --help); everything else calls the library."""
 
-import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -12,29 +13,34 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-from conftest import PNG_MAGIC
-from lightarch.data.corpus import BlockDataset, split_by_file, token_blocks
-from lightarch.training.callbacks import MoeStatsCallback, TimeBudgetCallback
-from lightarch.training.checkpoints import atomic_save_pretrained, last_complete_checkpoint
+from conftest import PNG_MAGIC, PROJECT_ROOT, run_script
+from lightarch import SparseMoeConfig
+from lightarch.data.corpus import (
+    BlockDataset,
+    check_corpus_options,
+    heldout_texts,
+    load_corpus,
+    split_by_file,
+    token_blocks,
+)
 from lightarch.evaluation.model_cards import render_model_card
 from lightarch.evaluation.perplexity import unigram_perplexity
+from lightarch.training import sparse_moe
+from lightarch.training.callbacks import MoeStatsCallback, TimeBudgetCallback
+from lightarch.training.checkpoints import atomic_save_pretrained, last_complete_checkpoint
+from lightarch.training.cli import config_from_preset
+from lightarch.training.sparse_moe import check_train_options, prepare_data, train_sparse_moe
 
-ROOT = Path(__file__).resolve().parents[1]
-
-_spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-train_script = importlib.util.module_from_spec(_spec)
-sys.modules["train_script"] = train_script  # dataclasses look their module up there
-_spec.loader.exec_module(train_script)
-
+TINY_MODEL = ("hidden_size=32,num_attention_heads=2,num_key_value_heads=1,num_experts=4,moe_intermediate_size=32,"
+              "max_experts_per_token=2,sliding_window=8,vocab_size=320")
+TINY_CORPUS = dict(max_train_files=4, max_eval_files=2, max_file_bytes=12000)
 TINY = [
-    "--hidden_size", "32", "--num_hidden_layers", "4", "--num_attention_heads", "2", "--num_key_value_heads", "1",
-    "--num_experts", "4", "--moe_intermediate_size", "32", "--max_experts_per_token", "2", "--sliding_window", "8",
-    "--block_size", "32", "--vocab_size", "320", "--max_train_files", "4", "--max_eval_files", "2",
+    "--config_overrides", TINY_MODEL, "--block_size", "32", "--max_train_files", "4", "--max_eval_files", "2",
     "--max_file_bytes", "12000", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
-    "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--logging_steps", "1", "--sample_max_new_tokens", "8",
-    "--disable_tqdm", "True",
+    "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--logging_steps", "1",
+    "--sample_max_new_tokens", "8", "--disable_tqdm", "True",
 ]
 
 
@@ -47,16 +53,36 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def run(output_dir: Path, *extra: str) -> dict:
-    return train_script.main(TINY + ["--output_dir", str(output_dir), *extra])
+def run_train(output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`python scripts/train.py` with the tiny model, as a user runs it."""
+    return run_script("train", *TINY, "--output_dir", str(output_dir), *extra, cwd=output_dir.parent)
+
+
+def tiny_config(extra_overrides: str = "") -> SparseMoeConfig:
+    return config_from_preset(SparseMoeConfig, "tiny", TINY_MODEL + extra_overrides)
+
+
+def tiny_training_args(output_dir: Path, **overrides) -> TrainingArguments:
+    values = dict(output_dir=str(output_dir), use_cpu=True, max_steps=2, per_device_train_batch_size=4,
+                  per_device_eval_batch_size=8, learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1,
+                  eval_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True, seed=42)
+    return TrainingArguments(**{**values, **overrides})
+
+
+def train_in_process(output_dir: Path, corpus=None, extra_overrides: str = "", **training) -> dict:
+    """The library recipe, as scripts/train.py calls it, on the tiny model."""
+    config = tiny_config(extra_overrides)
+    data = prepare_data(corpus or load_corpus(**TINY_CORPUS), config.vocab_size, block_size=32)
+    return train_sparse_moe(config, tiny_training_args(output_dir, **training), data, sample_max_new_tokens=8)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One tiny run: 6 steps, checkpoints at steps 3 and 6."""
+    """One tiny run of the script: 6 steps, checkpoints at steps 3 and 6."""
     output_dir = tmp_path_factory.mktemp("train") / "run"
-    results = run(output_dir, "--max_steps", "6", "--save_steps", "3", "--eval_steps", "3")
-    return output_dir, results
+    result = run_train(output_dir, "--max_steps", "6", "--save_steps", "3", "--eval_steps", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir, json.loads((output_dir / "results.json").read_text())
 
 
 def read_front_matter(text: str) -> dict:
@@ -66,7 +92,7 @@ def read_front_matter(text: str) -> dict:
 
 
 def test_outputs(trained):
-    output_dir, results = trained
+    output_dir, saved = trained
     names = {p.name for p in output_dir.iterdir()}
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md",
                  "results.json", "loss_curves.png", "expert_load.png", "sample.txt", "modeling_sparse_moe.py",
@@ -74,8 +100,6 @@ def test_outputs(trained):
         assert name in names, name
     assert not [p for p in output_dir.parent.iterdir() if p.name.startswith(".run.")]  # no temporary folders left
 
-    saved = json.loads((output_dir / "results.json").read_text())
-    assert saved["heldout_perplexity"] == pytest.approx(results["heldout_perplexity"])
     assert saved["train_steps"] == 6 and [s for s, _ in saved["train_loss_history"]] == [1, 2, 3, 4, 5, 6]
     assert saved["num_parameters"] > saved["active_parameters_per_token_mean"] > 0
     assert len(saved["experts_per_token"]) == 4
@@ -99,6 +123,17 @@ def test_outputs(trained):
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000
     sample = (output_dir / "sample.txt").read_text()
     assert sample.startswith("def fibonacci(n):") and sample.strip() == saved["sample"].strip()
+
+
+def test_the_tiny_preset_with_overrides_is_the_trained_config(trained):
+    output_dir, _ = trained
+    config = AutoModelForCausalLM.from_pretrained(output_dir).config
+    expected = tiny_config()
+    for name in ("hidden_size", "num_experts", "router_mode", "max_experts_per_token", "layer_types", "sliding_window",
+                 "max_position_embeddings", "router_top_p"):
+        assert getattr(config, name) == getattr(expected, name), name
+    assert config.router_mode == "top_p" and config.vocab_size == 320
+    assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (0, 1, 2)  # the tokenizer's
 
 
 def test_folder_loads_with_auto_classes(trained):
@@ -145,8 +180,10 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path):
     (resumed_dir / "checkpoint-5" / "config.json").write_text("{}")
     assert last_complete_checkpoint(resumed_dir) == str(resumed_dir / "checkpoint-3")
 
-    results = run(resumed_dir, "--max_steps", "8", "--save_steps", "4", "--eval_steps", "4",
-                  "--resume_from_checkpoint", "True")
+    result = run_train(resumed_dir, "--max_steps", "8", "--save_steps", "4", "--eval_steps", "4",
+                        "--resume_from_checkpoint", "True")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((resumed_dir / "results.json").read_text())
     assert results["resumed_from"] == str(resumed_dir / "checkpoint-3")
     assert results["train_steps"] == 8
     state = json.loads((resumed_dir / "checkpoint-8" / "trainer_state.json").read_text())
@@ -163,11 +200,11 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path):
 
 
 def test_train_file_and_trainer_flags(tmp_path):
-    corpus = tmp_path / "my: corpus.txt"  # a name that would break an unquoted YAML header
-    corpus.write_text(Path(os.__file__).read_text()[:40_000])
+    corpus_file = tmp_path / "my: corpus.txt"  # a name that would break an unquoted YAML header
+    corpus_file.write_text(Path(os.__file__).read_text()[:40_000])
     output_dir = tmp_path / "out"
-    results = run(output_dir, "--train_file", str(corpus), "--max_steps", "2", "--gradient_accumulation_steps", "2",
-                  "--gradient_checkpointing", "True", "--eval_strategy", "no", "--save_strategy", "no")
+    results = train_in_process(output_dir, load_corpus(train_file=corpus_file), gradient_accumulation_steps=2,
+                               gradient_checkpointing=True)
     assert results["train_steps"] == 2 and results["data"]["train_files"] == 1
     assert results["tokens_seen"] == 2 * 2 * 4 * 32
     meta = read_front_matter((output_dir / "README.md").read_text())
@@ -176,52 +213,119 @@ def test_train_file_and_trainer_flags(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(output_dir).config.vocab_size == 320
 
 
-def test_resume_without_checkpoint_fails_fast(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run(tmp_path / "empty", "--resume_from_checkpoint", "True")
-    assert exit_info.value.code == 2
-    assert "--resume_from_checkpoint" in capsys.readouterr().err
+def test_the_main_job_updates_the_balanced_router_biases(tmp_path):
+    """DeepSeek-V3 auxiliary-loss-free balancing is registered by the recipe's Trainer (RouterBiasUpdateCallback)."""
+    train_in_process(tmp_path / "out", extra_overrides=",router_bias_update_rate=0.01")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    biases = [layer.mlp.gate.e_score_correction_bias for layer in model.model.layers]
+    assert len(biases) == 4 and any(bias.abs().sum() > 0 for bias in biases)  # without the callback: all zero
+
+
+@pytest.mark.parametrize("failing", ["plot_loss_curves", "render_model_card"])
+def test_a_failing_card_or_plot_never_loses_the_model(tmp_path, monkeypatch, caplog, failing):
+    def explode(*args, **kwargs):
+        raise RuntimeError(f"{failing} failed")
+
+    monkeypatch.setattr(sparse_moe, failing, explode)
+    output_dir = tmp_path / "out"
+    with pytest.raises(RuntimeError, match=f"{failing} failed"):
+        train_in_process(output_dir)
+    assert f"saved in {output_dir}" in caplog.text  # the error names where the model is
+    model = AutoModelForCausalLM.from_pretrained(output_dir)
+    assert type(model).__name__ == "SparseMoeForCausalLM" and model.config.vocab_size == 320
+    assert AutoTokenizer.from_pretrained(output_dir).bos_token_id == model.config.bos_token_id
+    assert json.loads((output_dir / "results.json").read_text())["train_steps"] == 2
+    assert not (output_dir / "README.md").exists()
+
+
+def test_bad_input_fails_fast_with_one_line_naming_the_option(tmp_path):
+    output_dir = tmp_path / "out"
+    result = run_train(output_dir, "--block_size", "1")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--block_size must be >= 2" in errors[0] and "Traceback" not in result.stderr
+    assert not output_dir.exists()  # nothing was prepared or trained
 
 
 @pytest.mark.parametrize(
-    "args, option",
+    "options, option",
     [
-        (["--train_file", "/no/such/corpus.txt"], "--train_file"),
-        (["--block_size", "1"], "--block_size"),
-        (["--validation_fraction", "-0.1"], "--validation_fraction"),
-        (["--vocab_size", "100"], "--vocab_size"),
-        (["--num_key_value_heads", "3"], "num_key_value_heads"),
-        (["--router_top_p", "1.5"], "router_top_p"),
-        (["--config_overrides", "not_a_field=1"], "--config_overrides"),
-        (["--max_position_embeddings", "16"], "--max_position_embeddings"),
+        (dict(train_file="/no/such/corpus.txt"), "--train_file"),
+        (dict(validation_fraction=-0.1), "--validation_fraction"),
+        (dict(validation_file="heldout.txt"), "--validation_file requires --train_file"),
+        (dict(max_train_files=0), "--max_train_files"),
+        (dict(source_dir="/no/such/folder"), "--source_dir"),
     ],
 )
-def test_bad_input_fails_fast_naming_the_option(tmp_path, capsys, args, option):
-    with pytest.raises(SystemExit) as exit_info:
-        run(tmp_path / "out", *args)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert option in err and "Traceback" not in err
-    assert not (tmp_path / "out").exists()  # nothing was prepared or trained
+def test_bad_corpus_options_name_the_option(options, option):
+    values = {**{name: p.default for name, p in inspect.signature(load_corpus).parameters.items()}, **options}
+    with pytest.raises(ValueError, match=option):
+        check_corpus_options(**values)
 
 
-def test_refuses_to_replace_a_foreign_output_dir(tmp_path, capsys):
+RUN_OPTIONS = dict(block_size=32, tokenizer_min_frequency=2, time_budget_minutes=0, sample_prompt="x",
+                   sample_max_new_tokens=8)
+
+
+@pytest.mark.parametrize(
+    "overrides, run_options, option",
+    [
+        ("", dict(block_size=1), "--block_size"),
+        ("max_position_embeddings=16", {}, "--block_size 32 exceeds the model's max_position_embeddings"),
+        ("vocab_size=100", {}, "vocab_size 100"),
+        ("", dict(tokenizer_min_frequency=0), "--tokenizer_min_frequency"),
+        ("", dict(sample_prompt=""), "--sample_prompt"),
+    ],
+)
+def test_bad_run_options_name_the_option(tmp_path, overrides, run_options, option):
+    config = config_from_preset(SparseMoeConfig, "tiny", overrides or None)
+    with pytest.raises(ValueError, match=option):
+        check_train_options(config, tiny_training_args(tmp_path / "out"), **{**RUN_OPTIONS, **run_options})
+
+
+@pytest.mark.parametrize("overrides, option", [("num_key_value_heads=3", "num_key_value_heads"),
+                                               ("router_top_p=1.5", "router_top_p"),
+                                               ("not_a_field=1", "--config_overrides")])
+def test_bad_model_overrides_name_the_field(overrides, option):
+    with pytest.raises(ValueError, match=option):
+        config_from_preset(SparseMoeConfig, "tiny", overrides)
+
+
+def test_resume_without_checkpoint_and_a_foreign_output_dir_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="--resume_from_checkpoint True: no complete checkpoint"):
+        check_train_options(tiny_config(), tiny_training_args(tmp_path / "empty", resume_from_checkpoint="True"),
+                            **RUN_OPTIONS)
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(SystemExit):
-        run(tmp_path)
-    assert "--output_dir" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--output_dir .* is not empty"):
+        check_train_options(tiny_config(), tiny_training_args(tmp_path), **RUN_OPTIONS)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-def test_help_explains_options(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        train_script.main(["--help"])
-    assert exit_info.value.code == 0
-    text = capsys.readouterr().out
-    for option in ("--router_mode", "--full_attention_interval", "--train_file", "--block_size", "--vocab_size",
-                   "--validation_fraction", "--config_overrides", "--resume_from_checkpoint", "--max_steps"):
-        assert option in text
-    assert "outputs/sparse_moe" in text  # the script's TrainingArguments defaults are shown
+def test_help_explains_options_and_shows_the_library_defaults():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "train.py"), "--help"],
+                            cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = " ".join(result.stdout.split())
+    for option in ("--preset", "--config_overrides", "--train_file", "--block_size", "--validation_fraction",
+                   "--resume_from_checkpoint", "--max_steps", "--help_all"):
+        assert option in text, option
+    assert "output_dir=outputs/sparse_moe" in text  # the script's TrainingArguments defaults are shown
+    assert "(default: tiny)" in text and "tiny" in SparseMoeConfig.presets()
+    # The corpus options' defaults are load_corpus's (what heldout_texts falls back to): they must not drift apart.
+    entries = {" ".join(entry.split()).split(" ", 1)[0]: " ".join(entry.split())
+               for entry in result.stdout.split("options:", 1)[1].split("\n  --")}
+    for name, parameter in inspect.signature(load_corpus).parameters.items():
+        expected = "None" if parameter.default is None else str(parameter.default)
+        assert f"(default: {expected})" in entries[name], (name, entries.get(name))
+
+
+def test_heldout_texts_falls_back_to_the_main_jobs_split_through_the_library(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps({"data": {"eval_files": "not a list"}}))
+    texts, source = heldout_texts(tmp_path, max_files=2)
+    assert texts == load_corpus(max_eval_files=2).eval_texts and len(texts) == 2
+    assert "the main job's default held-out split" in source
+    assert "scripts" not in sys.modules and "scripts.train" not in sys.modules
 
 
 class _Exploding:
@@ -336,14 +440,3 @@ def test_config_overrides_parse_json_key_values_and_bracketed_lists():
     with pytest.raises(ValueError, match="'sliding' is not key=value"):
         parse_config_overrides("hidden_size=64,sliding")
 
-
-@pytest.mark.parametrize("module", ["scripts.train", "scripts.train_multimodal", "scripts.eval_multimodal"])
-def test_importing_a_script_leaves_the_openmp_wait_policy_alone(module):
-    """The training scripts ask OpenMP for passive waiting in their own run only. Set on import, it leaked into
-    processes the importer spawned (scripts/bench_inference.py's continuous-batching worker ran 2.3x slower)."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    code = f"import os, {module}; print('policy', os.environ.get('OMP_WAIT_POLICY'))"
-    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "policy None" in result.stdout

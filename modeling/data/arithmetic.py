@@ -1,5 +1,5 @@
-"""A generated question-answering suite with a labelled easy / hard split, and the measurements of an adaptive-depth
-model on it (used by `scripts/train_adaptive.py`, `scripts/bench_adaptive.py` and the tests).
+"""A generated question-answering suite with a labelled easy / hard split, the data of the adaptive-depth model
+(`lightarch.training.adaptive_depth` trains on it, `lightarch.evaluation.adaptive_depth` measures on it).
 
 - easy, one step: `a op b=` with single digits and op in + - * (300 distinct questions), e.g. `7*8=56`;
 - hard, multi-step: `a op b op c=` with the usual precedence (9,000 questions), e.g. `7+2*3=13`.
@@ -23,21 +23,20 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from .tokenizers import word_level_tokenizer
+
 OPERATORS = "+-*"
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>"}  # ids 0-2
 ALPHABET = "0123456789+-*="
 SPLITS = ("easy", "hard")
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Character-level tokenizer: `<pad>`=0, `<bos>`=1, `<eos>`=2, then digits and `+-*=`; saved with the model."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """Character-level tokenizer: `<pad>`=0, `<bos>`=1, `<eos>`=2, then digits and `+-*=`; saved with the model.
 
-    vocab = {token: i for i, token in enumerate(list(SPECIAL_TOKENS) + list(ALPHABET))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=None))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    No `<unk>` (a character outside the alphabet is an error) and no `<bos>` added by encoding: `encode` builds the
+    sequences. `decode` joins characters with nothing."""
+    return word_level_tokenizer(ALPHABET, SPECIAL_TOKENS, pattern=".", add_bos=False, join_with="")
 
 
 @dataclass(frozen=True)
@@ -70,19 +69,62 @@ def sample_problems(count: int, hard_fraction: float, seed: int, exclude: set[st
     return [rng.choice(pools["hard" if rng.random() < hard_fraction else "easy"]) for _ in range(count)]
 
 
-def heldout_problems(per_split: int, seed: int) -> dict[str, list[Problem]]:
-    """Evaluation questions per split, distinct within a split (hard ones are then excluded from training)."""
-    rng = random.Random(seed)
-    chosen = {}
-    for split in SPLITS:
-        pool = all_problems(split)
-        chosen[split] = rng.sample(pool, min(per_split, len(pool)))
-    return chosen
+@dataclass(frozen=True)
+class SuiteSizes:
+    """How many questions a run trains on and holds out.
+
+    - `train_examples` generated training questions, a `hard_fraction` of them hard;
+    - `heldout_hard` hard questions never trained on: the first `calibration_hard` calibrate the exit thresholds, the
+      rest are the test set; of the 300 easy questions (all trained on), `calibration_easy` calibrate and the rest
+      are the test set.
+    """
+
+    train_examples: int = 128_000
+    hard_fraction: float = 0.6
+    heldout_hard: int = 1500
+    calibration_hard: int = 500
+    calibration_easy: int = 150
+
+    def __post_init__(self) -> None:
+        if self.train_examples < 1:
+            raise ValueError(f"--train_examples must be >= 1, got {self.train_examples}.")
+        if not 0.0 <= self.hard_fraction <= 1.0:
+            raise ValueError(f"--hard_fraction must be in [0, 1], got {self.hard_fraction}.")
+        if not 1 <= self.calibration_hard < self.heldout_hard <= 4500:
+            raise ValueError("--calibration_hard must be >= 1 and below --heldout_hard, which is at most 4500 (half "
+                             f"the hard space); got {self.calibration_hard} and {self.heldout_hard}.")
+        if not 1 <= self.calibration_easy < 300:
+            raise ValueError(f"--calibration_easy must be in [1, 299] (300 easy questions exist), got "
+                             f"{self.calibration_easy}.")
+
+
+def split_heldout(sizes: SuiteSizes, seed: int) -> dict[str, dict[str, list[str]]]:
+    """`{"calibration" | "test": {"easy" | "hard": prompts}}`. Hard ones are held out of training; easy ones are all
+    trained on (the space is small)."""
+    rng = random.Random(seed + 1)
+    hard = rng.sample([p.prompt for p in all_problems("hard")], sizes.heldout_hard)
+    easy = [p.prompt for p in all_problems("easy")]
+    rng.shuffle(easy)
+    return {
+        "calibration": {"easy": easy[: sizes.calibration_easy], "hard": hard[: sizes.calibration_hard]},
+        "test": {"easy": easy[sizes.calibration_easy :], "hard": hard[sizes.calibration_hard :]},
+    }
+
+
+def problems_from_prompts(prompts: dict[str, list[str]]) -> dict[str, list[Problem]]:
+    """`{"easy" | "hard": prompts}` (one part of `split_heldout`, e.g. from a saved heldout.json) -> the problems."""
+    by_prompt = {p.prompt: p for split in SPLITS for p in all_problems(split)}
+    return {split: [by_prompt[prompt] for prompt in prompts[split]] for split in SPLITS}
+
+
+def prompt_ids(problem: Problem, tokenizer) -> list[int]:
+    """`<bos> prompt`: what a model is given to answer `problem`."""
+    return [tokenizer.bos_token_id] + tokenizer.convert_tokens_to_ids(list(problem.prompt))
 
 
 def encode(problem: Problem, tokenizer) -> dict[str, list[int]]:
     """`<bos> prompt answer <eos>` with labels on the answer and `<eos>` only."""
-    prompt = [tokenizer.bos_token_id] + tokenizer.convert_tokens_to_ids(list(problem.prompt))
+    prompt = prompt_ids(problem, tokenizer)
     answer = tokenizer.convert_tokens_to_ids(list(problem.answer)) + [tokenizer.eos_token_id]
     return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
 

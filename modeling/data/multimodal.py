@@ -1,7 +1,7 @@
 """The built-in tri-modal data set: Fashion-MNIST images, their class names spoken by espeak-ng, generated questions.
 
-Everything comes from real data available offline (used by `scripts/train_multimodal.py`,
-`scripts/eval_multimodal.py` and the tests):
+Everything comes from real data available offline (`MultiModalData` chooses the set and its sizes;
+`lightarch.training.multimodal` trains on it, `lightarch.evaluation.multimodal` measures on it):
 
 - images: Fashion-MNIST (70,000 labelled 28x28 grey images, 10 classes), read from the IDX files of the Debian /
   Ubuntu package `dataset-fashion-mnist` (`/usr/share/datasets/fashion-mnist/*.gz`). Training images come from the
@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .tokenizers import WORD_LEVEL_SPECIAL_TOKENS, word_level_tokenizer
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -79,6 +81,7 @@ SYNTHETIC_TRAIN_VOICES = ("synth-low", "synth-mid", "synth-high")
 SYNTHETIC_HELDOUT_VOICES = ("synth-heldout",)
 _SYNTHETIC_VOICE_FACTORS = {"synth-low": 0.9, "synth-mid": 1.0, "synth-high": 1.1, "synth-heldout": 0.95}
 
+SPECIAL_TOKENS = WORD_LEVEL_SPECIAL_TOKENS  # <pad>=0, <unk>=1, <bos>=2, <eos>=3; the placeholders follow
 IMAGE_PLACEHOLDER = "<image>"
 AUDIO_PLACEHOLDER = "<audio>"
 
@@ -418,6 +421,39 @@ def synthetic_pools(train_images_per_class: int = 8, eval_images_per_class: int 
     return {"train": pool(train_images_per_class, train_voices, 0), "eval": pool(eval_images_per_class, eval_voices, 1)}
 
 
+DATASETS = ("fashion_mnist", "synthetic")
+
+
+@dataclass(frozen=True)
+class MultiModalData:
+    """Which built-in data set and how much of it: `"fashion_mnist"` (real images, espeak-ng speech; needs the apt
+    packages of `INSTALL_COMMAND`) or `"synthetic"` (generated images and tones: tests, smoke runs), images per class
+    per split, held-out questions per kind, and where the real data and espeak-ng live."""
+
+    dataset: str = "fashion_mnist"
+    train_images_per_class: int = 300
+    eval_images_per_class: int = 50
+    eval_questions_per_kind: int = 100
+    fashion_mnist_dir: str = str(FASHION_MNIST_DIR)
+    espeak_executable: str = "espeak-ng"
+    clip_cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"--dataset must be one of {DATASETS}, got {self.dataset!r}.")
+        for name in ("train_images_per_class", "eval_images_per_class", "eval_questions_per_kind"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+
+    def pools(self, seed: int, show_progress: bool = True) -> dict[str, ModalityPool]:
+        """{"train", "eval"} pools; raises `MissingDataError` naming the apt packages when the real data is absent."""
+        if self.dataset == "synthetic":
+            return synthetic_pools(self.train_images_per_class, self.eval_images_per_class, seed=seed)
+        return fashion_mnist_pools(self.train_images_per_class, self.eval_images_per_class,
+                                   root=self.fashion_mnist_dir, cache_dir=self.clip_cache_dir, seed=seed,
+                                   executable=self.espeak_executable, show_progress=show_progress)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Questions and alignment examples
 # ----------------------------------------------------------------------------------------------------------------
@@ -517,29 +553,12 @@ def vocabulary() -> list[str]:
     return sorted(words - {IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER})
 
 
-TOKENIZER_SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>"}
-
-
 def build_tokenizer():
     """A word-level `PreTrainedTokenizerFast` over `vocabulary()`: `<pad>`=0, `<unk>`=1, `<bos>`=2, `<eos>`=3, then
     `<image>`=4, `<audio>`=5 (special tokens, expanded by the processor), then the words. `<bos>` is prepended;
     `decode` joins words with spaces ("ankle boot")."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = [*TOKENIZER_SPECIAL_TOKENS.values(), IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER]
-    vocab = {token: index for index, token in enumerate(specials + vocabulary())}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=TOKENIZER_SPECIAL_TOKENS["unk_token"]))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(_WORD_PATTERN), behavior="isolated")]
-    )
-    bos = TOKENIZER_SPECIAL_TOKENS["bos_token"]
-    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
-                                                           special_tokens=[(bos, vocab[bos])])
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins word-level tokens with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=1 << 30,
-                                   extra_special_tokens=[IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER],
-                                   **TOKENIZER_SPECIAL_TOKENS)
+    return word_level_tokenizer(vocabulary(), SPECIAL_TOKENS, extra_special_tokens=[IMAGE_PLACEHOLDER,
+                                AUDIO_PLACEHOLDER], whitespace="split", pattern=_WORD_PATTERN, model_max_length=1 << 30)
 
 
 _WORD_PATTERN = r"<image>|<audio>|\w+(?:-\w+)*|[^\w\s]"

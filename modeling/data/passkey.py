@@ -14,7 +14,8 @@ library, saved with the model as a `PreTrainedTokenizerFast`): every word and pu
 every digit is its own token, so a prompt of exactly `length` tokens is easy to build (`PasskeyTask.build`) and the
 answer is exactly one token per digit.
 
-Used by `scripts/train_passkey.py` (training data) and `scripts/eval_long_context.py` (accuracy by length x depth).
+`PasskeyCurriculum` and `CurriculumDataset` stream the training batches of `lightarch.training.passkey` (a length
+curriculum, one length per batch); `lightarch.evaluation.passkey` measures accuracy by length x depth.
 """
 
 from __future__ import annotations
@@ -67,19 +68,10 @@ def build_tokenizer():
 
     `decode` joins tokens with spaces ("The pass key is 7 1 4 3 2 ."); `passkey_from_text` reads digits back.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from .tokenizers import word_level_tokenizer
 
-    vocab = {token: index for index, token in enumerate(vocabulary())}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
-    )
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
-    )
-    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins word-level tokens with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=1 << 30, **SPECIAL_TOKENS)
+    return word_level_tokenizer(vocabulary(), SPECIAL_TOKENS, whitespace="words", individual_digits=True,
+                                model_max_length=1 << 30)
 
 
 @dataclass
@@ -240,3 +232,84 @@ def passkey_from_text(text: str) -> str:
     """The digits at the start of a generated text, spaces ignored ("7 1 4 3 2 . Remember" -> "71432")."""
     match = re.match(r"\s*((?:\d\s*)+)", text)
     return re.sub(r"\s", "", match.group(1)) if match else ""
+
+
+@dataclass(frozen=True)
+class PasskeyCurriculum:
+    """What the training stream generates: lengths, how they grow, and which tokens carry a loss.
+
+    - `min_length` / `max_length`: the shortest / longest training example in tokens (prompt + answer);
+    - `curriculum_fraction`: the longest length allowed grows linearly from `min_length` to `max_length` over this
+      fraction of the batches; each batch's length is uniform between `min_length` and that cap, rounded to a
+      multiple of `length_multiple`;
+    - `tokens_per_batch`: a batch of length L holds max(1, tokens_per_batch // L) examples, so every step costs
+      about the same;
+    - `label_key_echo`, `edge_depth_fraction`, `distractors`: see `PasskeyTask.training_example`.
+    """
+
+    min_length: int = 96
+    max_length: int = 256
+    curriculum_fraction: float = 0.6
+    length_multiple: int = 16
+    tokens_per_batch: int = 2048
+    label_key_echo: bool = True
+    edge_depth_fraction: float = 0.2
+    distractors: int = 4
+
+    def __post_init__(self) -> None:
+        if self.max_length < self.min_length:
+            raise ValueError(f"--max_length ({self.max_length}) must be >= --min_length ({self.min_length}).")
+        if not 0 < self.curriculum_fraction <= 1:
+            raise ValueError(f"--curriculum_fraction must be in (0, 1], got {self.curriculum_fraction}.")
+        if not 0 <= self.edge_depth_fraction <= 1:
+            raise ValueError(f"--edge_depth_fraction must be in [0, 1], got {self.edge_depth_fraction}.")
+        if self.length_multiple < 1 or self.tokens_per_batch < 1:
+            raise ValueError("--length_multiple and --tokens_per_batch must be >= 1.")
+        if self.distractors < 0:
+            raise ValueError(f"--distractors must be >= 0 (0 = the classic passkey task), got {self.distractors}.")
+
+
+class CurriculumDataset(torch.utils.data.IterableDataset):
+    """Endless stream of whole batches (`input_ids`, `labels` of shape (B, L)), one length L per batch, following
+    `curriculum` over `total_batches` batches; B = max(1, tokens_per_batch // L). Nothing is padded.
+
+    Feed it to a DataLoader of batch size 1 with `collate_whole_batch`."""
+
+    def __init__(self, task: PasskeyTask, curriculum: PasskeyCurriculum, total_batches: int, seed: int) -> None:
+        shortest = task.min_length + NUM_DIGITS
+        if curriculum.min_length < shortest:
+            raise ValueError(f"--min_length must be >= {shortest} (introduction + key line + question + answer), got "
+                             f"{curriculum.min_length}.")
+        self.task, self.curriculum = task, curriculum
+        self.total_batches, self.seed = max(1, total_batches), seed
+
+    def length_cap(self, batch_index: int) -> int:
+        """The longest length batch `batch_index` may have."""
+        c = self.curriculum
+        progress = min(1.0, batch_index / (self.total_batches * c.curriculum_fraction))
+        return int(c.min_length + (c.max_length - c.min_length) * progress)
+
+    def batch_length(self, batch_index: int, rng: random.Random) -> int:
+        c = self.curriculum
+        length = rng.randint(c.min_length, self.length_cap(batch_index))
+        length = int(round(length / c.length_multiple)) * c.length_multiple
+        return max(c.min_length, min(c.max_length, length))
+
+    def __iter__(self):
+        c, rng = self.curriculum, random.Random(self.seed)
+        batch_index = 0
+        while True:
+            length = self.batch_length(batch_index, rng)
+            examples = [self.task.training_example(length, rng, c.label_key_echo, c.edge_depth_fraction,
+                                                   c.distractors)
+                        for _ in range(max(1, c.tokens_per_batch // length))]
+            yield {key: torch.tensor([example[key] for example in examples]) for key in ("input_ids", "labels")}
+            batch_index += 1
+
+
+def collate_whole_batch(features: list[dict]) -> dict:
+    """The data stream yields whole batches; the DataLoader (batch size 1) wraps each in a list of one."""
+    if len(features) != 1:
+        raise ValueError("--per_device_train_batch_size must be 1: each streamed item is already a whole batch (set "
+                         "--tokens_per_batch instead).")
+    return features[0]

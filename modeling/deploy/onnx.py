@@ -21,7 +21,9 @@ def check_onnx_exportable(config) -> None:
     """Raise ValueError naming the option when the ONNX decoder step cannot represent this model.
 
     The adaptive-depth model exports its full-depth path (`exit_policy="full"`): the graph is one fixed-depth step,
-    while the estimator and confidence policies choose a depth per input / token at run time.
+    while the estimator and confidence policies choose a depth per input / token at run time. NoPE layers
+    (`no_rope_layers`) and Llama 4 temperature tuning export as they run in torch: the step calls each layer's
+    `Attention.project_qkv`, with positions from the attention mask as in `generate`.
     """
     if getattr(config, "model_type", None) not in ONNX_MODEL_TYPES:
         raise ValueError(f"ONNX export supports lightarch decoders ({', '.join(ONNX_MODEL_TYPES)}), not model_type "
@@ -49,8 +51,6 @@ def check_onnx_exportable(config) -> None:
             f"rope_type={rope_type!r}: the ONNX export bakes position handling for 'default' and 'linear' rotary "
             "embeddings only (dynamic / yarn / longrope rescale at run time)."
         )
-    if config.attention_dropout and config.attention_dropout > 0:
-        pass  # inference only: dropout is off
 
 
 class OnnxDecoderStep(nn.Module):
@@ -86,21 +86,18 @@ class OnnxDecoderStep(nn.Module):
                        for e in range(experts.num_experts)]
                 )
 
-    def _attention(self, layer_idx, attn, hidden, cos, sin, past_key, past_value, mask):
-        from ..layers import apply_rotary_pos_emb, repeat_kv
+    def _attention(self, attn, hidden, position_embeddings, positions, past_key, past_value, mask):
+        from ..layers import repeat_kv
 
         batch, length, _ = hidden.shape
-        shape = (batch, length, -1, attn.head_dim)
-        query = attn.q_norm(attn.q_proj(hidden).view(shape)).transpose(1, 2)
-        key = attn.k_norm(attn.k_proj(hidden).view(shape)).transpose(1, 2)
-        value = attn.v_proj(hidden).view(shape).transpose(1, 2)
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        # the layer's own projection: q / k norms, RoPE on rotary layers only, temperature tuning on NoPE layers
+        query, key, value = attn.project_qkv(hidden, position_embeddings, positions)  # (B, H|Hkv, T, D)
         key = torch.cat([past_key, key], dim=2)
         value = torch.cat([past_value, value], dim=2)
         scores = torch.matmul(query, repeat_kv(key, attn.num_key_value_groups).transpose(2, 3)) * attn.scaling
         probs = torch.softmax(scores + mask, dim=-1, dtype=torch.float32).to(query.dtype)
         output = torch.matmul(probs, repeat_kv(value, attn.num_key_value_groups)).transpose(1, 2)
-        return attn.o_proj(output.reshape(batch, length, -1)), key, value
+        return attn.o_proj(output.reshape(batch, length, -1)), key, value  # key, value: (B, Hkv, P + T, D)
 
     def _moe(self, layer_idx, block, hidden):
         import torch.nn.functional as F
@@ -128,8 +125,8 @@ class OnnxDecoderStep(nn.Module):
         past_length = past[0].shape[2]
         length = input_ids.shape[1]
         hidden = decoder.embed_tokens(input_ids)
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0).narrow(1, past_length, length)
-        cos, sin = decoder.rotary_emb(hidden, positions)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0).narrow(1, past_length, length)  # (B, T)
+        position_embeddings = decoder.rotary_emb(hidden, positions)  # cos, sin: (B, T, D)
 
         query_index = torch.arange(length, device=input_ids.device) + past_length
         key_index = torch.arange(past_length + length, device=input_ids.device)
@@ -145,8 +142,8 @@ class OnnxDecoderStep(nn.Module):
         for i, layer in enumerate(decoder.layers[: self.num_layers]):
             residual = hidden
             attn_out, key, value = self._attention(
-                i, layer.self_attn, layer.input_layernorm(hidden), cos, sin, past[2 * i], past[2 * i + 1],
-                masks[config.layer_types[i]],
+                layer.self_attn, layer.input_layernorm(hidden), position_embeddings, positions, past[2 * i],
+                past[2 * i + 1], masks[config.layer_types[i]],
             )
             presents += [key, value]
             hidden = residual + attn_out
@@ -226,16 +223,35 @@ def export_onnx_decoder(model: nn.Module, path, opset: int = 18) -> dict:
     return metadata
 
 
+INT8_METADATA_KEY = "lightarch.int8"  # metadata_props entry of model_int8.onnx (json, see quantize_onnx_int8)
+
+
 def quantize_onnx_int8(fp32_path, int8_path, keep_float: Sequence[str] = ("router",),
                        per_channel: bool = True) -> list[str]:
-    """Dynamic int8 quantization (int8 weights, activations quantized at run time) with ONNX Runtime.
+    """Dynamic int8 quantization (uint8 weights, uint8 activations quantized at run time) with ONNX Runtime.
+
+    Weights are stored as uint8 ("U8U8", ONNX Runtime's `weight_type=QuantType.QUInt8`), not int8: ONNX Runtime's
+    x86 kernels for uint8 activations x int8 weights add each pair of neighbouring products with `vpmaddubsw`, which
+    saturates at int16 (255 * 127 * 2 = 64,770 > 32,767) on every x86 CPU without VNNI (AVX2-only, and AVX-512
+    without VNNI); only VNNI / AMX kernels accumulate in int32. The same int8 file therefore gave 95.1% greedy
+    agreement with torch on an AVX-512 VNNI CPU and 79.7% on an AVX2 one (the realtime model; the tiny test model's
+    mean KL to torch went from 0.0009 to 0.0146). uint8 weights take the U8U8 kernels, which widen both operands to
+    int16 and accumulate with `vpmaddwd` in int32: no saturation on any CPU, so the exported file gives the same
+    logits wherever it runs. (`reduce_range=True` also avoids the saturation, with 7-bit weights: measured 1.5x the
+    KL of U8U8 and 92.7% greedy agreement instead of 96.9% on the realtime model.)
 
     `keep_float` names node groups left in float: `"router"` (the MoE gates: a rounding error there changes which
-    experts run) and/or `"lm_head"`. `per_channel` gives every output channel its own weight scale (measured on the
-    realtime model: 95.6% greedy agreement with torch fp32 instead of 90.4% per tensor). Returns the names of the
-    nodes kept in float.
+    experts run) and/or `"lm_head"`. `per_channel` gives every output channel its own weight scale and zero point
+    (measured on the realtime model: 96.9% greedy agreement with torch fp32 instead of 86.7% per tensor). The
+    setting is recorded in the int8 model's metadata (`metadata_props["lightarch.int8"]`, json) and in
+    `onnx_decoder.json` (`"int8"`). Returns the names of the nodes kept in float.
     """
+    import json
+    import logging
+    import os
+
     import onnx
+    import onnxruntime
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     unknown = [k for k in keep_float if k not in ("router", "lm_head")]
@@ -279,7 +295,6 @@ def quantize_onnx_int8(fp32_path, int8_path, keep_float: Sequence[str] = ("route
             keep.add(node.name)
         elif "lm_head" in keep_float and node.output[0] == "logits":
             keep.add(node.name)
-    import logging
 
     root_logger = logging.getLogger()
     level = root_logger.level
@@ -288,14 +303,47 @@ def quantize_onnx_int8(fp32_path, int8_path, keep_float: Sequence[str] = ("route
         quantize_dynamic(
             str(fp32_path),
             str(int8_path),
-            weight_type=QuantType.QInt8,
+            weight_type=QuantType.QUInt8,  # U8U8: never saturates (see the docstring); QInt8 does on non-VNNI x86
             op_types_to_quantize=["MatMul", "Gemm"],
             nodes_to_exclude=sorted(keep),
             per_channel=per_channel,
+            reduce_range=False,  # 8-bit weights: reduce_range only exists to dodge the U8S8 saturation
         )
     finally:
         root_logger.setLevel(level)
+
+    setting = {"format": "dynamic (MatMulInteger)", "weights": "uint8", "activations": "uint8",
+               "per_channel": per_channel, "reduce_range": False, "keep_float": list(keep_float),
+               "float_nodes": sorted(keep), "onnxruntime": onnxruntime.__version__}
+    model = onnx.load(str(int8_path), load_external_data=False)
+    weights = int8_weight_types(model)
+    if weights != {"uint8"}:  # a quantizer change that brings int8 weights back would bring the saturation back
+        raise RuntimeError(f"The int8 model has {sorted(weights)} matmul weights; expected only uint8.")
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                        INT8_METADATA_KEY: json.dumps(setting)})
+    onnx.save(model, str(int8_path))
+    metadata_path = os.path.join(os.path.dirname(os.path.abspath(int8_path)), ONNX_METADATA)
+    if os.path.isfile(metadata_path):  # written by export_onnx_decoder next to the fp32 model
+        with open(metadata_path) as f:
+            metadata = json.load(f)
+        metadata["int8"] = {"file": os.path.basename(str(int8_path)), **setting}
+        with open(metadata_path, "w") as f:
+            json.dump(metadata, f, indent=2)
     return sorted(keep)
+
+
+def int8_weight_types(model) -> set[str]:
+    """Element types ('uint8' / 'int8') of the constant B inputs of a quantized model's integer matmuls."""
+    import onnx
+
+    dtypes = {init.name: init.data_type for init in model.graph.initializer}
+    names = {onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT8: "int8"}
+    found = set()
+    for node in model.graph.node:
+        if node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat") and len(node.input) > 1:
+            if node.input[1] in dtypes:
+                found.add(names.get(dtypes[node.input[1]], str(dtypes[node.input[1]])))
+    return found
 
 
 class OrtDecoder:
@@ -316,6 +364,9 @@ class OrtDecoder:
         if num_threads:
             options.intra_op_num_threads = num_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # int8 (u8s8) files from older exports saturate on x86 without VNNI; this makes ONNX Runtime run them with its
+        # exact u8u8 kernels. It changes nothing for the uint8 weights quantize_onnx_int8 writes now.
+        options.add_session_config_entry("session.x64quantprecision", "1")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.num_layers = self.metadata["num_layers"]
 
@@ -380,6 +431,11 @@ class OrtDecoder:
         return np.concatenate([input_ids, np.stack(tokens, axis=1)], axis=1)
 
 
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only, (B, T): what `generate` passes for a left-padded batch."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def compare_onnx_with_torch(model, decoder: OrtDecoder, vocab_size: int, seed: int = 0) -> float:
     """Max |logits| difference between ONNX Runtime and torch: a left-padded batch, then 3 cached decode steps."""
     import numpy as np
@@ -389,7 +445,9 @@ def compare_onnx_with_torch(model, decoder: OrtDecoder, vocab_size: int, seed: i
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :4] = 0
     with torch.no_grad():
-        expected = model(input_ids, attention_mask=attention_mask).logits.numpy()
+        # positions count real tokens only, as in `generate` and the exported step (left padding shifts nothing)
+        expected = model(input_ids, attention_mask=attention_mask,
+                         position_ids=_positions(attention_mask)).logits.numpy()
     logits, past = decoder.step(input_ids.numpy(), attention_mask.numpy(), decoder.empty_cache(2))
     real = attention_mask.numpy().astype(bool)
     worst = float(np.abs(logits - expected)[real].max())
@@ -400,7 +458,7 @@ def compare_onnx_with_torch(model, decoder: OrtDecoder, vocab_size: int, seed: i
         mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
         logits, past = decoder.step(next_ids.numpy(), mask.numpy(), past)
         with torch.no_grad():
-            expected = model(ids, attention_mask=mask).logits[:, -1:].numpy()
+            expected = model(ids, attention_mask=mask, position_ids=_positions(mask)).logits[:, -1:].numpy()
         worst = max(worst, float(np.abs(logits - expected).max()))
     return worst
 
@@ -433,3 +491,153 @@ def onnx_perplexity(decoder: OrtDecoder, blocks: torch.Tensor, batch_size: int =
         ).item()
         count += batch[:, 1:].numel()
     return math.exp(total / max(count, 1))
+
+
+def check_export_options(model_dir, opset: int = 18, keep_float: Sequence[str] = ("router",), num_prompts: int = 24,
+                         prompt_tokens: int = 32, new_tokens: int = 16, perplexity_blocks: int = 32,
+                         block_size: int = 128):
+    """The config of the model `export_onnx_folder` would export; ValueError naming the option when it cannot
+    (no model, an opset or keep_float entry the export does not know, prompts or blocks longer than the model's
+    positions, or a model the decoder step cannot represent: `check_onnx_exportable`)."""
+    import os
+
+    from transformers import AutoConfig
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ValueError(f"--model_dir {model_dir} has no config.json; train or save a model there first.")
+    if opset < 18:
+        raise ValueError(f"--opset {opset} is not supported: the exporter needs opset >= 18.")
+    unknown = [k for k in keep_float if k not in ("router", "lm_head")]
+    if unknown:
+        raise ValueError(f"--keep_float {','.join(keep_float)!r}: use a comma-separated subset of 'router', "
+                         "'lm_head'.")
+    for name, value in (("num_prompts", num_prompts), ("prompt_tokens", prompt_tokens), ("new_tokens", new_tokens),
+                        ("perplexity_blocks", perplexity_blocks), ("block_size", block_size)):
+        if value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}.")
+    config = AutoConfig.from_pretrained(model_dir)
+    check_onnx_exportable(config)
+    if prompt_tokens + new_tokens > config.max_position_embeddings:
+        raise ValueError(f"--prompt_tokens + --new_tokens exceed the model's max_position_embeddings "
+                         f"({config.max_position_embeddings}).")
+    if block_size > config.max_position_embeddings:
+        raise ValueError(f"--block_size {block_size} exceeds max_position_embeddings "
+                         f"({config.max_position_embeddings}).")
+    return config
+
+
+def export_onnx_folder(
+    model_dir,
+    output_dir,
+    opset: int = 18,
+    int8: bool = True,
+    keep_float: Sequence[str] = ("router",),
+    per_channel: bool = True,
+    heldout_file=None,
+    num_prompts: int = 24,
+    prompt_tokens: int = 32,
+    new_tokens: int = 16,
+    perplexity_blocks: int = 32,
+    block_size: int = 128,
+    fp32_tolerance: float = 1e-4,
+    num_threads: int = 0,
+    check: bool = True,
+) -> dict:
+    """Export the saved lightarch decoder in `model_dir` to `output_dir` (`scripts/export_onnx.py`), atomically.
+
+    Writes model.onnx (`export_onnx_decoder`), with `int8` model_int8.onnx (`quantize_onnx_int8`, `keep_float` node
+    groups left float), onnx_decoder.json, the tokenizer and config.json, and report.json / report.md. With `check`:
+    the fp32 graph's max |logits - torch| (a RuntimeError above `fp32_tolerance`: the export is wrong for this
+    model), greedy agreement with torch fp32 on `num_prompts` held-out prompts of `prompt_tokens` tokens
+    (`new_tokens` generated), and held-out perplexity on `perplexity_blocks` blocks of `block_size` tokens; held-out
+    text from `heldout_file`, else `lightarch.data.corpus.heldout_texts(model_dir)`. Returns the report.
+    """
+    arguments = dict(locals())  # recorded in report.json
+    import json
+    import os
+    import shutil
+    import time
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..data.corpus import heldout_texts, heldout_token_stream
+    from ..evaluation.perplexity import perplexity
+    from ..training.checkpoints import write_atomically
+
+    keep_float = list(keep_float)
+    arguments = {k: str(v) if isinstance(v, os.PathLike) else v
+                 for k, v in {**arguments, "keep_float": keep_float}.items()}
+    check_export_options(model_dir, opset, keep_float, num_prompts, prompt_tokens, new_tokens, perplexity_blocks,
+                         block_size)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    output_dir = Path(output_dir)
+    staging = output_dir.with_name(f".{output_dir.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    start = time.perf_counter()
+    export_onnx_decoder(model, staging / "model.onnx", opset=opset)
+    export_seconds = time.perf_counter() - start
+    kept = (quantize_onnx_int8(staging / "model.onnx", staging / "model_int8.onnx", keep_float, per_channel)
+            if int8 else [])
+    tokenizer.save_pretrained(staging)
+    model.config.save_pretrained(staging)
+
+    report = {"args": arguments, "export_seconds": export_seconds, "int8_float_nodes": kept,
+              "fp32_bytes": (staging / "model.onnx").stat().st_size}
+    if int8:
+        report["int8_bytes"] = (staging / "model_int8.onnx").stat().st_size
+    if check:
+        fp32 = OrtDecoder(staging / "model.onnx", num_threads)
+        diff = compare_onnx_with_torch(model, fp32, model.config.vocab_size)
+        report["fp32_max_abs_logit_diff"] = diff
+        if diff > fp32_tolerance:
+            raise RuntimeError(f"ONNX fp32 logits differ from torch by {diff:.3g} > --fp32_tolerance "
+                               f"{fp32_tolerance}; the export is wrong for this model.")
+        texts, source = heldout_texts(model_dir, heldout_file)
+        stream = heldout_token_stream(tokenizer, texts)
+        need = num_prompts * prompt_tokens
+        if len(stream) < need:
+            raise ValueError(f"The held-out text has {len(stream)} tokens; {need} are needed for the prompts "
+                             "(--num_prompts x --prompt_tokens).")
+        stride = max(prompt_tokens, (len(stream) - prompt_tokens) // num_prompts)
+        prompts = torch.tensor([stream[i * stride : i * stride + prompt_tokens] for i in range(num_prompts)])
+        num_blocks = min(perplexity_blocks, len(stream) // block_size)
+        blocks = torch.tensor(stream[: num_blocks * block_size]).view(num_blocks, block_size)
+        report["heldout"] = {"source": source, "tokens": len(stream), "prompts": num_prompts,
+                             "perplexity_blocks": num_blocks, "block_size": block_size}
+        report["perplexity"] = {"torch_fp32": perplexity(model, blocks), "onnx_fp32": onnx_perplexity(fp32, blocks)}
+        report["greedy"] = {"onnx_fp32": greedy_agreement(model, fp32, prompts, new_tokens)}
+        if int8:
+            int8_decoder = OrtDecoder(staging / "model_int8.onnx", num_threads)
+            report["perplexity"]["onnx_int8"] = onnx_perplexity(int8_decoder, blocks)
+            report["greedy"]["onnx_int8"] = greedy_agreement(model, int8_decoder, prompts, new_tokens)
+            report["int8_perplexity_change"] = report["perplexity"]["onnx_int8"] / report["perplexity"]["torch_fp32"] - 1
+    write_atomically(staging / "report.json", json.dumps(report, indent=2) + "\n")
+    write_atomically(staging / "report.md", render_onnx_report(report))
+    shutil.rmtree(output_dir, ignore_errors=True)
+    os.replace(staging, output_dir)
+    return report
+
+
+def render_onnx_report(report: dict) -> str:
+    """report.md of `export_onnx_folder`: sizes, fp32 logit difference, perplexities, greedy agreement."""
+    lines = ["# ONNX export", "", "| check | value |", "|---|---|",
+             f"| export time | {report['export_seconds']:.1f} s |",
+             f"| model.onnx | {report['fp32_bytes'] / 2**20:.2f} MB |"]
+    if "int8_bytes" in report:
+        lines.append(f"| model_int8.onnx | {report['int8_bytes'] / 2**20:.2f} MB "
+                     f"(float nodes kept: {len(report['int8_float_nodes'])}) |")
+    if "fp32_max_abs_logit_diff" in report:
+        lines.append(f"| fp32 max abs logit diff vs torch | {report['fp32_max_abs_logit_diff']:.2e} |")
+        for name, ppl in report["perplexity"].items():
+            lines.append(f"| held-out perplexity, {name} | {ppl:.4f} |")
+        for name, g in report["greedy"].items():
+            lines.append(f"| greedy token agreement with torch fp32, {name} | {g['token_agreement']:.1%} "
+                         f"({g['identical_continuations']}/{g['prompts']} continuations identical) |")
+        if "int8_perplexity_change" in report:
+            lines.append(f"| int8 perplexity change vs torch fp32 | {report['int8_perplexity_change']:+.2%} |")
+        lines += ["", f"Held-out data: {report['heldout']['source']}."]
+    return "\n".join(lines) + "\n"

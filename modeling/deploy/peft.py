@@ -1,5 +1,6 @@
-"""PEFT LoRA / QLoRA targets for lightarch decoders: attention, dense MLPs, shared experts and the routed experts' 3D
-weights (PEFT `target_parameters`); never the router."""
+"""PEFT LoRA / QLoRA for lightarch decoders: the targets (attention, dense MLPs, shared experts and the routed
+experts' 3D weights through PEFT `target_parameters`; never the router), and `finetune_lora`, the fine-tuning run of
+`scripts/finetune_lora.py`."""
 
 from __future__ import annotations
 
@@ -78,3 +79,158 @@ def check_lora_targets(model: nn.Module) -> None:
                     "tokens to experts the adapter was not trained with. Remove 'gate' from target_modules / "
                     "target_parameters (use lightarch.deploy.lora_config)."
                 )
+
+
+def parse_lora_targets(text: str) -> list[str]:
+    """`--targets` 'attention,experts' -> ['attention', 'experts'] (ValueError naming the option otherwise)."""
+    targets = [t.strip() for t in text.split(",") if t.strip()]
+    if not targets or any(t not in LORA_TARGET_GROUPS for t in targets):
+        raise ValueError(f"--targets {text!r}: use a comma-separated subset of {LORA_TARGET_GROUPS}.")
+    return targets
+
+
+def check_finetune_options(model_dir, text_file, merge: bool, qlora: bool, heldout_fraction: float, r: int,
+                           block_size: int, batch_size: int, max_steps: int) -> None:
+    """Raise ValueError naming the option when `finetune_lora` cannot run with these arguments (its own)."""
+    import os
+
+    if merge and qlora:
+        raise ValueError("--merge cannot be used with --qlora: merging into 4-bit weights re-quantizes them; "
+                         "merge into the full-precision base instead.")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ValueError(f"--model_dir {model_dir} has no config.json; train a model first (scripts/train.py).")
+    if text_file is not None and not os.path.isfile(text_file):
+        raise ValueError(f"--text_file {text_file} does not exist.")
+    if not 0 < heldout_fraction < 1:
+        raise ValueError(f"--heldout_fraction must be in (0, 1), got {heldout_fraction}.")
+    for name, value in (("r", r), ("block_size", block_size), ("batch_size", batch_size), ("max_steps", max_steps)):
+        if value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}.")
+
+
+def finetune_lora(
+    model_dir,
+    output_dir,
+    text_file=None,
+    targets: Sequence[str] = LORA_TARGET_GROUPS,
+    r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
+    qlora: bool = False,
+    block_size: int = 128,
+    heldout_fraction: float = 0.1,
+    batch_size: int = 8,
+    max_steps: int = 60,
+    learning_rate: float = 2e-3,
+    merge: bool = False,
+    seed: int = 0,
+) -> dict:
+    """Fine-tune the saved lightarch causal LM in `model_dir` with LoRA (QLoRA with `qlora`: a 4-bit nf4 base) on
+    `text_file` (default: `lightarch.data.corpus.ENGLISH_SAMPLE_TEXT`) and save the adapter into `output_dir`.
+
+    The text's last `heldout_fraction` of `block_size`-token blocks is held out; `max_steps` optimizer steps of
+    `batch_size` blocks at a linearly decaying `learning_rate`. Writes adapter_model.safetensors, adapter_config.json,
+    the tokenizer, results.json and results.md (held-out perplexity before / after, trainable parameters), and with
+    `merge` the base with the adapter merged in (`output_dir/merged`, fp32 bases only). Returns the results.
+    """
+    arguments = dict(locals())  # recorded in results.json
+    import json
+    import os
+    import shutil
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from ..data.corpus import ENGLISH_SAMPLE_TEXT, BlockDataset, text_blocks
+    from ..evaluation.perplexity import perplexity
+    from ..training.checkpoints import write_atomically
+    from .bitsandbytes import bnb_quantization_config, load_quantized
+
+    arguments = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in arguments.items()}
+    targets = list(targets)
+    lora_config(targets, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)  # checks the targets and dropout
+    check_finetune_options(model_dir, text_file, merge, qlora, heldout_fraction, r, block_size, batch_size, max_steps)
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    text = Path(text_file).read_text(encoding="utf-8") if text_file else ENGLISH_SAMPLE_TEXT
+    blocks = text_blocks(tokenizer, text, block_size)
+    if blocks.shape[0] < 2:
+        raise ValueError(f"The text gives {blocks.shape[0]} block(s) of {block_size} tokens; need at least 2 "
+                         "(one to train, one held out). Give more text or lower --block_size.")
+    num_heldout = max(1, round(blocks.shape[0] * heldout_fraction))
+    train_blocks, heldout_blocks = blocks[:-num_heldout], blocks[-num_heldout:]
+
+    if qlora:
+        config = AutoConfig.from_pretrained(model_dir)
+        model = load_quantized(model_dir, bnb_quantization_config(config, bits=4))
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    ppl_before = perplexity(model, heldout_blocks)
+
+    model = get_peft_model(model, lora_config(targets, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout))
+    check_lora_targets(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+
+    work_dir = Path(tempfile.mkdtemp(prefix="finetune_lora_"))
+    training_args = TrainingArguments(
+        output_dir=str(work_dir), per_device_train_batch_size=batch_size, max_steps=max_steps,
+        learning_rate=learning_rate, lr_scheduler_type="linear", warmup_steps=min(10, max_steps // 10),
+        logging_steps=max(1, max_steps // 10), save_strategy="no", report_to=[], use_cpu=True, seed=seed,
+        label_names=["labels"], disable_tqdm=True,
+    )
+    start = time.perf_counter()
+    try:
+        train_output = Trainer(model=model, args=training_args, train_dataset=BlockDataset(train_blocks)).train()
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    train_seconds = time.perf_counter() - start
+    model.eval()
+    ppl_after = perplexity(model, heldout_blocks)
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".adapter_", dir=output_dir))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    for item in staging.iterdir():
+        os.replace(item, output_dir / item.name)
+    shutil.rmtree(staging, ignore_errors=True)
+    if merge:
+        merged = model.merge_and_unload()
+        staging = Path(tempfile.mkdtemp(prefix=".merged_", dir=output_dir))
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(output_dir / "merged", ignore_errors=True)
+        os.replace(staging, output_dir / "merged")
+
+    results = {
+        "args": arguments,
+        "targets": targets,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "train_blocks": int(train_blocks.shape[0]),
+        "heldout_blocks": int(heldout_blocks.shape[0]),
+        "train_loss": train_output.training_loss,
+        "heldout_perplexity_before": ppl_before,
+        "heldout_perplexity_after": ppl_after,
+        "train_seconds": train_seconds,
+    }
+    write_atomically(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    table = "\n".join([
+        "| | value |", "|---|---|",
+        f"| base | `{model_dir}`{' (4-bit nf4, QLoRA)' if qlora else ''} |",
+        f"| targets | {', '.join(targets)} |",
+        f"| trainable parameters | {trainable:,} of {total:,} ({100 * trainable / total:.2f}%) |",
+        f"| held-out perplexity before | {ppl_before:.3f} |",
+        f"| held-out perplexity after | {ppl_after:.3f} |",
+        f"| training time | {train_seconds:.1f} s for {max_steps} steps |",
+    ])
+    write_atomically(output_dir / "results.md", "# LoRA fine-tuning\n\n" + table + "\n")
+    return results

@@ -1,5 +1,6 @@
 """Continuous batching and `transformers serve` on CPU: a paged cache sized for a few requests, a per-request token
-budget enforced before a request reaches the batching worker."""
+budget enforced before a request reaches the batching worker, and `serve_folder` (`scripts/serve.py`), which serves a
+saved lightarch folder with transformers' own server."""
 
 from __future__ import annotations
 
@@ -163,3 +164,103 @@ class TokenBudgetMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def check_servable_folder(model_dir, attn_implementation: str = "sdpa"):
+    """(config, tokenizer) of the saved folder `serve_folder` would serve; ValueError naming the option and the fix
+    when it cannot: no model, not a lightarch SparseMoe, a tokenizer without a chat template (which
+    /v1/chat/completions needs), or an attention continuous batching cannot run on CPU."""
+    import os
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..configuration import SparseMoeConfig
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ValueError(f"--model_dir {model_dir} has no config.json; train or save a model there first.")
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.model_type != SparseMoeConfig.model_type:
+        raise ValueError(f"--model_dir holds a {config.model_type!r} model; this launcher serves lightarch SparseMoe "
+                         f"models ({SparseMoeConfig.model_type!r}).")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"The tokenizer in {model_dir} has no chat template, which /v1/chat/completions needs. Set one "
+            "(tokenizer.chat_template = lightarch.data.tokenizers.CHAT_TEMPLATE; tokenizer.save_pretrained(folder))."
+        )
+    if attn_implementation not in ("sdpa", "paged|eager"):
+        raise ValueError(f"--attn_implementation {attn_implementation!r}: use 'sdpa' or 'paged|eager' on CPU.")
+    return config, tokenizer
+
+
+def serve_folder(
+    model_dir,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    continuous_batching: bool = True,
+    max_concurrent_requests: int = 8,
+    max_request_tokens: int | None = None,
+    max_batch_tokens: int = 512,
+    default_max_tokens: int = 256,
+    attn_implementation: str = "sdpa",
+    log_level: str = "warning",
+) -> None:
+    """Serve the saved lightarch folder `model_dir` with transformers' own `Serve` (OpenAI-compatible API) until
+    stopped: continuous batching with a paged cache sized for `max_concurrent_requests` requests of
+    `max_request_tokens` (`cpu_continuous_batching_config`), and `TokenBudgetMiddleware` refusing over-budget
+    requests with HTTP 400.
+
+    transformers 5.24's model manager resolves the class with `getattr(transformers, config.architectures[0])` (remote
+    code is not looked up), so lightarch's classes are set on the transformers module first.
+    """
+    import logging
+    import sys
+
+    import transformers
+    from transformers.cli import serve as serve_cli
+    from transformers.cli.serving import model_manager, server as server_module
+
+    from ..modeling_sparse_moe import SparseMoeForCausalLM, SparseMoeForSequenceClassification
+
+    config, tokenizer = check_servable_folder(model_dir, attn_implementation)
+    cb_config = cpu_continuous_batching_config(config, max_concurrent_requests, max_request_tokens, max_batch_tokens)
+    budget = request_token_budget(config, cb_config)
+    logging.getLogger(__name__).info(
+        "Paged KV cache: %d blocks of %d tokens (%.1f MB); per-request budget %d tokens", cb_config.num_blocks,
+        cb_config.page_size, paged_cache_bytes(config, cb_config) / 2**20, budget)
+
+    # (Importing some transformers submodules re-registers the lazy `transformers` module, so patch the object the
+    # model manager actually uses as well.)
+    lazy_modules = {id(m): m for m in (transformers, model_manager.transformers, sys.modules["transformers"])}
+    for module in lazy_modules.values():
+        for cls in (SparseMoeForCausalLM, SparseMoeForSequenceClassification):
+            setattr(module, cls.__name__, cls)
+
+    build_server = server_module.build_server
+
+    def build_server_with_budget(*args, **kwargs):
+        app = build_server(*args, **kwargs)
+        app.add_middleware(TokenBudgetMiddleware, tokenizer=tokenizer, budget=budget,
+                           default_max_new_tokens=default_max_tokens)
+        return app
+
+    server_module.build_server = build_server_with_budget
+    # Serve builds ContinuousBatchingConfig(**flags) from its --cb-* flags: hand it our CPU-sized config instead.
+    current = sys.modules["transformers"]
+    original_cb_config = current.ContinuousBatchingConfig
+    current.ContinuousBatchingConfig = lambda **_: cb_config
+    try:
+        serve_cli.Serve(
+            force_model=str(model_dir),
+            continuous_batching=continuous_batching,
+            attn_implementation=attn_implementation,
+            device="cpu",
+            dtype="float32",
+            cb_num_blocks=cb_config.num_blocks,  # any --cb-* flag makes Serve build (our) config
+            host=host,
+            port=port,
+            log_level=log_level,
+        )
+    finally:
+        current.ContinuousBatchingConfig = original_cb_config
+        server_module.build_server = build_server

@@ -1,5 +1,6 @@
-"""Measurements of an adaptive-depth model on the arithmetic suite: accuracy and layers per exit, the operating
-points of the estimator and confidence policies, wall time."""
+"""Measurements of an adaptive-depth model on the arithmetic suite (`lightarch.data.arithmetic`): accuracy and
+layers per exit, the operating points of the estimator and confidence policies, threshold calibration, and the wall
+time of batch-1 greedy decoding (`lightarch.evaluation.benchmarks.adaptive_depth` puts them together)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..data.arithmetic import Problem, PadCollator, encode
+from ..data.arithmetic import SPLITS, PadCollator, Problem, encode, prompt_ids
 
 
 def _batches(problems: Sequence[Problem], tokenizer, batch_size: int):
@@ -91,17 +92,15 @@ def time_generation(model, problems: Sequence[Problem], tokenizer, policy: str, 
     model.eval()
     seconds, right, depths, answers = 0.0, 0, [], []
     for problem in problems:
-        ids = [tokenizer.bos_token_id] + tokenizer.convert_tokens_to_ids(list(problem.prompt))
-        input_ids = torch.tensor([ids])
+        input_ids = torch.tensor([prompt_ids(problem, tokenizer)])
         start = time.perf_counter()
         out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                              do_sample=False, exit_policy=policy, exit_threshold=threshold,
                              return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id)
         seconds += time.perf_counter() - start
-        new = out.sequences[0, len(ids):].tolist()
-        text = tokenizer.decode(new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new)
-        right += int(text == problem.answer and tokenizer.eos_token_id in new)
+        new = out.sequences[0, input_ids.shape[1]:].tolist()
+        right += _answers_right(new, problem, tokenizer)
         depths.extend(out.exit_layers[0].tolist())
         answers.append(new)
     return {"seconds": seconds, "accuracy": right / max(1, len(problems)),
@@ -117,7 +116,7 @@ def time_greedy_loop(model, problems: Sequence[Problem], tokenizer, policy: str,
     seconds, right = 0.0, 0
     eos = tokenizer.eos_token_id
     for problem in problems:
-        input_ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer.convert_tokens_to_ids(list(problem.prompt))])
+        input_ids = torch.tensor([prompt_ids(problem, tokenizer)])
         start = time.perf_counter()
         out = model(input_ids, exit_policy=policy, exit_threshold=threshold, use_cache=True, logits_to_keep=1)
         route, new = out.exit_route, []
@@ -129,8 +128,34 @@ def time_greedy_loop(model, problems: Sequence[Problem], tokenizer, policy: str,
             out = model(torch.tensor([[token]]), cache=out.cache, exit_policy=policy, exit_threshold=threshold,
                         exit_route=route, use_cache=True, logits_to_keep=1)
         seconds += time.perf_counter() - start
-        right += int(eos in new and tokenizer.decode(new[: new.index(eos)]) == problem.answer)
+        right += _answers_right(new, problem, tokenizer)
     return {"seconds": seconds, "accuracy": right / max(1, len(problems))}
+
+
+@torch.no_grad()
+def time_self_speculative(model, problems: Sequence[Problem], tokenizer, early_exit: int,
+                          max_new_tokens: int = 5) -> dict:
+    """Self-speculative greedy `generate` (`assistant_early_exit`: exit `early_exit` drafts, full depth verifies),
+    one question at a time: seconds, accuracy, and the generated tokens (they must equal full-depth greedy's)."""
+    model.eval()
+    seconds, right, answers = 0.0, 0, []
+    for problem in problems:
+        input_ids = torch.tensor([prompt_ids(problem, tokenizer)])
+        start = time.perf_counter()
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, assistant_early_exit=early_exit, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        seconds += time.perf_counter() - start
+        new = out[0, input_ids.shape[1]:].tolist()
+        right += _answers_right(new, problem, tokenizer)
+        answers.append(new)
+    return {"seconds": seconds, "accuracy": right / max(1, len(problems)), "answers": answers}
+
+
+def _answers_right(new_tokens: list[int], problem: Problem, tokenizer) -> bool:
+    """Whether generated tokens are the answer followed by `<eos>`."""
+    eos = tokenizer.eos_token_id
+    return eos in new_tokens and tokenizer.decode(new_tokens[: new_tokens.index(eos)]) == problem.answer
 
 
 def choose_threshold(points: Sequence[dict], full_accuracy: dict[str, float], tolerance: dict[str, float]) -> dict:
@@ -149,3 +174,29 @@ def threshold_grid(steps: int = 41) -> list[float]:
     values = {round(i / (steps - 1), 4) for i in range(steps)}
     values |= {round(1 - 10 ** (-k / 4), 6) for k in range(4, 21, max(1, 40 // steps))}  # 0.9 ... 0.99999
     return sorted(v for v in values if 0.0 <= v <= 1.0 and not math.isnan(v))
+
+
+def calibrate(model, tokenizer, problems: dict[str, list[Problem]], easy_tolerance: float, hard_tolerance: float,
+              threshold_steps: int = 41) -> dict:
+    """Per-exit accuracy, full-depth accuracy, the threshold sweeps of both policies and the chosen thresholds (the
+    cheapest whose accuracy stays within the tolerance of full depth on both splits), on `problems` per split."""
+    exit_layers = list(model.config.exit_layers)
+    measured = {split: exit_measurements(model, problems[split], tokenizer) for split in SPLITS}
+    full = {split: measured[split]["correct"][:, -1].float().mean().item() for split in SPLITS}
+    tolerance = {"easy": easy_tolerance, "hard": hard_tolerance}
+    grid = threshold_grid(threshold_steps)
+    estimator_points = [
+        {"threshold": t, **{s: estimator_operating_point(measured[s], exit_layers, t) for s in SPLITS}} for t in grid
+    ]
+    confidence_points = [
+        {"threshold": t, **{s: confidence_operating_point(model, problems[s], tokenizer, t) for s in SPLITS}}
+        for t in grid
+    ]
+    return {
+        "exit_accuracy": {s: measured[s]["correct"].float().mean(0).tolist() for s in SPLITS},
+        "full_accuracy": full,
+        "estimator": choose_threshold(estimator_points, full, tolerance),
+        "confidence": choose_threshold(confidence_points, full, tolerance),
+        "estimator_sweep": estimator_points,
+        "confidence_sweep": confidence_points,
+    }

@@ -1,14 +1,33 @@
-"""Evaluation of the multimodal model: VQA accuracy, retrieval R@1, modality alignment error."""
+"""Evaluation of the multimodal model on held-out images and voices: VQA accuracy, retrieval R@1, modality alignment
+error (`evaluate_model`), and the evaluation of saved runs from disk with plots (`evaluate_saved_models`,
+`scripts/eval_multimodal.py`)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import time
 from collections.abc import Sequence
-
+from pathlib import Path
 
 import numpy as np
 
-from ..data.multimodal import CLASS_NAMES, QUESTION_KINDS, ModalityPool, Question, class_texts, question_inputs, split_words
+from ..data.multimodal import (
+    CLASS_NAMES,
+    QUESTION_KINDS,
+    ModalityPool,
+    MultiModalData,
+    Question,
+    class_texts,
+    generate_questions,
+    question_inputs,
+    split_words,
+)
+from .plots import figure_to_png, pyplot
 
+RUN_NAMES = ("aligned", "no_alignment")  # the model folders of a `lightarch.training.multimodal` run
+PAIRS = (("image", "text"), ("audio", "text"), ("image", "audio"))
 
 
 
@@ -194,3 +213,158 @@ def comparison_table(runs: dict[str, dict]) -> str:
     rows.append("| modality alignment error | " + " | ".join(f"{runs[n]['alignment_error']['error']:.3f}"
                                                             for n in names) + " |")
     return "\n".join(rows)
+
+
+def find_models(model_dir: str | os.PathLike) -> dict[str, Path]:
+    """Run name -> saved model folder: the runs of a `train_multimodal` output folder, or the folder itself."""
+    model_dir = Path(model_dir)
+    if (model_dir / "config.json").is_file():
+        return {model_dir.name: model_dir}
+    found = {v: model_dir / v for v in RUN_NAMES if (model_dir / v / "config.json").is_file()}
+    if not found:
+        raise ValueError(f"--model_dir {model_dir} holds no saved model (config.json) and no finished "
+                         f"{' / '.join(RUN_NAMES)} run; train one with `python scripts/train_multimodal.py`.")
+    return found
+
+
+def training_record(model_dir: str | os.PathLike, models: dict[str, Path]) -> dict:
+    """The training run's results.json (data set, seed, sizes), from the run folder or a model folder's parent."""
+    for path in (Path(model_dir) / "results.json", *(folder.parent / "results.json" for folder in models.values())):
+        if path.is_file():
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if "data_args" in record:
+                return record
+    return {}
+
+
+def heldout_data(record: dict, **given) -> MultiModalData:
+    """The data settings of an evaluation: `given` values that are not None first, then the training `record`'s
+    (`data_args` of its results.json), then `MultiModalData`'s defaults."""
+    names = {f.name for f in dataclasses.fields(MultiModalData)}
+    unknown = set(given) - names
+    if unknown:
+        raise TypeError(f"unknown data settings {sorted(unknown)}; MultiModalData has {sorted(names)}.")
+    trained = {k: v for k, v in record.get("data_args", {}).items() if k in names}
+    return MultiModalData(**{**trained, **{k: v for k, v in given.items() if v is not None}})
+
+
+def pca_2d(embeddings: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Every modality's embeddings projected on the first two principal axes of all of them together."""
+    stacked = np.concatenate([e for e, _ in embeddings.values()])
+    mean = stacked.mean(axis=0)
+    _, _, axes = np.linalg.svd(stacked - mean, full_matrices=False)
+    return {m: (e - mean) @ axes[:2].T for m, (e, _) in embeddings.items()}
+
+
+def plot_retrieval(measured: dict[str, dict]) -> bytes:
+    """PNG: one row per model: class-by-class mean cosine similarity for each modality pair, and a PCA scatter."""
+    plt = pyplot()
+    fig, axes = plt.subplots(len(measured), 4, figsize=(20, 4.8 * len(measured)), squeeze=False)
+    short = [name.split()[0][:7] for name in CLASS_NAMES]
+    markers = {"image": "o", "audio": "^", "text": "*"}
+    colors = plt.get_cmap("tab10")
+    for row, (name, result) in enumerate(measured.items()):
+        embeddings = result["embeddings"]
+        for col, (a, b) in enumerate(PAIRS):
+            ax = axes[row, col]
+            matrix = class_similarity_matrix(*embeddings[a], *embeddings[b])
+            image = ax.imshow(matrix, cmap="viridis", vmin=-1, vmax=1)
+            ax.set_xticks(range(len(CLASS_NAMES)), short, rotation=60, fontsize=7)
+            ax.set_yticks(range(len(CLASS_NAMES)), short, fontsize=7)
+            ax.set_xlabel(f"{b} class")
+            ax.set_ylabel(f"{a} class")
+            r1 = result["retrieval_r_at_1"][f"{a}->{b}"]
+            ax.set_title(f"{name}: {a}-{b} mean cosine (R@1 {a}->{b} {r1:.2f})", fontsize=9)
+            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        ax = axes[row, 3]
+        for modality, points in pca_2d(embeddings).items():
+            labels = embeddings[modality][1]
+            ax.scatter(points[:, 0], points[:, 1], c=[colors(int(c)) for c in labels], marker=markers[modality],
+                       s=60 if modality == "text" else 10, alpha=0.9 if modality == "text" else 0.5,
+                       edgecolors="black" if modality == "text" else "none", linewidths=0.5, label=modality)
+        ax.set_title(f"{name}: aligned embeddings, PCA (colour = class; alignment error "
+                     f"{result['alignment_error']['error']:.2f})", fontsize=9)
+        ax.legend(fontsize=7, markerscale=1.0)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return figure_to_png(fig)
+
+
+def evaluation_markdown(results: dict) -> str:
+    """results.md of `evaluate_saved_models`: the comparison table and the definitions."""
+    lines = ["# Multimodal evaluation (held-out images and voices)", "",
+             f"Data: {results['data']['dataset']}, {results['data']['images']} held-out images, "
+             f"{results['data']['clips']} clips of held-out voices ({', '.join(results['data']['voice_names'])}), "
+             f"{results['data']['questions']} questions.", "",
+             comparison_table({name: run for name, run in results["models"].items()}), ""]
+    if results.get("vqa_accuracy_gain") is not None:
+        relative = results["vqa_accuracy_relative_gain"]
+        lines.append(f"Alignment loss effect on VQA accuracy: {100 * results['vqa_accuracy_gain']:+.1f} points"
+                     + (f" ({100 * relative:+.1f}% relative)." if relative is not None else "."))
+        lines.append("")
+    lines.append("Modality alignment error: fraction of held-out items whose aligned embedding is nearer another "
+                 "class's centroid than its own class's centroid in the other modality, mean over the six ordered "
+                 "pairs of image, audio and text (0 perfect, ~0.9 chance, target < 0.1).")
+    return "\n".join(lines) + "\n"
+
+
+
+def evaluate_saved_models(model_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None,
+                          data: MultiModalData | None = None, seed: int | None = None, batch_size: int = 64,
+                          show_progress: bool = True) -> dict:
+    """Load each model of `model_dir` (a `train_multimodal` output folder, or one model folder) as a user would
+    (AutoModelForImageTextToText / AutoProcessor, trust_remote_code), measure it on the held-out split with
+    `evaluate_model`, and write results.json, results.md and retrieval.png into `output_dir` (default
+    `<model_dir>/eval`) atomically; returns the results.
+
+    `data` / `seed` default to the training run's (its results.json), so the held-out split is the one it was
+    measured on; `data.eval_questions_per_kind` questions per kind are asked.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from ..training.checkpoints import atomic_save_pretrained
+
+    started = time.perf_counter()
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {batch_size}.")
+    model_dir = Path(model_dir)
+    models = find_models(model_dir)
+    record = training_record(model_dir, models)
+    data = data or heldout_data(record)
+    seed = seed if seed is not None else record.get("seed", 42)
+    output_dir = Path(output_dir) if output_dir else model_dir / "eval"
+
+    # The held-out split only: one training image per class is enough.
+    pool = dataclasses.replace(data, train_images_per_class=1).pools(seed, show_progress)["eval"]
+    questions = generate_questions(pool, data.eval_questions_per_kind, seed + 2)
+    measured, summaries = {}, {}
+    for name, folder in models.items():
+        print(f"Measuring {name} ({folder})", flush=True)
+        model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        measured[name] = evaluate_model(model, processor, pool, questions, batch_size, show_progress=show_progress)
+        summaries[name] = {k: measured[name][k] for k in ("vqa", "retrieval_r_at_1", "alignment_error")}
+        summaries[name]["examples"] = [
+            {"kind": q.kind, "prompt": q.prompt, "answer": q.answer, "prediction": p}
+            for q, p in list(zip(questions, measured[name]["predictions"]))[:10]
+        ]
+        del model
+
+    results = {
+        "model_dir": model_dir.as_posix(),
+        "data": {"dataset": data.dataset, "seed": seed, "images": int(len(pool.images)), "clips": len(pool.clips),
+                 "voice_names": sorted({v.split()[0] for v in pool.clip_voices}), "questions": len(questions)},
+        "models": summaries,
+        "alignment_error_definition": "mean over the 6 ordered modality pairs (A, B) of the fraction of A's held-out "
+                                      "items whose embedding is nearer another class's centroid in B than its own",
+    }
+    if {"aligned", "no_alignment"} <= set(summaries):
+        with_alignment = summaries["aligned"]["vqa"]["accuracy"]
+        without = summaries["no_alignment"]["vqa"]["accuracy"]
+        results["vqa_accuracy_gain"] = with_alignment - without
+        results["vqa_accuracy_relative_gain"] = (with_alignment - without) / without if without else None
+    results["seconds"] = time.perf_counter() - started
+    atomic_save_pretrained(output_dir, extra_files={"results.json": json.dumps(results, indent=2),
+                                                    "results.md": evaluation_markdown(results),
+                                                    "retrieval.png": plot_retrieval(measured)}, keep=())
+    return results

@@ -123,7 +123,9 @@ def config_from_preset(config_class: type, preset: str, config_overrides: str | 
     if unknown:
         raise ValueError(f"--config_overrides: {config_class.__name__} has no field {', '.join(map(repr, unknown))}; "
                          f"see `help({config_class.__name__})` for its fields.")
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         return config_class.from_preset(preset, **overrides)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, StrictDataclassError) as error:
         raise ValueError(f"--preset {preset} with --config_overrides {config_overrides!r}: {error}") from None

@@ -1,0 +1,60 @@
+"""Every script answers --help without loading torch (so it answers at once), and the training scripts take --preset.
+
+Scripts are run as a user runs them, in a fresh interpreter; nothing imports a script.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import PROJECT_ROOT
+
+SCRIPTS = sorted(p.stem for p in (PROJECT_ROOT / "scripts").glob("*.py"))
+TRAINING_SCRIPTS = ("train", "train_adaptive", "train_multimodal", "train_passkey")  # they build a config
+
+# Runs a script's `--help` as `python scripts/X.py --help` would, then reports whether torch was imported on the way.
+_PROBE = """
+import runpy, sys
+path, flag = sys.argv[1], sys.argv[2]
+sys.argv = [path, flag]
+code = 0
+try:
+    runpy.run_path(path, run_name="__main__")
+except SystemExit as stop:
+    code = stop.code or 0
+print("TORCH-IMPORTED" if "torch" in sys.modules else "TORCH-NOT-IMPORTED")
+sys.exit(code)
+"""
+
+
+def run_help(script: str, flag: str = "--help") -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
+    return subprocess.run([sys.executable, "-c", _PROBE, str(PROJECT_ROOT / "scripts" / f"{script}.py"), flag],
+                          cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_every_script_is_covered():
+    assert set(TRAINING_SCRIPTS) <= set(SCRIPTS) and len(SCRIPTS) >= 13
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_answers_without_importing_torch(script):
+    result = run_help(script)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage:" in result.stdout
+    assert "TORCH-NOT-IMPORTED" in result.stdout, f"{script} --help imported torch (slow): move heavy imports into main()"
+
+
+@pytest.mark.parametrize("script", TRAINING_SCRIPTS)
+def test_training_scripts_take_a_preset_and_list_every_trainer_option_on_request(script):
+    fast = run_help(script)
+    assert "--preset" in fast.stdout and "--config_overrides" in fast.stdout
+    assert "--help_all" in fast.stdout
+    full = run_help(script, "--help_all")
+    assert full.returncode == 0, full.stderr[-2000:]
+    for option in ("--preset", "--learning_rate", "--per_device_train_batch_size", "--output_dir"):
+        assert option in full.stdout, (script, option)
