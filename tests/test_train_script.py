@@ -230,7 +230,7 @@ def test_a_failing_card_or_plot_never_loses_the_model(tmp_path, monkeypatch, cap
     output_dir = tmp_path / "out"
     with pytest.raises(RuntimeError, match=f"{failing} failed"):
         train_in_process(output_dir)
-    assert f"saved in {output_dir}" in caplog.text  # the error names where the model is
+    assert f"saved, complete, in {output_dir}" in caplog.text  # the error names where the model is
     model = AutoModelForCausalLM.from_pretrained(output_dir)
     assert type(model).__name__ == "SparseMoeForCausalLM" and model.config.vocab_size == 320
     assert AutoTokenizer.from_pretrained(output_dir).bos_token_id == model.config.bos_token_id

@@ -16,6 +16,12 @@ def model_card_template(name: str) -> str:
     return resources.files("lightarch.model_cards").joinpath(f"{name}.md").read_text(encoding="utf-8")
 
 
+def format_seconds(seconds: float) -> str:
+    """75.2 -> '1 min 15 s'."""
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+
+
 def render_model_card(template: str, values: dict) -> str:
     """Fill a `string.Template` (`${name}` placeholders); a missing value raises KeyError naming it."""
     return string.Template(template).substitute({k: str(v) for k, v in values.items()})

@@ -41,13 +41,12 @@ from ..data.arithmetic import (
     split_heldout,
 )
 from ..evaluation.adaptive_depth import calibrate
-from ..evaluation.model_cards import model_card_template, render_model_card
+from ..evaluation.model_cards import format_seconds, model_card_template, render_model_card
 from ..evaluation.plots import figure_to_png, pyplot
 from ..modeling_adaptive_depth import AdaptiveDepthForCausalLM
 from .callbacks import TimeBudgetCallback
-from .checkpoints import atomic_save_pretrained, write_atomically
+from .checkpoints import atomic_save_pretrained, write_atomically, writing_beside_saved_model
 from .router_bias import RouterBiasUpdateCallback
-from .sparse_moe import format_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -349,14 +348,10 @@ def write_card_and_plot(folder: str | os.PathLike, results: dict, config: Adapti
     """README.md (the model card; its snippets load `model_path`, default `folder`) and training.png into a saved
     model folder; a failure is logged with the folder (the model in it is complete) and re-raised."""
     folder = Path(folder)
-    try:
+    with writing_beside_saved_model(folder, "the model card or the training plot"):
         write_atomically(folder / "README.md", render_card(results, config, model_path or folder.as_posix()))
         write_atomically(folder / "training.png",
                          plot_training(results["history"], results["calibration"], list(config.exit_layers)))
-    except Exception:
-        logger.error("Writing the model card or the training plot failed; the trained model is saved, complete, in "
-                     "%s", folder)
-        raise
 
 
 __all__ = ["AdaptiveSchedule", "ExitLossTrainer", "check_adaptive_run", "plot_training", "render_card",

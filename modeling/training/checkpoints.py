@@ -3,6 +3,9 @@ crash never leaves a half-written result."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import fnmatch
 import os
 import shutil
@@ -107,3 +110,17 @@ def atomic_save_pretrained(
                 os.replace(entry, folder / entry.name)
         shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def writing_beside_saved_model(folder: str | os.PathLike, what: str):
+    """Write extras (card, plots) into a folder whose model is already saved: a failure is logged with the folder
+    (the model in it is complete) and re-raised, so it never costs the trained model."""
+    try:
+        yield
+    except Exception:
+        logger.error("Writing %s failed; the trained model is saved, complete, in %s", what, folder)
+        raise

@@ -42,16 +42,20 @@ from ..data.multimodal import (
     build_tokenizer,
     generate_questions,
 )
-from ..evaluation.model_cards import model_card_template, render_model_card
+from ..evaluation.model_cards import format_seconds, model_card_template, render_model_card
 from ..evaluation.multimodal import comparison_table, evaluate_model
 from ..evaluation.plots import figure_to_png, pyplot
 from ..modeling_multimodal import MultiModalForConditionalGeneration
 from ..processing_multimodal import MultiModalProcessor
 from .callbacks import TimeBudgetCallback
-from .checkpoints import atomic_save_pretrained, last_complete_checkpoint, write_atomically
+from .checkpoints import (
+    atomic_save_pretrained,
+    last_complete_checkpoint,
+    write_atomically,
+    writing_beside_saved_model,
+)
 from .multimodal_trainer import MultiModalTrainer
 from .router_bias import RouterBiasUpdateCallback
-from .sparse_moe import format_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -347,13 +351,9 @@ def write_card_and_plot(folder: str | os.PathLike, results: dict, config: MultiM
     """README.md (the model card; its snippet loads `model_path`, default `folder`) and training.png into a saved
     variant folder; a failure is logged with the folder (the model in it is complete) and re-raised."""
     folder = Path(folder)
-    try:
+    with writing_beside_saved_model(folder, "the model card or the training plot"):
         write_atomically(folder / "README.md", render_card(results, config, model_path or folder.as_posix()))
         write_atomically(folder / "training.png", plot_losses({results["variant"]: results["history"]}))
-    except Exception:
-        logger.error("Writing the model card or the training plot failed; the trained model is saved, complete, in "
-                     "%s", folder)
-        raise
 
 
 __all__ = ["KEEP_IN_VARIANT_DIR", "LOSS_PARTS", "VARIANTS", "check_multimodal_run", "final_losses", "plot_losses",

@@ -38,7 +38,7 @@ from ..evaluation.passkey import accuracy_table, evaluate_passkey
 from ..evaluation.plots import figure_to_png, pyplot
 from ..modeling_sparse_moe import SparseMoeForCausalLM
 from .callbacks import TimeBudgetCallback
-from .checkpoints import atomic_save_pretrained, write_atomically
+from .checkpoints import atomic_save_pretrained, write_atomically, writing_beside_saved_model
 from .router_bias import RouterBiasUpdateCallback
 
 logger = logging.getLogger(__name__)
@@ -248,14 +248,10 @@ def write_card_and_plot(folder: str | os.PathLike, results: dict, config: Sparse
     """README.md (the model card) and training.png into a saved model folder; a failure is logged with the folder
     (the model in it is complete) and re-raised."""
     folder = Path(folder)
-    try:
+    with writing_beside_saved_model(folder, "the model card or the training plot"):
         write_atomically(folder / "README.md", render_card(results, config))
         if results["loss_history"]:
             write_atomically(folder / "training.png", plot_training(results["loss_history"]))
-    except Exception:
-        logger.error("Writing the model card or the training plot failed; the trained model is saved, complete, in "
-                     "%s", folder)
-        raise
 
 
 __all__ = ["TrainingMonitor", "check_passkey_run", "plot_training", "position_encoding_summary", "render_card",

@@ -25,13 +25,18 @@ from transformers import AutoConfig, AutoTokenizer, Trainer, TrainingArguments, 
 
 from ..data.corpus import BlockDataset, TextCorpus, token_blocks, tokenize_documents
 from ..data.tokenizers import SPECIAL_TOKENS, train_bpe_tokenizer
-from ..evaluation.model_cards import code_fence, model_card_template, render_model_card
+from ..evaluation.model_cards import code_fence, format_seconds, model_card_template, render_model_card
 from ..evaluation.parameters import parameter_counts
 from ..evaluation.perplexity import unigram_perplexity
 from ..evaluation.plots import plot_expert_load, plot_loss_curves
 from ..modeling_sparse_moe import SparseMoeForCausalLM
 from .callbacks import MoeStatsCallback, TimeBudgetCallback
-from .checkpoints import atomic_save_pretrained, last_complete_checkpoint, write_atomically
+from .checkpoints import (
+    atomic_save_pretrained,
+    last_complete_checkpoint,
+    write_atomically,
+    writing_beside_saved_model,
+)
 from .router_bias import RouterBiasUpdateCallback
 
 logger = logging.getLogger(__name__)
@@ -267,16 +272,12 @@ def train_sparse_moe(
             keep=KEEP_IN_OUTPUT_DIR,
         )
         logged_loss = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e and "step" in e]
-        try:
+        with writing_beside_saved_model(output_dir, "the model card or plots"):
             write_plots(output_dir, stats, config, math.log(baseline_ppl), logged_loss, layer_labels)
             card = render_model_card(model_card_template("sparse_moe"), card_values(
                 results, config, data.corpus, data.block_size, training_args, output_dir, params,
                 time_budget_minutes))
             write_atomically(output_dir / "README.md", card)
-        except Exception:
-            logger.error("Writing the model card or plots failed. The trained model, its tokenizer and results.json "
-                         "are saved in %s.", output_dir)
-            raise
     finally:
         stats.remove_hooks()
     logger.info("Saved the model, tokenizer, card and plots to %s (run took %s)", output_dir,
@@ -319,12 +320,6 @@ def human(n: float) -> str:
 
 def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
-
-
-def format_seconds(seconds: float) -> str:
-    """75.2 -> '1 min 15 s'."""
-    minutes, seconds = divmod(round(seconds), 60)
-    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
 
 
 def card_values(results: dict, config, corpus: TextCorpus, block_size: int, training_args: TrainingArguments,
