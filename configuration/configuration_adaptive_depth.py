@@ -100,7 +100,7 @@ class AdaptiveDepthConfig(SparseMoeConfig):
                 f"`exit_loss_weights` has {len(weights)} entries but `exit_layers` has {len(layers)}; give one weight "
                 "per exit (or None for equal weights)."
             )
-        if any(w < 0 for w in weights) or sum(weights) <= 0:
+        if not all(0 <= w < float("inf") for w in weights) or sum(weights) <= 0:  # `0 <= w` is False for NaN
             raise ValueError(f"`exit_loss_weights` must be >= 0 with a positive sum, got {weights}.")
         if self.exit_policy not in EXIT_POLICIES:
             raise ValueError(f"`exit_policy` must be one of {EXIT_POLICIES}, got {self.exit_policy!r}.")

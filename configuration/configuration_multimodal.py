@@ -14,7 +14,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, ParakeetEncoderConfig, ViTConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
-from .configuration_sparse_moe import SparseMoeConfig
+from .configuration_sparse_moe import SparseMoeConfig, check_config_location
 
 MODALITIES = ("text", "image", "audio")
 ALIGNMENT_PAIRS = ("text_image", "text_audio", "image_audio")
@@ -139,6 +139,7 @@ class MultiModalConfig(PreTrainedConfig):
             self.alignment_loss_weights = {"text": 0.6, "image": 0.3, "audio": 0.1}
         super().__post_init__(**kwargs)
         self._check_sub_configs()
+        self._check_vision()
         if self.image_seq_length is None:
             self.image_seq_length = self.num_image_patches
         self._check_values()
@@ -175,8 +176,30 @@ class MultiModalConfig(PreTrainedConfig):
                     "config such as SparseMoeConfig, LlamaConfig or Qwen3Config."
                 )
 
+    def _check_vision(self) -> None:
+        """The ViT sizes, which `ViTConfig` accepts unchecked: a patch size of 0 or larger than the image, a channel
+        count < 1 or a width the heads do not divide fail (or give no image token) only when the model runs."""
+        vision = self.vision_config
+        image_size = vision.image_size if isinstance(vision.image_size, (list, tuple)) else (vision.image_size,) * 2
+        patch_size = vision.patch_size if isinstance(vision.patch_size, (list, tuple)) else (vision.patch_size,) * 2
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in (*image_size, *patch_size)):
+            raise ValueError(f"`vision_config.image_size` ({vision.image_size}) and `vision_config.patch_size` "
+                             f"({vision.patch_size}) must be positive integers.")
+        if any(patch > image for patch, image in zip(patch_size, image_size)):
+            raise ValueError(f"`vision_config.patch_size` ({vision.patch_size}) is larger than "
+                             f"`vision_config.image_size` ({vision.image_size}): the image would give no patch; use a "
+                             "patch size that divides the image size.")
+        for name in ("num_channels", "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size"):
+            value = getattr(vision, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`vision_config.{name}` must be a positive integer, got {value!r}.")
+        if vision.hidden_size % vision.num_attention_heads:
+            raise ValueError(f"`vision_config.num_attention_heads` ({vision.num_attention_heads}) must divide "
+                             f"`vision_config.hidden_size` ({vision.hidden_size}); change one of them.")
+
     def _check_values(self) -> None:
         """Raise a ValueError naming the field and the fix for each inconsistent value."""
+        self._check_vision()
         vocab_size = self.decoder_config.vocab_size
         for name in ("image_token_id", "audio_token_id"):
             value = getattr(self, name)
@@ -185,6 +208,13 @@ class MultiModalConfig(PreTrainedConfig):
                     f"`{name}` is {value} but the decoder vocabulary has {vocab_size} ids; set it to the tokenizer's "
                     "id for the placeholder (processor.image_token_id / processor.audio_token_id) and make "
                     "`decoder_config.vocab_size` cover the tokenizer."
+                )
+        pad_token_id = getattr(self.decoder_config, "pad_token_id", None)
+        for name in ("image_token_id", "audio_token_id"):
+            if getattr(self, name) == pad_token_id:
+                raise ValueError(
+                    f"`{name}` is {pad_token_id}, the decoder's `pad_token_id`: every padding token would be taken for "
+                    f"an <{name.split('_')[0]}> placeholder. Give the placeholder its own id (processor.{name})."
                 )
         if self.image_token_id == self.audio_token_id:
             raise ValueError(
@@ -200,6 +230,11 @@ class MultiModalConfig(PreTrainedConfig):
         for name in ("audio_seq_length", "alignment_embed_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        from transformers.activations import ACT2CLS  # lazy: the activations module imports torch
+
+        if self.projector_hidden_act not in ACT2CLS:
+            raise ValueError(f"`projector_hidden_act` {self.projector_hidden_act!r} is unknown; use one of "
+                             "transformers' activations, e.g. 'gelu' or 'silu'.")
         if self.projector_hidden_size is not None and self.projector_hidden_size < 1:
             raise ValueError(f"`projector_hidden_size` must be >= 1 or None, got {self.projector_hidden_size}.")
         unknown = [pair for pair in self.alignment_pairs if pair not in ALIGNMENT_PAIRS]
@@ -228,6 +263,20 @@ class MultiModalConfig(PreTrainedConfig):
                 f"`logit_scale_init_value` must be in (0, ln(100)=4.6052] (the scale is clamped to 100), got "
                 f"{self.logit_scale_init_value}; CLIP uses 2.6592 = ln(1/0.07)."
             )
+
+    def validate_values(self) -> None:
+        """`@strict` class validator: `config.validate()` (run by `save_pretrained` and by lightarch's models when
+        they are built) re-checks every value, so a field assigned after `__init__` is checked before it is used."""
+        self._check_sub_configs()
+        self._check_values()
+        if isinstance(self.decoder_config, SparseMoeConfig):
+            self.decoder_config._check_values()
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """As transformers', refusing a missing local folder or one without config.json with a message naming it."""
+        check_config_location(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+        return super().get_config_dict(pretrained_model_name_or_path, **kwargs)
 
     @staticmethod
     def presets() -> dict[str, dict]:

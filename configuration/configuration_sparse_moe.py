@@ -5,14 +5,34 @@ This file imports only transformers: it is copied next to `modeling_sparse_moe.p
 """
 
 import copy
+import os
+import re
 
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
-from transformers.modeling_rope_utils import RopeParameters
+from transformers.utils import CONFIG_NAME
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
 ROUTER_MODES = ("top_k", "top_p")
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 SLIDING_WINDOW_IMPLEMENTATIONS = ("windowed", "mask")
+
+
+_HUB_REPO_ID = re.compile(r"^(\b[\w\-.]+\b/)?\b[\w\-.]+\b$")  # huggingface_hub's `validate_repo_id` pattern
+
+
+def check_config_location(pretrained_model_name_or_path, subfolder: str = "") -> None:
+    """OSError naming the folder when `from_pretrained` is given a local path that does not exist (transformers
+    reports "Repo id must be in the form ...") or a folder without config.json (transformers returns the defaults)."""
+    path = str(pretrained_model_name_or_path)
+    folder = os.path.join(path, subfolder) if subfolder else path
+    if os.path.isdir(folder):
+        if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+            raise OSError(f"The folder {folder} has no {CONFIG_NAME}: it is not a saved model folder (make one with "
+                          "save_pretrained), or the path points one level too high or too low.")
+    elif not os.path.exists(path) and (not _HUB_REPO_ID.match(path) or ".." in path or "--" in path):
+        raise OSError(f"The model folder {path} does not exist (nor is it a Hub repo id 'name' or 'namespace/name'); "
+                      "check the path.")
 
 
 @strict
@@ -243,6 +263,50 @@ class SparseMoeConfig(PreTrainedConfig):
         if self.router_jitter_noise >= 1:
             raise ValueError(f"`router_jitter_noise` must be < 1 (it scales inputs by 1 ± noise), got "
                              f"{self.router_jitter_noise}.")
+        self._check_numerics()
+
+    def _check_numerics(self) -> None:
+        """Values that pass the type checks but break the model later: norms, RoPE, init, dropout, activation, ids."""
+        if not self.rms_norm_eps > 0 or self.rms_norm_eps == float("inf"):  # `not x > 0` also refuses NaN
+            raise ValueError(f"`rms_norm_eps` must be a small positive number (e.g. 1e-6), got {self.rms_norm_eps}.")
+        if not 0 <= self.initializer_range < float("inf"):
+            raise ValueError(f"`initializer_range` (the init std) must be >= 0, got {self.initializer_range}.")
+        if not 0 <= self.attention_dropout <= 1:
+            raise ValueError(f"`attention_dropout` is a probability in [0, 1], got {self.attention_dropout}.")
+        from transformers.activations import ACT2CLS  # lazy: the activations module imports torch
+
+        if self.hidden_act not in ACT2CLS:
+            raise ValueError(f"`hidden_act` {self.hidden_act!r} is unknown; use one of transformers' activations, "
+                             f"e.g. 'silu' (SwiGLU), 'gelu', 'relu' ({len(ACT2CLS)} names in "
+                             "transformers.activations.ACT2CLS).")
+        rope = self.rope_parameters if isinstance(self.rope_parameters, dict) else {}
+        rope_type = rope.get("rope_type", "default")
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(f"`rope_parameters['rope_type']` {rope_type!r} is unknown; use 'default' or one of "
+                             f"{sorted(ROPE_INIT_FUNCTIONS)}.")
+        theta = rope.get("rope_theta")
+        if theta is not None and (isinstance(theta, bool) or not 0 < theta < float("inf")):
+            raise ValueError(f"`rope_parameters['rope_theta']` (the RoPE base) must be a positive number such as "
+                             f"10000.0, got {theta}.")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            for token_id in value if isinstance(value, list) else [value]:
+                if token_id is not None and not 0 <= token_id < self.vocab_size:
+                    raise ValueError(
+                        f"`{name}` is {value} but the vocabulary has ids [0, {self.vocab_size - 1}] "
+                        f"(vocab_size={self.vocab_size}); use the tokenizer's id, or None."
+                    )
+
+    def validate_values(self) -> None:
+        """`@strict` class validator: `config.validate()` (run by `save_pretrained` and by lightarch's models when
+        they are built) re-checks every value, so a field assigned after `__init__` is checked before it is used."""
+        self._check_values()
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """As transformers', refusing a missing local folder or one without config.json with a message naming it."""
+        check_config_location(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+        return super().get_config_dict(pretrained_model_name_or_path, **kwargs)
 
     @staticmethod
     def presets() -> dict[str, dict]:
@@ -318,4 +382,4 @@ SPARSE_MOE_PRESETS: dict[str, dict] = {
 }
 
 
-__all__ = ["SPARSE_MOE_PRESETS", "SparseMoeConfig"]
+__all__ = ["SPARSE_MOE_PRESETS", "SparseMoeConfig", "check_config_location"]

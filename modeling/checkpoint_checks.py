@@ -8,9 +8,22 @@ This file imports only transformers and safetensors: it is copied into saved mod
 
 import json
 import os
+import re
 
 from safetensors import safe_open
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+
+_HUB_REPO_ID = re.compile(r"^(\b[\w\-.]+\b/)?\b[\w\-.]+\b$")  # huggingface_hub's `validate_repo_id` pattern
+
+
+def check_model_location(pretrained_model_name_or_path) -> None:
+    """OSError naming the path when it can only be a local folder (it is no Hub repo id) and does not exist: the Hub
+    client would otherwise answer "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
+    path = str(pretrained_model_name_or_path)
+    if not os.path.exists(path) and (not _HUB_REPO_ID.match(path) or ".." in path or "--" in path):
+        raise OSError(f"The model folder {path} does not exist (nor is it a Hub repo id 'name' or 'namespace/name'); "
+                      "check the path.")
 
 
 def check_checkpoint_folder(folder: str) -> None:
@@ -84,6 +97,7 @@ class CheckedLoadingMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, allow_missing_weights: bool = False, **kwargs):
+        check_model_location(pretrained_model_name_or_path)
         if os.path.isdir(str(pretrained_model_name_or_path)):
             check_checkpoint_folder(str(pretrained_model_name_or_path))
         user_wants_info = kwargs.pop("output_loading_info", False)

@@ -42,6 +42,9 @@ from .modeling_sparse_moe import (
     SparseMoeModelOutputWithPast,
     SparseMoePreTrainedModel,
     aux_loss_share,
+    check_generate_prompt,
+    check_input_shapes,
+    check_labels,
     router_aux_loss,
     router_statistics,
 )
@@ -480,6 +483,10 @@ class AdaptiveDepthForCausalLM(AdaptiveDepthPreTrainedModel, GenerationMixin):
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
+        if labels is not None and (input_ids is None) ^ (inputs_embeds is None):  # else the model names the mistake
+            check_input_shapes(input_ids, inputs_embeds, attention_mask, self.config.hidden_size)
+            check_labels(labels, (input_ids if input_ids is not None else inputs_embeds).shape[:2],
+                         kwargs.get("num_items_in_batch"))
         all_exits = labels is not None or bool(output_exit_logits)
         if labels is not None and use_cache is None:
             use_cache = False  # a training forward needs no cache (generate passes use_cache explicitly)
@@ -570,6 +577,7 @@ class AdaptiveDepthForCausalLM(AdaptiveDepthPreTrainedModel, GenerationMixin):
         `config.exit_layers[:-1]`) drafts with exit `d` and verifies with the full model: the output equals greedy
         full-depth decoding.
         """
+        check_generate_prompt(args, kwargs)
         generation_config = kwargs.get("generation_config")
         early_exit = kwargs.get("assistant_early_exit")
         if early_exit is None and generation_config is not None:

@@ -32,7 +32,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .checkpoint_checks import CheckedLoadingMixin
 from .configuration_multimodal import MultiModalConfig
-from .modeling_sparse_moe import SparseMoeForCausalLM, aux_loss_share
+from .modeling_sparse_moe import SparseMoeForCausalLM, aux_loss_share, check_input_shapes, check_labels
 
 # Decoders this file can build without the Auto registry (remote code has no lightarch registrations).
 LIGHTARCH_CAUSAL_LMS = {"lightarch_sparse_moe": SparseMoeForCausalLM}
@@ -187,6 +187,12 @@ class MultiModalPreTrainedModel(CheckedLoadingMixin, PreTrainedModel):
     _can_compile_fullgraph = False
     _can_set_experts_implementation_cached_value = True
 
+    def __init__(self, config: MultiModalConfig, *args, **kwargs) -> None:
+        # Re-check the values: a field assigned after the config was built passed only its type check.
+        config._check_sub_configs()
+        config._check_values()
+        super().__init__(config, *args, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, MultiModalModel):
@@ -322,6 +328,11 @@ class MultiModalModel(MultiModalPreTrainedModel):
             raise ValueError(
                 f"pixel_values has shape {tuple(pixel_values.shape)} but the vision model takes (N, {expected[0]}, "
                 f"{expected[1]}, {expected[2]}); prepare images with MultiModalProcessor."
+            )
+        if not bool(torch.isfinite(pixel_values).all()):  # one read per image batch (prefill), never per token
+            raise ValueError(
+                "pixel_values contain NaN or infinite values; check the image files, or prepare images with "
+                "MultiModalProcessor, which refuses them."
             )
         dtype = self.image_projector.linear_1.weight.dtype
         patches = self.vision_model(pixel_values=pixel_values.to(dtype)).last_hidden_state[:, 1:]
@@ -601,6 +612,10 @@ class MultiModalForConditionalGeneration(MultiModalPreTrainedModel, GenerationMi
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        check_input_shapes(input_ids, inputs_embeds, attention_mask, self.config.decoder_config.hidden_size)
+        if labels is not None:
+            check_labels(labels, (input_ids if input_ids is not None else inputs_embeds).shape[:2],
+                         kwargs.get("num_items_in_batch"))
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
             past_length = cache.get_seq_length() if cache is not None else 0

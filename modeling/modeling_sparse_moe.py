@@ -124,6 +124,56 @@ def aux_loss_share(
     return aux_loss * (local_items / num_items_in_batch).to(aux_loss.dtype)
 
 
+def check_input_shapes(input_ids, inputs_embeds, attention_mask, hidden_size: int) -> None:
+    """One-line errors naming the argument for inputs of the wrong rank, dtype, width or size (shapes only: no value
+    is read, so this adds no host synchronisation to a decoding step)."""
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.LongTensor of shape (batch_size, sequence_length), got "
+                            f"{type(input_ids).__name__}; use tokenizer(..., return_tensors='pt').")
+        if input_ids.dim() != 2:
+            hint = " (one sequence: input_ids[None])" if input_ids.dim() == 1 else ""
+            raise ValueError(f"input_ids must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}"
+                             f"{hint}.")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids (torch.long), got dtype {input_ids.dtype}; "
+                             "pass input_ids.long(), or continuous vectors as inputs_embeds.")
+        shape = tuple(input_ids.shape)
+    else:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden_size:
+            raise ValueError(f"inputs_embeds must have shape (batch_size, sequence_length, hidden_size={hidden_size}), "
+                             f"got {tuple(inputs_embeds.shape)}.")
+        shape = tuple(inputs_embeds.shape[:2])
+    if 0 in shape:
+        name = "input_ids" if input_ids is not None else "inputs_embeds"
+        raise ValueError(f"{name} is empty (batch_size, sequence_length) = {shape}: give at least one sequence of at "
+                         "least one token (for generate, a prompt of at least one token, e.g. the BOS id).")
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() not in (2, 4):
+        raise ValueError(f"attention_mask must have shape (batch_size, sequence_length) (or a 4D float mask), got "
+                         f"{tuple(attention_mask.shape)}; for one sequence use attention_mask[None].")
+
+
+def check_labels(labels: torch.Tensor, input_shape: tuple, num_items_in_batch) -> None:
+    """Labels must match the inputs' (batch_size, sequence_length), and without `num_items_in_batch` at least one of
+    them must be a target: transformers' mean over zero targets is NaN (Qwen3-MoE and Mistral return loss=nan there)."""
+    if tuple(labels.shape) != tuple(input_shape):
+        raise ValueError(f"labels have shape {tuple(labels.shape)} but the inputs have (batch_size, sequence_length) = "
+                         f"{tuple(input_shape)}; give one label per input token (-100 for tokens without a target).")
+    if num_items_in_batch is None and not bool((labels[..., 1:] != -100).any()):
+        raise ValueError("labels hold no target: every label after the first position is -100, so the mean loss "
+                         "would be NaN; give at least one label that is not -100 (the first label is never a target, "
+                         "labels are shifted), or drop labels to get logits only.")
+
+
+def check_generate_prompt(args: tuple, kwargs: dict) -> None:
+    """`generate` reads `input_ids.shape[1]` before the forward's checks run: name a prompt of the wrong rank first."""
+    prompt = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+    if isinstance(prompt, torch.Tensor) and prompt.dim() != 2:
+        hint = " (one prompt: input_ids[None])" if prompt.dim() == 1 else ""
+        raise ValueError(f"generate: input_ids must have shape (batch_size, sequence_length), got "
+                         f"{tuple(prompt.shape)}{hint}.")
+
+
 class SparseMoePreTrainedModel(CheckedLoadingMixin, PreTrainedModel):
     config: SparseMoeConfig
     config_class = SparseMoeConfig
@@ -144,6 +194,12 @@ class SparseMoePreTrainedModel(CheckedLoadingMixin, PreTrainedModel):
         "hidden_states": DecoderLayer,
         "attentions": Attention,
     }
+
+    def __init__(self, config: SparseMoeConfig, *args, **kwargs) -> None:
+        # Re-check the values: a field assigned after the config was built (`config.num_experts_per_tok = 99`) passed
+        # only its type check, and would otherwise fail inside a kernel.
+        config._check_values()
+        super().__init__(config, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -175,6 +231,7 @@ class SparseMoeModel(SparseMoePreTrainedModel):
         """Clear errors for inputs that would otherwise fail deep inside, or silently give wrong results."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        check_input_shapes(input_ids, inputs_embeds, attention_mask, self.config.hidden_size)
         if torch.compiler.is_compiling():
             return  # export / compile trace: data-dependent checks cannot run there
         if input_ids is not None and input_ids.numel() > 0:
@@ -393,6 +450,11 @@ class SparseMoeForCausalLM(SparseMoePreTrainedModel, GenerationMixin):
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
+        if (input_ids is None) ^ (inputs_embeds is None):  # else the model names the mistake
+            check_input_shapes(input_ids, inputs_embeds, attention_mask, self.config.hidden_size)
+            if labels is not None:
+                check_labels(labels, (input_ids if input_ids is not None else inputs_embeds).shape[:2],
+                             kwargs.get("num_items_in_batch"))
         has_moe_layers = self.config.first_k_dense_layers < self.config.num_hidden_layers
         sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         uses_cache = cache is not None or (use_cache if use_cache is not None else self.config.use_cache)
@@ -443,6 +505,10 @@ class SparseMoeForCausalLM(SparseMoePreTrainedModel, GenerationMixin):
             router_indices=outputs.router_indices if output_router_logits else None,
         )
 
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, with a one-line error for a prompt of the wrong rank."""
+        check_generate_prompt(args, kwargs)
+        return super().generate(*args, **kwargs)
 
     def _router_records_per_layer(self, outputs, attention_mask):
         """(router_logits, router_indices, token_mask) with one entry per MoE layer.
@@ -484,6 +550,9 @@ __all__ = [
     "SparseMoeModelOutputWithPast",
     "SparseMoePreTrainedModel",
     "aux_loss_share",
+    "check_generate_prompt",
+    "check_input_shapes",
+    "check_labels",
     "router_aux_loss",
     "router_statistics",
 ]

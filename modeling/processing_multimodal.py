@@ -102,6 +102,12 @@ class MultiModalProcessor(ProcessorMixin):
             raise ValueError("`text` is required: one prompt per example, with <image> / <audio> placeholders.")
         single = isinstance(text, str)
         texts = [text] if single else list(text)
+        if not texts:
+            raise ValueError("`text` is an empty list: give at least one prompt (a batch of 0 examples has nothing to "
+                             "run).")
+        for index, prompt in enumerate(texts):
+            if not isinstance(prompt, str):
+                raise TypeError(f"Example {index}: the prompt is {type(prompt).__name__}, not a string.")
         images_per_example = self._per_example(images, len(texts), "images", single)
         audio_per_example = self._per_example(audio, len(texts), "audio", single)
         if answers is not None and len(answers) != len(texts):
@@ -158,7 +164,8 @@ class MultiModalProcessor(ProcessorMixin):
                     raise ValueError(f"Example {index}: alignment captions take no {self.image_token} / "
                                      f"{self.audio_token} placeholders; the inputs are passed alongside.")
             data["text_present"] = [caption is not None for caption in text]
-            data.update(self._tokenize([caption or "" for caption in text], None, with_labels=False))
+            data.update(self._tokenize([caption or "" for caption in text], None, with_labels=False,
+                                       allow_empty=True))
         if images is not None:
             data["image_present"] = [image is not None for image in images]
             data.update(self._images([(i, image) for i, image in enumerate(images) if image is not None]))
@@ -172,8 +179,10 @@ class MultiModalProcessor(ProcessorMixin):
         return BatchFeature({prefix + key: value for key, value in data.items()}, tensor_type=return_tensors)
 
     # -- text --
-    def _tokenize(self, texts: list[str], answers: list[str] | None, with_labels: bool = True) -> dict:
-        """Left-padded ids and mask; with answers, the answer ids + EOS follow each prompt and `labels` mark them."""
+    def _tokenize(self, texts: list[str], answers: list[str] | None, with_labels: bool = True,
+                  allow_empty: bool = False) -> dict:
+        """Left-padded ids and mask; with answers, the answer ids + EOS follow each prompt and `labels` mark them.
+        A row without any token is refused unless `allow_empty` (alignment batches: examples without a caption)."""
         tokenizer = self.tokenizer
         rows, targets = [], []
         for index, prompt in enumerate(texts):
@@ -184,6 +193,9 @@ class MultiModalProcessor(ProcessorMixin):
                 if tokenizer.eos_token_id is not None:
                     answer_ids = answer_ids + [tokenizer.eos_token_id]
                 ids, target = ids + answer_ids, target + answer_ids
+            if not ids and not allow_empty:
+                raise ValueError(f"Example {index}: the prompt {prompt!r} gives no tokens; give a non-empty prompt "
+                                 "(the model needs at least one input token).")
             rows.append(ids)
             targets.append(target)
         length = max(len(ids) for ids in rows)
@@ -243,8 +255,18 @@ class MultiModalProcessor(ProcessorMixin):
                 f"Example {example}: an image is {array.shape[0]}x{array.shape[1]} but the model takes "
                 f"{height}x{width}; resize it first."
             )
+        integer = np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_
         array = array.astype(np.float32)
-        if array.size and array.max() <= 1.0 and not np.issubdtype(np.asarray(image).dtype, np.integer):
+        if not np.isfinite(array).all():
+            raise ValueError(f"Example {example}: an image contains NaN or infinite pixel values.")
+        low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+        if low < 0.0 or high > 255.0:
+            kind = "an integer" if integer else "a float"
+            raise ValueError(
+                f"Example {example}: {kind} image has pixel values in [{low:g}, {high:g}]; give uint8 in [0, 255] "
+                "or float in [0, 1] (not already normalised: the processor normalises)."
+            )
+        if array.size and high <= 1.0 and not np.issubdtype(np.asarray(image).dtype, np.integer):
             array = array * 255.0  # float images in [0, 1]
         return array
 

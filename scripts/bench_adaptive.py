@@ -28,7 +28,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 class BenchArguments:
     model_dir: str = field(default="outputs/adaptive_depth",
                            metadata={"help": "A folder written by scripts/train_adaptive.py (needs heldout.json)."})
-    output_dir: str = field(default="outputs/bench_adaptive", metadata={"help": "Where results are written."})
+    output_dir: str = field(
+        default="outputs/bench_adaptive",
+        metadata={"help": "Where results are written (replaced): a new or empty folder, or an earlier output of this "
+                          "script; never --model_dir."},
+    )
     threshold_steps: int = field(default=41, metadata={"help": "Evenly spaced thresholds in [0, 1] for the curves "
                                                        "(plus a few between 0.9 and 0.99999)."})
     timing_examples: int = field(default=150, metadata={"help": "Questions per split timed with generate (batch 1)."})

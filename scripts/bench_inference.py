@@ -43,7 +43,11 @@ class BenchArguments:
         default=True,
         metadata={"help": "Run the main job (scripts/train.py --preset PRESET) into --model_dir if it has no model."},
     )
-    output_dir: str = field(default="outputs/bench_inference", metadata={"help": "Where results are written."})
+    output_dir: str = field(
+        default="outputs/bench_inference",
+        metadata={"help": "Where results are written: a new or empty folder, or an earlier output of this script; "
+                          "never --model_dir."},
+    )
     variants: str = field(default="torch_fp32,torch_int8,onnx_fp32,onnx_int8,bnb_int8",
                           metadata={"help": "Comma-separated latency variants (all by default)."})
     prompt_tokens: int = field(default=64, metadata={"help": "Prompt length of the latency requests."})

@@ -118,7 +118,9 @@ class BenchArguments:
     )
     seed: int = field(default=0, metadata={"help": "Seed for weights and token ids."})
     output_dir: str = field(
-        default="outputs/bench_long_context", metadata={"help": "Where results.json, results.md, results.png go."}
+        default="outputs/bench_long_context",
+        metadata={"help": "Where results.json, results.md, results.png go: a new or empty folder, or an earlier "
+                          "output of this script."},
     )
     only_end_to_end: bool = field(
         default=False,

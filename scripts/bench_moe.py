@@ -15,7 +15,6 @@ lightarch.evaluation.benchmarks.moe (its docstring tells the protocol).
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,7 +61,9 @@ class BenchArguments:
     )
     seed: int = field(default=0, metadata={"help": "Seed for weights and inputs."})
     output_dir: str = field(
-        default="outputs/bench_moe", metadata={"help": "Where results.json and results.md are written."}
+        default="outputs/bench_moe",
+        metadata={"help": "Where results.json and results.md are written: a new or empty folder, or an earlier "
+                          "output of this script."},
     )
 
 
@@ -75,22 +76,24 @@ def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser(BenchArguments, description=__doc__, formatter_class=HelpFormatter)
     (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
 
-    from lightarch.evaluation.benchmarks.moe import block_config, check_moe_options, markdown_table, run_moe_benchmark
-    from lightarch.training.checkpoints import write_atomically
+    from lightarch.evaluation.benchmarks.moe import (
+        block_config,
+        check_moe_options,
+        prepare_moe_output_dir,
+        run_moe_benchmark,
+        write_moe_results,
+    )
 
     options = asdict(args)
     output_dir = Path(options.pop("output_dir"))
     try:
         config = block_config(**{name: options.pop(name) for name in BLOCK_FIELDS})
         check_moe_options(args.dtype, args.batch_size, args.seq_len, args.rounds, args.iters_per_round)
+        prepare_moe_output_dir(output_dir)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     results = run_moe_benchmark(config, **options)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(results)
-    write_atomically(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
-    write_atomically(output_dir / "results.md", table)
-    print(table)
+    print(write_moe_results(output_dir, results))
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ class EvalArguments:
     )
     output_dir: str = field(
         default="",
-        metadata={"help": "Where to write; empty = <model>/long_context_eval (with --distractors N: "
+        metadata={"help": "Where to write (a new or empty folder, or an earlier output of this script, which is "
+                          "replaced; never --model); empty = <model>/long_context_eval (with --distractors N: "
                           "<model>/long_context_eval_distractorsN), and without distractors the accuracy table also "
                           "goes into the model card (<model>/README.md, between its long-context-eval markers)."},
     )
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from lightarch.evaluation.passkey import (
+        check_results_dir,
         evaluate_passkey_folder,
         merge_result_folders,
         parse_depths,
@@ -88,9 +90,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.num_threads or max(1, available_cpus() - other_running_processes()))
     try:
         if args.merge:
-            results = merge_result_folders([part.strip() for part in args.merge.split(",") if part.strip()],
-                                           args.good_accuracy)
+            shards = [part.strip() for part in args.merge.split(",") if part.strip()]
+            results = merge_result_folders(shards, args.good_accuracy)
+            check_results_dir(results["model"], args.output_dir or None, results["arguments"].get("distractors", 0),
+                              shards)
         else:
+            check_results_dir(args.model, args.output_dir or None, args.distractors)
             results = evaluate_passkey_folder(
                 args.model, parse_lengths(args.lengths), parse_depths(args.depths), args.samples, seed=args.seed,
                 distractors=args.distractors, max_batch_tokens=args.max_batch_tokens,

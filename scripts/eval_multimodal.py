@@ -44,7 +44,11 @@ class EvalArguments:
         metadata={"help": "An --output_dir of train_multimodal.py (its aligned/ and no_alignment/ models are "
                           "compared), or one saved model folder."},
     )
-    output_dir: str | None = field(default=None, metadata={"help": "Where to write (default <model_dir>/eval)."})
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where to write (default <model_dir>/eval): a new or empty folder, or an earlier output of "
+                          "this script (it is replaced); never --model_dir."},
+    )
     dataset: str | None = field(
         default=None,
         metadata={"help": "fashion_mnist or synthetic; default: the data set the model was trained on.",
@@ -74,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from lightarch.data.multimodal import MissingDataError
     from lightarch.evaluation.multimodal import (
+        check_evaluation_output_dir,
         evaluate_saved_models,
         evaluation_markdown,
         find_models,
@@ -84,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.num_threads < 0 or args.batch_size < 1:
             raise ValueError("--num_threads must be >= 0 and --batch_size >= 1.")
+        check_evaluation_output_dir(args.model_dir, args.output_dir)
         record = training_record(args.model_dir, find_models(args.model_dir))
         data = heldout_data(record, dataset=args.dataset, eval_images_per_class=args.eval_images_per_class,
                             eval_questions_per_kind=args.eval_questions_per_kind,

@@ -35,7 +35,11 @@ from transformers.hf_argparser import HfArgumentParser  # no torch: --help stays
 @dataclass
 class ExportArguments:
     model_dir: str = field(default="outputs/sparse_moe", metadata={"help": "Folder of a saved lightarch causal LM."})
-    output_dir: str = field(default="outputs/onnx", metadata={"help": "Where the ONNX files and report are written."})
+    output_dir: str = field(
+        default="outputs/onnx",
+        metadata={"help": "Where the ONNX files and report are written: a new or empty folder, or an earlier output "
+                          "of this script (it is replaced); never --model_dir."},
+    )
     opset: int = field(default=18, metadata={"help": "ONNX opset version (>= 18)."})
     int8: bool = field(default=True, metadata={"help": "Also write model_int8.onnx (dynamic int8, --no_int8: skip)."})
     keep_float: str = field(
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     options["keep_float"] = [k.strip() for k in args.keep_float.split(",") if k.strip()]
     try:
         check_export_options(args.model_dir, args.opset, options["keep_float"], args.num_prompts, args.prompt_tokens,
-                             args.new_tokens, args.perplexity_blocks, args.block_size)
+                             args.new_tokens, args.perplexity_blocks, args.block_size, args.output_dir)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

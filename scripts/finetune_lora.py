@@ -31,7 +31,11 @@ class FinetuneArguments:
         default="outputs/sparse_moe",
         metadata={"help": "Folder of a saved lightarch causal LM and its tokenizer (scripts/train.py's output)."},
     )
-    output_dir: str = field(default="outputs/lora", metadata={"help": "Where the adapter and results are written."})
+    output_dir: str = field(
+        default="outputs/lora",
+        metadata={"help": "Where the adapter and results are written: a new or empty folder, or an earlier output of "
+                          "this script (it is replaced); never --model_dir."},
+    )
     text_file: str | None = field(
         default=None, metadata={"help": "UTF-8 text file to fine-tune on; default: a few paragraphs of English prose "
                   "(lightarch.data.corpus.ENGLISH_SAMPLE_TEXT)."}
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         options["targets"] = parse_lora_targets(args.targets)
         check_finetune_options(args.model_dir, args.text_file, args.merge, args.qlora, args.heldout_fraction, args.r,
-                               args.block_size, args.batch_size, args.max_steps)
+                               args.block_size, args.batch_size, args.max_steps, args.output_dir)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

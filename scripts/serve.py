@@ -8,8 +8,13 @@ module, then runs transformers' own `Serve` with:
 
 - continuous batching on, its paged KV cache sized for `--max_concurrent_requests` requests of the model's context
   (a few MB to a few hundred MB; transformers' default sizes it from free RAM, ~10 GB here);
-- a per-request token budget (prompt + max_tokens <= the context and the cache): over-budget requests get HTTP 400
-  naming the numbers instead of killing the batching worker; requests without max_tokens get the remaining budget.
+- every request checked before it reaches the batching worker, on every generating route (/v1/chat/completions,
+  /v1/completions, /v1/responses): a malformed field (missing or empty messages, non-string content, max_tokens
+  "abc" or 2.7, temperature outside [0, 2], top_p outside (0, 1], n != 1) gets HTTP 400 naming the field; a prompt
+  that is empty, or whose prompt + max_tokens exceeds the per-request token budget (the context and the cache), gets
+  HTTP 400 naming the numbers instead of killing the worker; requests without max_tokens get the remaining budget;
+- POST /load_model, POST /reset and POST /v1/audio/transcriptions refused (403): the server is pinned to --model_dir;
+- a batching worker that dies anyway fails the requests it was running and is replaced on the next request.
 
 The folder's tokenizer needs a chat template for /v1/chat/completions (the launcher refuses to start without one).
 

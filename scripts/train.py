@@ -75,7 +75,8 @@ HELP_OVERRIDES = {
     ),
     "output_dir": (
         "Where the final model, tokenizer, results.json, sample.txt, README.md and plots are written (the model "
-        "atomically, first), with Trainer's checkpoint-<step> folders inside it."
+        "atomically, first), with Trainer's checkpoint-<step> folders inside it: a new or empty folder, or an earlier "
+        "output of this script (its lightarch_output.json); any other folder is refused."
     ),
 }
 EPILOG = textwrap.fill(

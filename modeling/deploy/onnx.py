@@ -376,12 +376,50 @@ class OrtDecoder:
         shape = (batch_size, self.metadata["num_key_value_heads"], 0, self.metadata["head_dim"])
         return [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.num_layers)]
 
-    def step(self, input_ids, attention_mask, past):
-        """One forward: numpy int64 ids (B, T), mask (B, P + T), 2 * layers past arrays -> (logits, presents)."""
+    def _checked_inputs(self, input_ids, attention_mask, past_length: int, caller: str):
+        """(ids, mask) as int64 arrays, with the torch model's checks: a one-line error naming the argument for a wrong
+        rank, dtype, size, token id or length, before ONNX Runtime (or numpy) fails on it or silently wraps -1."""
         import numpy as np
 
-        feed = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-                "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
+        input_ids = np.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"{caller}: input_ids must have shape (batch_size, sequence_length), got "
+                             f"{input_ids.shape}.")
+        if not (np.issubdtype(input_ids.dtype, np.integer) and input_ids.dtype != np.bool_):
+            raise ValueError(f"{caller}: input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
+        batch, length = input_ids.shape
+        if batch == 0 or length == 0:
+            raise ValueError(f"{caller}: input_ids is empty (batch_size, sequence_length) = {input_ids.shape}; give "
+                             "at least one sequence of at least one token.")
+        vocab_size = self.metadata["vocab_size"]
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{caller}: input_ids contain token id {low if low < 0 else high}, outside the vocabulary "
+                             f"[0, {vocab_size - 1}].")
+        total = past_length + length
+        if attention_mask is None:
+            attention_mask = np.ones((batch, total), dtype=np.int64)
+        attention_mask = np.asarray(attention_mask)
+        if attention_mask.shape != (batch, total):
+            raise ValueError(f"{caller}: attention_mask has shape {attention_mask.shape} but the input needs "
+                             f"({batch}, {total}): batch size x (cached tokens {past_length} + new tokens {length}).")
+        limit = self.metadata["max_position_embeddings"]
+        if total > limit:
+            raise ValueError(f"{caller}: the sequence reaches {total} tokens (cached {past_length} + new {length}) but "
+                             f"max_position_embeddings is {limit}; truncate the input.")
+        return (np.ascontiguousarray(input_ids, dtype=np.int64), np.ascontiguousarray(attention_mask, dtype=np.int64))
+
+    def step(self, input_ids, attention_mask, past):
+        """One forward: numpy int64 ids (B, T), mask (B, P + T), 2 * layers past arrays -> (logits, presents)."""
+        if len(past) != 2 * self.num_layers:
+            raise ValueError(f"step: past has {len(past)} arrays but the model needs 2 x {self.num_layers} layers "
+                             "(use empty_cache(batch_size) for the first step).")
+        input_ids, attention_mask = self._checked_inputs(input_ids, attention_mask, past[0].shape[2], "step")
+        return self._run(input_ids, attention_mask, past)
+
+    def _run(self, input_ids, attention_mask, past):
+        """`step` without the checks, for inputs already checked (generate's own decoding steps)."""
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
         for i in range(self.num_layers):
             feed[f"past_key_{i}"] = past[2 * i]
             feed[f"past_value_{i}"] = past[2 * i + 1]
@@ -390,12 +428,8 @@ class OrtDecoder:
 
     def logits(self, input_ids, attention_mask=None):
         """Full-sequence logits (B, T, V) for numpy or torch inputs, like `model(input_ids).logits`."""
-        import numpy as np
-
-        input_ids = np.asarray(input_ids)
-        if attention_mask is None:
-            attention_mask = np.ones_like(input_ids)
-        logits, _ = self.step(input_ids, np.asarray(attention_mask), self.empty_cache(input_ids.shape[0]))
+        input_ids, attention_mask = self._checked_inputs(input_ids, attention_mask, 0, "logits")
+        logits, _ = self._run(input_ids, attention_mask, self.empty_cache(input_ids.shape[0]))
         return logits
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 16, eos_token_id=None):
@@ -405,9 +439,10 @@ class OrtDecoder:
         """
         import numpy as np
 
-        input_ids = np.asarray(input_ids, dtype=np.int64)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise ValueError(f"generate: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}.")
+        input_ids, attention_mask = self._checked_inputs(input_ids, attention_mask, 0, "generate")
         batch, length = input_ids.shape
-        attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
         if length + max_new_tokens > self.metadata["max_position_embeddings"]:
             raise ValueError(
                 f"{length} prompt tokens + {max_new_tokens} new tokens exceed max_position_embeddings "
@@ -416,7 +451,7 @@ class OrtDecoder:
         eos = self.metadata["eos_token_id"] if eos_token_id is None else eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos]) - {None, -1}
         pad = self.metadata["pad_token_id"] if self.metadata["pad_token_id"] is not None else 0
-        logits, past = self.step(input_ids, attention_mask, self.empty_cache(batch))
+        logits, past = self._run(input_ids, attention_mask, self.empty_cache(batch))
         finished = np.zeros(batch, dtype=bool)
         tokens = []
         for step in range(max_new_tokens):
@@ -427,7 +462,7 @@ class OrtDecoder:
             if finished.all() or step == max_new_tokens - 1:
                 break
             attention_mask = np.concatenate([attention_mask, np.ones((batch, 1), np.int64)], axis=1)
-            logits, past = self.step(next_tokens[:, None], attention_mask, past)
+            logits, past = self._run(next_tokens[:, None], attention_mask, past)  # argmax ids: in the vocabulary
         return np.concatenate([input_ids, np.stack(tokens, axis=1)], axis=1)
 
 
@@ -493,18 +528,26 @@ def onnx_perplexity(decoder: OrtDecoder, blocks: torch.Tensor, batch_size: int =
     return math.exp(total / max(count, 1))
 
 
+EXPORT_SCRIPT = "export_onnx.py"  # the writer named in the output folder's marker (`check_output_dir`)
+
+
 def check_export_options(model_dir, opset: int = 18, keep_float: Sequence[str] = ("router",), num_prompts: int = 24,
                          prompt_tokens: int = 32, new_tokens: int = 16, perplexity_blocks: int = 32,
-                         block_size: int = 128):
+                         block_size: int = 128, output_dir=None):
     """The config of the model `export_onnx_folder` would export; ValueError naming the option when it cannot
     (no model, an opset or keep_float entry the export does not know, prompts or blocks longer than the model's
-    positions, or a model the decoder step cannot represent: `check_onnx_exportable`)."""
+    positions, or a model the decoder step cannot represent: `check_onnx_exportable`; an `output_dir` that is not
+    empty or an earlier export, or that is `model_dir`: `lightarch.training.checkpoints.check_output_dir`)."""
     import os
 
     from transformers import AutoConfig
 
+    from ..training.checkpoints import check_output_dir
+
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise ValueError(f"--model_dir {model_dir} has no config.json; train or save a model there first.")
+    if output_dir is not None:
+        check_output_dir(output_dir, EXPORT_SCRIPT, inputs={"--model_dir": model_dir})
     if opset < 18:
         raise ValueError(f"--opset {opset} is not supported: the exporter needs opset >= 18.")
     unknown = [k for k in keep_float if k not in ("router", "lm_head")]
@@ -553,30 +596,46 @@ def export_onnx_folder(
     text from `heldout_file`, else `lightarch.data.corpus.heldout_texts(model_dir)`. Returns the report.
     """
     arguments = dict(locals())  # recorded in report.json
-    import json
     import os
     import shutil
-    import time
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..data.corpus import heldout_texts, heldout_token_stream
-    from ..evaluation.perplexity import perplexity
-    from ..training.checkpoints import write_atomically
+    from ..training.checkpoints import replace_output_dir, staging_dir
 
     keep_float = list(keep_float)
     arguments = {k: str(v) if isinstance(v, os.PathLike) else v
                  for k, v in {**arguments, "keep_float": keep_float}.items()}
     check_export_options(model_dir, opset, keep_float, num_prompts, prompt_tokens, new_tokens, perplexity_blocks,
-                         block_size)
+                         block_size, output_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     output_dir = Path(output_dir)
-    staging = output_dir.with_name(f".{output_dir.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = staging_dir(output_dir)
+    try:
+        report = _export_into(staging, model, tokenizer, model_dir, heldout_file, arguments, opset, int8, keep_float,
+                              per_channel, num_prompts, prompt_tokens, new_tokens, perplexity_blocks, block_size,
+                              fp32_tolerance, num_threads, check)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_output_dir(staging, output_dir, EXPORT_SCRIPT, keep=())
+    return report
+
+
+def _export_into(staging, model, tokenizer, model_dir, heldout_file, arguments, opset, int8, keep_float,
+                 per_channel, num_prompts, prompt_tokens, new_tokens, perplexity_blocks, block_size, fp32_tolerance,
+                 num_threads, check) -> dict:
+    """The files and checks of `export_onnx_folder`, written into `staging`; returns the report."""
+    import json
+    import time
+
+    from ..data.corpus import heldout_texts, heldout_token_stream
+    from ..evaluation.perplexity import perplexity
+    from ..training.checkpoints import write_atomically
+
     start = time.perf_counter()
     export_onnx_decoder(model, staging / "model.onnx", opset=opset)
     export_seconds = time.perf_counter() - start
@@ -617,8 +676,6 @@ def export_onnx_folder(
             report["int8_perplexity_change"] = report["perplexity"]["onnx_int8"] / report["perplexity"]["torch_fp32"] - 1
     write_atomically(staging / "report.json", json.dumps(report, indent=2) + "\n")
     write_atomically(staging / "report.md", render_onnx_report(report))
-    shutil.rmtree(output_dir, ignore_errors=True)
-    os.replace(staging, output_dir)
     return report
 
 

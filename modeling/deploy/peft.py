@@ -89,10 +89,17 @@ def parse_lora_targets(text: str) -> list[str]:
     return targets
 
 
+FINETUNE_SCRIPT = "finetune_lora.py"  # the writer named in the output folder's marker (`check_output_dir`)
+
+
 def check_finetune_options(model_dir, text_file, merge: bool, qlora: bool, heldout_fraction: float, r: int,
-                           block_size: int, batch_size: int, max_steps: int) -> None:
-    """Raise ValueError naming the option when `finetune_lora` cannot run with these arguments (its own)."""
+                           block_size: int, batch_size: int, max_steps: int, output_dir=None) -> None:
+    """Raise ValueError naming the option when `finetune_lora` cannot run with these arguments (its own); an
+    `output_dir` that is not empty or an earlier fine-tuning, or that is (or holds) `model_dir` or `text_file`, is
+    refused (`lightarch.training.checkpoints.check_output_dir`)."""
     import os
+
+    from ..training.checkpoints import check_output_dir
 
     if merge and qlora:
         raise ValueError("--merge cannot be used with --qlora: merging into 4-bit weights re-quantizes them; "
@@ -101,6 +108,8 @@ def check_finetune_options(model_dir, text_file, merge: bool, qlora: bool, heldo
         raise ValueError(f"--model_dir {model_dir} has no config.json; train a model first (scripts/train.py).")
     if text_file is not None and not os.path.isfile(text_file):
         raise ValueError(f"--text_file {text_file} does not exist.")
+    if output_dir is not None:
+        check_output_dir(output_dir, FINETUNE_SCRIPT, inputs={"--model_dir": model_dir, "--text_file": text_file})
     if not 0 < heldout_fraction < 1:
         raise ValueError(f"--heldout_fraction must be in (0, 1), got {heldout_fraction}.")
     for name, value in (("r", r), ("block_size", block_size), ("batch_size", batch_size), ("max_steps", max_steps)):
@@ -147,13 +156,14 @@ def finetune_lora(
 
     from ..data.corpus import ENGLISH_SAMPLE_TEXT, BlockDataset, text_blocks
     from ..evaluation.perplexity import perplexity
-    from ..training.checkpoints import write_atomically
+    from ..training.checkpoints import replace_output_dir, staging_dir, write_atomically
     from .bitsandbytes import bnb_quantization_config, load_quantized
 
     arguments = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in arguments.items()}
     targets = list(targets)
     lora_config(targets, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)  # checks the targets and dropout
-    check_finetune_options(model_dir, text_file, merge, qlora, heldout_fraction, r, block_size, batch_size, max_steps)
+    check_finetune_options(model_dir, text_file, merge, qlora, heldout_fraction, r, block_size, batch_size, max_steps,
+                           output_dir)
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     text = Path(text_file).read_text(encoding="utf-8") if text_file else ENGLISH_SAMPLE_TEXT
@@ -195,20 +205,17 @@ def finetune_lora(
     ppl_after = perplexity(model, heldout_blocks)
 
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".adapter_", dir=output_dir))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    for item in staging.iterdir():
-        os.replace(item, output_dir / item.name)
-    shutil.rmtree(staging, ignore_errors=True)
-    if merge:
-        merged = model.merge_and_unload()
-        staging = Path(tempfile.mkdtemp(prefix=".merged_", dir=output_dir))
-        merged.save_pretrained(staging)
+    staging = staging_dir(output_dir)  # everything is written there, then swapped in (replace_output_dir)
+    try:
+        model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        shutil.rmtree(output_dir / "merged", ignore_errors=True)
-        os.replace(staging, output_dir / "merged")
+        if merge:
+            merged = model.merge_and_unload()
+            merged.save_pretrained(staging / "merged")
+            tokenizer.save_pretrained(staging / "merged")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
     results = {
         "args": arguments,
@@ -222,7 +229,7 @@ def finetune_lora(
         "heldout_perplexity_after": ppl_after,
         "train_seconds": train_seconds,
     }
-    write_atomically(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    write_atomically(staging / "results.json", json.dumps(results, indent=2) + "\n")
     table = "\n".join([
         "| | value |", "|---|---|",
         f"| base | `{model_dir}`{' (4-bit nf4, QLoRA)' if qlora else ''} |",
@@ -232,5 +239,6 @@ def finetune_lora(
         f"| held-out perplexity after | {ppl_after:.3f} |",
         f"| training time | {train_seconds:.1f} s for {max_steps} steps |",
     ])
-    write_atomically(output_dir / "results.md", "# LoRA fine-tuning\n\n" + table + "\n")
+    write_atomically(staging / "results.md", "# LoRA fine-tuning\n\n" + table + "\n")
+    replace_output_dir(staging, output_dir, FINETUNE_SCRIPT, keep=())
     return results

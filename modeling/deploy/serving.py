@@ -1,9 +1,10 @@
-"""Continuous batching and `transformers serve` on CPU: a paged cache sized for a few requests, a per-request token
-budget enforced before a request reaches the batching worker, and `serve_folder` (`scripts/serve.py`), which serves a
-saved lightarch folder with transformers' own server."""
+"""Continuous batching and `transformers serve` on CPU: a paged cache sized for a few requests, requests checked
+(fields, and a per-request token budget) before they reach the batching worker, a worker restarted when it dies, and
+`serve_folder` (`scripts/serve.py`), which serves a saved lightarch folder with transformers' own server."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -67,39 +68,279 @@ def request_token_budget(model_config, cb_config=None) -> int:
     return budget
 
 
-class TokenBudgetMiddleware:
-    """ASGI middleware for `transformers serve`: refuse, with HTTP 400 naming the numbers, a chat / text completion
-    whose prompt plus `max_tokens` exceeds the per-request token budget; fill in `max_tokens` when it is absent.
+class RequestError(ValueError):
+    """A request this server refuses: the HTTP status, the body field at fault (None: the request as a whole) and a
+    one-line message naming the field, the value and the fix."""
 
-    Without it, an over-long request reaches the continuous-batching worker thread, where the model's position check
-    raises and the worker dies: every later request fails with 503 until the server restarts.
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 code: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.param, self.status, self.code = param, status, code
+
+    def payload(self) -> dict:
+        """The OpenAI-style error body."""
+        return {"error": {"message": str(self), "type": "invalid_request_error", "param": self.param,
+                          "code": self.code}}
+
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+TEXT_PART_TYPES = ("text", "input_text", "output_text")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_whole_number(body: dict, name: str) -> None:
+    """`body[name]`, when given, is an integer >= 1 (2.0 is taken as 2; 2.7, "abc", true are refused)."""
+    value = body.get(name)
+    if value is None:
+        return
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = body[name] = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise RequestError(f"{name} must be a whole number of tokens >= 1, got {value!r}.", name)
+    if value < 1:
+        raise RequestError(f"{name} must be >= 1, got {value}.", name)
+
+
+def _check_text_parts(parts, field: str) -> None:
+    """An OpenAI content-part list of text parts (this server's models read text only)."""
+    if not isinstance(parts, list):
+        raise RequestError(f"{field} must be a string or a list of text parts, got {type(parts).__name__}.", field)
+    for j, part in enumerate(parts):
+        where = f"{field}[{j}]"
+        if not isinstance(part, dict):
+            raise RequestError(f"{where} must be an object like {{\"type\": \"text\", \"text\": \"...\"}}, got "
+                               f"{type(part).__name__}.", where)
+        if part.get("type") not in TEXT_PART_TYPES:
+            raise RequestError(f"{where}.type is {part.get('type')!r}: this server's model reads text only; use one "
+                               f"of {', '.join(TEXT_PART_TYPES)}.", f"{where}.type")
+        if not isinstance(part.get("text"), str):
+            raise RequestError(f"{where}.text must be a string, got {part.get('text')!r}.", f"{where}.text")
+
+
+def _check_message(message, field: str) -> None:
+    if not isinstance(message, dict):
+        raise RequestError(f"{field} must be an object with 'role' and 'content', got {type(message).__name__}.", field)
+    if message.get("role") not in ROLES:
+        raise RequestError(f"{field}.role must be one of {', '.join(ROLES)}, got {message.get('role')!r}.",
+                           f"{field}.role")
+    tool_calls = message.get("tool_calls")
+    if tool_calls is not None and not isinstance(tool_calls, list):
+        raise RequestError(f"{field}.tool_calls must be a list, got {type(tool_calls).__name__}.",
+                           f"{field}.tool_calls")
+    if tool_calls:
+        for k, call in enumerate(tool_calls):
+            where = f"{field}.tool_calls[{k}]"
+            function = call.get("function", call) if isinstance(call, dict) else None
+            arguments = function.get("arguments") if isinstance(function, dict) else None
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments)
+                except ValueError:
+                    arguments = None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str) or \
+                    not isinstance(arguments, dict):
+                raise RequestError(f"{where} must be {{\"function\": {{\"name\": str, \"arguments\": a JSON object "
+                                   "or its JSON string}}.", where)
+        return  # (content is ignored when tool_calls are present)
+    content = message.get("content")
+    if isinstance(content, str):
+        return
+    if content is None:
+        raise RequestError(f"{field}.content is missing: give a string or a list of text parts.", f"{field}.content")
+    _check_text_parts(content, f"{field}.content")
+
+
+def _check_response_input(body: dict) -> None:
+    """`input` of POST /v1/responses: a string, a list of text parts, or a list of messages / tool items."""
+    value = body.get("input")
+    if isinstance(value, str):
+        return
+    if not isinstance(value, list) or not value:
+        raise RequestError("input is required: a string, or a non-empty list of messages or text parts; got "
+                           f"{value!r}.", "input")
+    if isinstance(value[0], dict) and "role" not in value[0]:  # transformers reads this list as text parts
+        if value[0].get("type") in ("message", "function_call", "function_call_output", "reasoning"):
+            raise RequestError(f"input[0] is a {value[0]['type']!r} item: a list of items must start with a message "
+                               "(with 'role'), or be a list of text parts.", "input[0]")
+        _check_text_parts(value, "input")
+        return
+    for i, item in enumerate(value):
+        where = f"input[{i}]"
+        kind = item.get("type") if isinstance(item, dict) else None
+        if isinstance(item, dict) and "role" in item:
+            _check_message({**item, "tool_calls": None}, where)
+        elif kind == "function_call":
+            for key in ("call_id", "name", "arguments"):
+                if not isinstance(item.get(key), str):
+                    raise RequestError(f"{where}.{key} must be a string.", f"{where}.{key}")
+        elif kind == "function_call_output":
+            for key in ("call_id", "output"):
+                if not isinstance(item.get(key), str):
+                    raise RequestError(f"{where}.{key} must be a string.", f"{where}.{key}")
+        elif kind == "reasoning":
+            _check_text_parts([{**part, "type": "text"} if isinstance(part, dict) else part
+                               for part in item.get("content") or []], f"{where}.content")
+        else:
+            raise RequestError(f"{where} must be a message (with 'role') or a function_call / function_call_output "
+                               f"/ reasoning item, got {item!r:.80}.", where)
+
+
+def validate_generation_request(path: str, body: dict) -> dict:
+    """Check a chat / text / responses request's fields before transformers' handler sees them; return the body
+    (integral floats such as `max_tokens: 8.0` made ints). Raises `RequestError` naming the first bad field.
+
+    transformers 5.24's handlers turn most bad values into HTTP 500 (`int("abc")`, `" ".join` of a null text part),
+    silently truncate `max_tokens: 2.7`, and accept `temperature: -1`, `top_p: 5` or `n: 3` (one choice is returned).
+    """
+    body = dict(body)
+    if path == "/v1/chat/completions":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("messages is required: a non-empty list of {\"role\": ..., \"content\": ...} objects; "
+                               f"got {messages!r:.80}.", "messages")
+        for i, message in enumerate(messages):
+            _check_message(message, f"messages[{i}]")
+        token_fields = ("max_tokens", "max_completion_tokens")
+    elif path == "/v1/completions":
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise RequestError(f"prompt is required: a non-empty string (one prompt per request), got {prompt!r:.80}.",
+                               "prompt")
+        if body.get("suffix") is not None and not isinstance(body["suffix"], str):
+            raise RequestError(f"suffix must be a string, got {body['suffix']!r}.", "suffix")
+        token_fields = ("max_tokens",)
+    else:  # /v1/responses
+        _check_response_input(body)
+        if body.get("instructions") is not None and not isinstance(body["instructions"], str):
+            raise RequestError(f"instructions must be a string, got {body['instructions']!r:.80}.", "instructions")
+        token_fields = ("max_output_tokens",)
+    for name in token_fields:
+        _check_whole_number(body, name)
+    for name, low, high, low_open, hint in (
+        ("temperature", 0.0, 2.0, False, "0 is greedy"),
+        ("top_p", 0.0, 1.0, True, "1 keeps every token"),
+        ("frequency_penalty", -1.0, 2.0, True, "it maps to repetition_penalty = 1 + frequency_penalty > 0"),
+    ):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not _is_number(value) or value > high or value < low or (low_open and value == low):
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise RequestError(f"{name} must be a number in {interval} ({hint}), got {value!r}.", name)
+    for name in ("n", "best_of"):
+        if body.get(name) not in (None, 1):
+            raise RequestError(f"{name}={body[name]!r}: this server returns one choice per request; send n=1 (or "
+                               "several requests).", name)
+    if body.get("generation_config") is not None:
+        raise RequestError("generation_config is not accepted by this server: it would replace the server's "
+                           "generation settings; use temperature, top_p, max_tokens and stop.", "generation_config")
+    for name, kind, what in (("model", str, "a string"), ("stream", bool, "true or false"),
+                             ("seed", int, "an integer"), ("chat_template_kwargs", dict, "an object"),
+                             ("tools", list, "a list"), ("logit_bias", dict, "an object")):
+        value = body.get(name)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise RequestError(f"{name} must be {what}, got {value!r:.80}.", name)
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+        raise RequestError(f"stop must be a string or a list of non-empty strings, got {stop!r:.80}.", "stop")
+    for key, bias in (body.get("logit_bias") or {}).items():
+        if not str(key).isdigit() or not _is_number(bias) or not -100 <= bias <= 100:
+            raise RequestError(f"logit_bias maps token ids to numbers in [-100, 100], got {key!r}: {bias!r}.",
+                               "logit_bias")
+    if body.get("logit_bias"):  # (transformers' sequence_bias refuses int values: HTTP 500)
+        body["logit_bias"] = {key: float(bias) for key, bias in body["logit_bias"].items()}
+    if body.get("presence_penalty") not in (None, 0):
+        raise RequestError(f"presence_penalty={body['presence_penalty']!r} is not supported by this server; leave it "
+                           "out (frequency_penalty is).", "presence_penalty")
+    return body
+
+
+# Request fields that transformers 5.24's continuous-batching worker cannot apply per request: its logits processors
+# are built once, from the generation config of the first request it serves, and it never reads stop strings.
+SHARED_BY_THE_BATCHING_WORKER = ("logit_bias", "frequency_penalty", "stop")
+
+
+class TokenBudgetMiddleware:
+    """ASGI middleware for `transformers serve` that lets no request reach, and kill, the continuous-batching worker
+    it cannot survive, and answers bad requests with HTTP 400 naming the field instead of 500:
+
+    - every generating route (`/v1/chat/completions`, `/v1/completions`, `/v1/responses`) is validated
+      (`validate_generation_request`) and refused when its prompt plus `max_tokens` / `max_output_tokens` exceeds
+      the per-request token budget, or when the prompt is empty; an absent `max_tokens` is filled in with what
+      remains of the budget (at most `default_max_new_tokens`);
+    - on a server pinned to one model (`pinned_model`), `POST /load_model` (which loads any local folder into memory),
+      `POST /reset` (which unloads the served model) and `POST /v1/audio/transcriptions` (which loads the model named in
+      its form, unchecked) are refused with 403;
+    - a body over `max_body_bytes` gets 413 before it is read whole;
+    - with `continuous_batching`, the fields the batching worker cannot apply per request
+      (`SHARED_BY_THE_BATCHING_WORKER`) are refused: the first request's would otherwise apply to every later one.
+
+    Without it, one over-long or empty prompt raises inside the batching worker thread, the worker dies and every
+    later request gets 503 until the server restarts.
     """
 
-    PATHS = ("/v1/chat/completions", "/v1/completions")
+    PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+    PINNED_REFUSED = ("/load_model", "/reset", "/v1/audio/transcriptions")
 
-    def __init__(self, app, tokenizer, budget: int, default_max_new_tokens: int = 1024) -> None:
+    def __init__(self, app, tokenizer, budget: int, default_max_new_tokens: int = 1024,
+                 pinned_model: str | None = None, max_body_bytes: int = 2**20,
+                 continuous_batching: bool = False) -> None:
         self.app = app
+        self.continuous_batching = continuous_batching
         self.tokenizer = tokenizer
         self.budget = budget
         self.default_max_new_tokens = default_max_new_tokens
+        self.pinned_model = pinned_model
+        self.max_body_bytes = max_body_bytes
+
+    def prompt_messages(self, path: str, body: dict) -> list[dict]:
+        """The chat messages transformers' handler renders for a (validated) chat or responses request: its own
+        conversion (`ResponseHandler._normalize_input`, `get_processor_inputs_from_messages`), so the count is exact."""
+        from transformers.cli.serving.response import ResponseHandler
+        from transformers.cli.serving.utils import BaseHandler, Modality
+
+        messages = body["messages"] if path == "/v1/chat/completions" else ResponseHandler._normalize_input(body)
+        return BaseHandler.get_processor_inputs_from_messages(messages, Modality.LLM)
 
     def count_prompt_tokens(self, path: str, body: dict) -> int:
         if path == "/v1/completions":
-            prompt = body.get("prompt", "")
-            return len(self.tokenizer(prompt)["input_ids"]) if isinstance(prompt, str) else 0
-        messages = []
-        for message in body.get("messages") or []:
-            content = message.get("content", "")
-            if isinstance(content, list):  # OpenAI content parts: keep the text
-                content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-            messages.append({"role": message.get("role", "user"), "content": content or ""})
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+            return len(self.tokenizer(body["prompt"])["input_ids"])
+        tools = body.get("tools")
+        if path == "/v1/responses":
+            from transformers.cli.serving.response import ResponseHandler
+
+            tools = ResponseHandler._normalize_tools(tools)
+        field = "messages" if path == "/v1/chat/completions" else "input"
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                self.prompt_messages(path, body), add_generation_prompt=True, tokenize=True, return_dict=True,
+                tools=tools, **(body.get("chat_template_kwargs") or {}))
+        except Exception as error:  # noqa: BLE001 (a template that cannot render these messages: jinja raises any kind)
+            raise RequestError(f"{field} cannot be rendered with the model's chat template: {error}", field) from None
         return len(ids["input_ids"])
 
     def check(self, path: str, body: dict) -> tuple[str | None, dict]:
-        """(error message or None, body with max_tokens filled in)."""
+        """(error message or None, body with max_tokens filled in); raises RequestError on a malformed request."""
+        body = validate_generation_request(path, body)
+        if self.continuous_batching:
+            for name in SHARED_BY_THE_BATCHING_WORKER:
+                if body.get(name) not in (None, 0, [], {}, ""):
+                    raise RequestError(
+                        f"{name} is not supported with continuous batching: transformers' batching worker applies one "
+                        "generation config, the first request's, to every request (and ignores stop strings); leave "
+                        "it out, or serve with --no_continuous_batching.", name)
         prompt_tokens = self.count_prompt_tokens(path, body)
-        requested = body.get("max_completion_tokens") or body.get("max_tokens")
+        if path == "/v1/chat/completions":
+            name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        else:
+            name = "max_output_tokens" if path == "/v1/responses" else "max_tokens"
+        requested = body.get(name)
+        if prompt_tokens == 0:
+            raise RequestError("The prompt has 0 tokens; give at least one.", "prompt")
         if prompt_tokens >= self.budget:
             return (
                 f"The prompt has {prompt_tokens} tokens but this server's per-request token budget is {self.budget} "
@@ -108,52 +349,73 @@ class TokenBudgetMiddleware:
                 body,
             )
         if requested is not None:
-            if int(requested) < 1:
-                return f"max_tokens must be >= 1, got {requested}.", body
-            if prompt_tokens + int(requested) > self.budget:
+            if prompt_tokens + requested > self.budget:
                 return (
-                    f"The prompt has {prompt_tokens} tokens and max_tokens is {requested}: {prompt_tokens + int(requested)} "
+                    f"The prompt has {prompt_tokens} tokens and {name} is {requested}: {prompt_tokens + requested} "
                     f"tokens exceed this server's per-request token budget of {self.budget} (prompt + generated "
-                    f"tokens). Lower max_tokens to at most {self.budget - prompt_tokens} or shorten the prompt.",
+                    f"tokens). Lower {name} to at most {self.budget - prompt_tokens} or shorten the prompt.",
                     body,
                 )
             return None, body
-        body = dict(body)
-        body["max_tokens"] = min(self.default_max_new_tokens, self.budget - prompt_tokens)
+        body[name] = min(self.default_max_new_tokens, self.budget - prompt_tokens)
         return None, body
 
+    @staticmethod
+    async def _answer(send, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+        await send({"type": "http.response.body", "body": data})
+
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in self.PATHS:
+        path = scope.get("path")
+        if scope["type"] != "http" or scope.get("method") != "POST" or path not in self.PATHS + self.PINNED_REFUSED:
             await self.app(scope, receive, send)
             return
-        import json
+        if path in self.PINNED_REFUSED:
+            if self.pinned_model is None:
+                await self.app(scope, receive, send)
+                return
+            what = "transcription" if path.endswith("transcriptions") else "loading or unloading models"
+            error = RequestError(f"POST {path} is refused: this server is pinned to {self.pinned_model} and does not "
+                                 f"allow {what}; start another server for another model.", None, 403,
+                                 "forbidden")
+            await self._answer(send, error.status, error.payload())
+            return
 
-        chunks, more = [], True
+        chunks, size, more = [], 0, True
         while more:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                return
             chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                error = RequestError(f"The request body exceeds this server's limit of {self.max_body_bytes} bytes.",
+                                     None, 413, "request_too_large")
+                await self._answer(send, error.status, error.payload())
+                return
             more = message.get("more_body", False)
         raw = b"".join(chunks)
         try:
             body = json.loads(raw)
-        except ValueError:
-            body = None
-        if isinstance(body, dict):
-            try:
-                error, body = self.check(scope["path"], body)
-            except Exception:  # a malformed request: the server's own validation answers it
-                error = None
-            if error is not None:
-                payload = json.dumps({"error": {"message": error, "type": "invalid_request_error",
-                                                "code": "context_length_exceeded"}}).encode()
-                await send({"type": "http.response.start", "status": 400,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(payload)).encode())]})
-                await send({"type": "http.response.body", "body": payload})
-                return
-            raw = json.dumps(body).encode()
-            headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
-            scope = dict(scope, headers=headers + [(b"content-length", str(len(raw)).encode())])
+            if not isinstance(body, dict):
+                raise RequestError(f"The request body must be a JSON object, got {type(body).__name__}.")
+            error, body = self.check(path, body)
+        except RequestError as request_error:
+            await self._answer(send, request_error.status, request_error.payload())
+            return
+        except ValueError as json_error:  # (json.JSONDecodeError, UnicodeDecodeError)
+            request_error = RequestError(f"The request body is not valid JSON: {json_error}.")
+            await self._answer(send, request_error.status, request_error.payload())
+            return
+        if error is not None:
+            await self._answer(send, 400, {"error": {"message": error, "type": "invalid_request_error",
+                                                     "param": None, "code": "context_length_exceeded"}})
+            return
+        raw = json.dumps(body).encode()
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+        scope = dict(scope, headers=headers + [(b"content-length", str(len(raw)).encode())])
         replayed = False
 
         async def replay():
@@ -164,6 +426,28 @@ class TokenBudgetMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def keep_worker_alive(generation_state) -> None:
+    """Make a continuous-batching worker failure fail only the requests it was running: transformers 5.24's
+    `GenerationState` keeps a dead worker, so every later request gets 503 (`CBWorkerDeadError`) until the server
+    restarts. With this, the next request that needs the worker stops the dead one and starts a new one (a fresh
+    paged cache; nothing else is lost).
+
+    The requests in the batch that failed still fail (transformers fails every request of a worker that dies), with
+    the worker's error; `TokenBudgetMiddleware` keeps the known causes (over-long and empty prompts) from reaching it.
+    """
+    import logging
+
+    get_manager = generation_state.get_manager
+
+    def get_live_manager(model_id: str, use_cb: bool = False):
+        if use_cb and not generation_state.is_cb_alive():
+            logging.getLogger(__name__).error("The continuous-batching worker died; starting a new one.")
+            generation_state.shutdown()  # stops the dead manager and drops it
+        return get_manager(model_id, use_cb=use_cb)
+
+    generation_state.get_manager = get_live_manager
 
 
 def check_servable_folder(model_dir, attn_implementation: str = "sdpa"):
@@ -207,8 +491,9 @@ def serve_folder(
 ) -> None:
     """Serve the saved lightarch folder `model_dir` with transformers' own `Serve` (OpenAI-compatible API) until
     stopped: continuous batching with a paged cache sized for `max_concurrent_requests` requests of
-    `max_request_tokens` (`cpu_continuous_batching_config`), and `TokenBudgetMiddleware` refusing over-budget
-    requests with HTTP 400.
+    `max_request_tokens` (`cpu_continuous_batching_config`); `TokenBudgetMiddleware` refusing malformed and
+    over-budget requests with HTTP 400 and the model-loading routes with 403; `keep_worker_alive` replacing a dead
+    batching worker on the next request.
 
     transformers 5.24's model manager resolves the class with `getattr(transformers, config.architectures[0])` (remote
     code is not looked up), so lightarch's classes are set on the transformers module first.
@@ -240,8 +525,10 @@ def serve_folder(
 
     def build_server_with_budget(*args, **kwargs):
         app = build_server(*args, **kwargs)
+        keep_worker_alive(kwargs["generation_state"])
         app.add_middleware(TokenBudgetMiddleware, tokenizer=tokenizer, budget=budget,
-                           default_max_new_tokens=default_max_tokens)
+                           default_max_new_tokens=default_max_tokens, pinned_model=str(model_dir),
+                           continuous_batching=continuous_batching)
         return app
 
     server_module.build_server = build_server_with_budget

@@ -309,6 +309,20 @@ def evaluation_markdown(results: dict) -> str:
 
 
 
+EVAL_SCRIPT = "eval_multimodal.py"  # the writer named in the output folder's marker (`check_output_dir`)
+
+
+def check_evaluation_output_dir(model_dir: str | os.PathLike, output_dir: str | os.PathLike | None) -> Path:
+    """The folder `evaluate_saved_models` writes (`output_dir`, default `<model_dir>/eval`); a ValueError naming
+    it when it is (or holds) `model_dir` or one of its models, or is not empty and no earlier evaluation
+    (`lightarch.training.checkpoints.check_output_dir`)."""
+    from ..training.checkpoints import check_output_dir
+
+    model_dir = Path(model_dir)
+    inputs = {"--model_dir": model_dir, **{f"model {name}/": folder for name, folder in find_models(model_dir).items()}}
+    return check_output_dir(Path(output_dir) if output_dir else model_dir / "eval", EVAL_SCRIPT, inputs)
+
+
 def evaluate_saved_models(model_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None,
                           data: MultiModalData | None = None, seed: int | None = None, batch_size: int = 64,
                           show_progress: bool = True) -> dict:
@@ -329,10 +343,10 @@ def evaluate_saved_models(model_dir: str | os.PathLike, output_dir: str | os.Pat
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}.")
     model_dir = Path(model_dir)
     models = find_models(model_dir)
+    output_dir = check_evaluation_output_dir(model_dir, output_dir)
     record = training_record(model_dir, models)
     data = data or heldout_data(record)
     seed = seed if seed is not None else record.get("seed", 42)
-    output_dir = Path(output_dir) if output_dir else model_dir / "eval"
 
     # The held-out split only: one training image per class is enough.
     pool = dataclasses.replace(data, train_images_per_class=1).pools(seed, show_progress)["eval"]
@@ -366,5 +380,6 @@ def evaluate_saved_models(model_dir: str | os.PathLike, output_dir: str | os.Pat
     results["seconds"] = time.perf_counter() - started
     atomic_save_pretrained(output_dir, extra_files={"results.json": json.dumps(results, indent=2),
                                                     "results.md": evaluation_markdown(results),
-                                                    "retrieval.png": plot_retrieval(measured)}, keep=())
+                                                    "retrieval.png": plot_retrieval(measured)}, keep=(),
+                           script=EVAL_SCRIPT)
     return results

@@ -336,14 +336,33 @@ def heatmap(results: dict) -> bytes:
     return figure_to_png(fig)
 
 
+EVAL_SCRIPT = "eval_long_context.py"  # the writer named in the output folder's marker (`check_output_dir`)
+
+
+def check_results_dir(model: str | Path, output_dir: str | Path | None = None, distractors: int = 0,
+                      merged: Sequence[str | Path] = ()) -> Path:
+    """The folder `save_results` writes: `output_dir`, or by default <model>/long_context_eval (with distractors:
+    <model>/long_context_eval_distractors<N>). A ValueError names it when it is (or holds) the `model` folder or one
+    of the `merged` shards, or is not empty and no earlier output of this evaluation
+    (`lightarch.training.checkpoints.check_output_dir`)."""
+    from ..training.checkpoints import check_output_dir
+
+    model = Path(model)
+    default = model / ("long_context_eval" + (f"_distractors{distractors}" if distractors else ""))
+    inputs = {"--model": model, **{f"--merge {Path(shard)}": shard for shard in merged}}
+    return check_output_dir(output_dir or default, EVAL_SCRIPT, inputs)
+
+
 def write_outputs(output_dir: str | Path, results: dict) -> str:
-    """results.json, results.md and heatmap.png into `output_dir`, each atomically; returns the markdown."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    """results.json, results.md and heatmap.png as `output_dir`, atomically (`check_results_dir` first: an
+    unrelated folder is never replaced); returns the markdown."""
+    from ..training.checkpoints import atomic_save_pretrained
+
+    folder = check_results_dir(results["model"], output_dir)
     text = markdown(results)
-    write_atomically(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
-    write_atomically(output_dir / "results.md", text)
-    write_atomically(output_dir / "heatmap.png", heatmap(results))
+    atomic_save_pretrained(folder, extra_files={"results.json": json.dumps(results, indent=2) + "\n",
+                                                "results.md": text, "heatmap.png": heatmap(results)},
+                           keep=(), script=EVAL_SCRIPT)
     return text
 
 
@@ -371,8 +390,7 @@ def save_results(results: dict, output_dir: str | Path | None = None) -> str:
     <model>/long_context_eval_distractors<N>); the default run without distractors documents the model, so its
     table also goes into the model card. Returns the markdown."""
     model_dir, distractors = Path(results["model"]), results["arguments"].get("distractors", 0)
-    default_dir = model_dir / ("long_context_eval" + (f"_distractors{distractors}" if distractors else ""))
-    text = write_outputs(output_dir or default_dir, results)
+    text = write_outputs(check_results_dir(model_dir, output_dir, distractors), results)
     if not output_dir and not distractors:
         update_model_card(model_dir, results)
     return text

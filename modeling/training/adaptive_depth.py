@@ -45,10 +45,18 @@ from ..evaluation.model_cards import format_seconds, model_card_template, render
 from ..evaluation.plots import figure_to_png, pyplot
 from ..modeling_adaptive_depth import AdaptiveDepthForCausalLM
 from .callbacks import TimeBudgetCallback
-from .checkpoints import atomic_save_pretrained, write_atomically, writing_beside_saved_model
+from .checkpoints import (
+    atomic_save_pretrained,
+    check_output_dir,
+    prepare_output_dir,
+    write_atomically,
+    writing_beside_saved_model,
+)
 from .router_bias import RouterBiasUpdateCallback
 
 logger = logging.getLogger(__name__)
+
+SCRIPT = "train_adaptive.py"  # the writer named in the output folder's marker (`check_output_dir`)
 
 
 @dataclass(frozen=True)
@@ -130,10 +138,7 @@ def check_adaptive_run(config: AdaptiveDepthConfig, training_args: TrainingArgum
         if getattr(config, name) != getattr(tokenizer, name):
             raise ValueError(f"--config_overrides {name}={getattr(config, name)}: the arithmetic tokenizer's is "
                              f"{getattr(tokenizer, name)}; drop the override (the `arithmetic` preset has it right).")
-    output_dir = Path(training_args.output_dir)
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / "results.json").is_file():
-        raise ValueError(f"--output_dir {output_dir} is not empty and does not hold a previous run of this script; "
-                         "its contents would be replaced. Choose another --output_dir.")
+    check_output_dir(training_args.output_dir, SCRIPT)
 
 
 def _train_estimator(model: AdaptiveDepthForCausalLM, training_args: TrainingArguments, schedule: AdaptiveSchedule,
@@ -175,6 +180,7 @@ def train_adaptive(config: AdaptiveDepthConfig, training_args: TrainingArguments
     started = time.perf_counter()
     tokenizer = build_tokenizer()
     check_adaptive_run(config, training_args, tokenizer)
+    prepare_output_dir(training_args.output_dir, SCRIPT)
     set_seed(training_args.seed)
 
     heldout = split_heldout(sizes, training_args.seed)
@@ -254,7 +260,7 @@ def train_adaptive(config: AdaptiveDepthConfig, training_args: TrainingArguments
     }
     results["run_wall_time_seconds"] = time.perf_counter() - started
     folder = atomic_save_pretrained(training_args.output_dir, model, tokenizer, extra_files={
-        "results.json": json.dumps(results, indent=2), "heldout.json": json.dumps(heldout, indent=1)})
+        "results.json": json.dumps(results, indent=2), "heldout.json": json.dumps(heldout, indent=1)}, script=SCRIPT)
     logger.info("Saved to %s (run took %s)", folder, format_seconds(time.perf_counter() - started))
     write_card_and_plot(folder, results, model.config, Path(training_args.output_dir).as_posix())
     return results

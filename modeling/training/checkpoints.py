@@ -4,16 +4,18 @@ crash never leaves a half-written result."""
 from __future__ import annotations
 
 import contextlib
-import logging
-
 import fnmatch
+import glob
+import json
+import logging
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+logger = logging.getLogger(__name__)
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
@@ -59,30 +61,179 @@ def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
     os.replace(tmp, path)
 
 
+OUTPUT_MARKER = "lightarch_output.json"  # names the script whose output a folder is (`check_output_dir`)
+DEFAULT_KEEP = ("checkpoint-*", "runs")  # Trainer's checkpoints and logs, carried over when a folder is saved again
+
+
+def output_marker(folder: str | os.PathLike) -> dict | None:
+    """The marker a lightarch script left in `folder` ({"script": ..., "keep": [...]}), or None."""
+    try:
+        marker = json.loads((Path(folder) / OUTPUT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and isinstance(marker.get("script"), str) else None
+
+
+def _marker_text(script: str, keep: Sequence[str] = ()) -> str:
+    return json.dumps({"script": script, "keep": list(keep)}, indent=2) + "\n"
+
+
+def _contains(folder: Path, path: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output_dir(
+    path: str | os.PathLike,
+    script: str,
+    inputs: Mapping[str, str | os.PathLike | None] | None = None,
+    option: str = "--output_dir",
+) -> Path:
+    """The one rule for every script's output folder; returns it (absolute). A ValueError names the folder and the fix.
+
+    `path` may be written by `script` if it does not exist, is an empty folder, or holds a previous run of the same
+    `script` (its `OUTPUT_MARKER`, written by `prepare_output_dir` / `atomic_save_pretrained`). It may never be, or
+    contain, one of `inputs` (option name -> the folder or file the script reads, e.g. {"--model_dir": ...}):
+    replacing it would delete the input.
+    """
+    folder = Path(path).absolute()
+    for name, source in (inputs or {}).items():
+        if source is not None and _contains(folder, Path(source).absolute()):
+            what = "is" if folder == Path(source).absolute() else "contains"
+            raise ValueError(f"{option} {path} {what} the input {name} {source}: writing there would replace it. "
+                             f"Choose another {option}.")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{option} {path} is a file, not a folder. Choose another {option}.")
+    if folder.is_dir() and any(entry.name != OUTPUT_MARKER for entry in folder.iterdir()):
+        marker = output_marker(folder)
+        if marker is None:
+            raise ValueError(f"{option} {path} is not empty and holds no output of {script} (no {OUTPUT_MARKER}): "
+                             f"its contents would be replaced. Choose another {option}, or empty it.")
+        if marker["script"] != script:
+            raise ValueError(f"{option} {path} holds the output of {marker['script']}, not of {script}: it would be "
+                             f"replaced. Choose another {option}.")
+    return folder
+
+
+def prepare_output_dir(
+    path: str | os.PathLike,
+    script: str,
+    inputs: Mapping[str, str | os.PathLike | None] | None = None,
+    option: str = "--output_dir",
+    keep: Sequence[str] = ("checkpoint-*", "runs"),
+) -> Path:
+    """`check_output_dir`, after recovering a save that a crash interrupted (`recover_interrupted_save`), then create
+    the folder and mark it as `script`'s, so that what the run writes there before its final save (Trainer
+    checkpoints) is recognised as this script's on the next start. Returns the folder (absolute)."""
+    recover_interrupted_save(path)
+    folder = check_output_dir(path, script, inputs, option)
+    folder.mkdir(parents=True, exist_ok=True)
+    if (output_marker(folder) or {}).get("script") != script:  # new, empty, or only another script's marker
+        write_atomically(folder / OUTPUT_MARKER, _marker_text(script, keep))
+    return folder
+
+
+def _carry_over(old: Path, folder: Path, keep: Sequence[str]) -> None:
+    for entry in sorted(old.iterdir()):
+        if any(fnmatch.fnmatch(entry.name, pattern) for pattern in keep) and not (folder / entry.name).exists():
+            os.replace(entry, folder / entry.name)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _modified(path: Path) -> float:
+    return path.stat().st_mtime
+
+
+def recover_interrupted_save(folder: str | os.PathLike) -> None:
+    """Finish or undo an `atomic_save_pretrained` of `folder` that a crash interrupted between its renames.
+
+    A complete new save (`.<name>.tmp-*`: the newest one when the previous run was already moved aside, or one
+    holding the marker, which is written last) whose swap did not happen is renamed into place when `folder` is
+    missing; otherwise the previous run moved aside (`.<name>.old-*`) is put back. With `folder` in place, the
+    entries it keeps (its marker's `keep`, default: checkpoints and logs) are carried over from the moved-aside run,
+    which is then deleted, and so are incomplete temporary folders.
+    """
+    folder = Path(folder).absolute()
+    parent = folder.parent
+    if not parent.is_dir():
+        return
+    temps = sorted(parent.glob(f".{glob.escape(folder.name)}.tmp-*"), key=_modified)
+    olds = sorted(parent.glob(f".{glob.escape(folder.name)}.old-*"), key=_modified)
+    # The previous run is moved aside only once the new save is complete (stale temporary folders are deleted
+    # before a save starts), so with a moved-aside run the newest temporary folder is complete.
+    complete = [t for t in temps if t.is_dir() and (output_marker(t) is not None or olds)][-1:]
+    if not folder.exists() and (olds or complete):
+        source = complete[-1] if complete else olds.pop()
+        logger.warning("Recovering %s from %s (a save was interrupted)", folder, source.name)
+        os.replace(source, folder)
+        _fsync(parent)
+    for stale in parent.glob(f".{glob.escape(folder.name)}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if folder.is_dir():
+        keep = (output_marker(folder) or {}).get("keep", DEFAULT_KEEP)
+        for old in olds:
+            _carry_over(old, folder, keep)
+
+
+def staging_dir(folder: str | os.PathLike) -> Path:
+    """A new temporary sibling of `folder` (`.<name>.tmp-*`) to write its next version into, for
+    `replace_output_dir`; an interrupted earlier save of `folder` is recovered first (`recover_interrupted_save`)."""
+    folder = Path(folder).absolute()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_save(folder)  # also deletes the temporary folders of an earlier crash
+    return Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+
+
+def replace_output_dir(staging: str | os.PathLike, folder: str | os.PathLike, script: str | None = None,
+                       keep: Sequence[str] = ("checkpoint-*", "runs")) -> Path:
+    """Make the complete `staging` folder (from `staging_dir(folder)`) the new `folder`, atomically.
+
+    Its files are flushed to disk and `OUTPUT_MARKER` (naming `script`, and `keep`) written last; only then is the
+    previous `folder` moved aside (`.<name>.old-*`) and `staging` renamed into place; the previous entries matching
+    `keep` are carried over, the rest deleted. A crash between the two renames is repaired on the next start by
+    `recover_interrupted_save`. `script` (default: the previous save's marker; none without one) names the writer
+    for `check_output_dir`. On an error before the swap `staging` is deleted and `folder` untouched."""
+    staging, folder = Path(staging), Path(folder).absolute()
+    script = script or (output_marker(folder) or {}).get("script")
+    try:
+        for path in staging.rglob("*"):
+            if path.is_file():
+                _fsync(path)
+        if script:  # last: the save is complete
+            write_atomically(staging / OUTPUT_MARKER, _marker_text(script, keep))
+        _fsync(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = None
+    if folder.exists():
+        old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(folder, old)
+    os.replace(staging, folder)
+    _fsync(folder.parent)
+    if old is not None:
+        _carry_over(old, folder, keep)
+    return folder
+
+
 def atomic_save_pretrained(
     folder: str | os.PathLike,
     *objects,
     extra_files: dict[str, bytes | str] | None = None,
     keep: Sequence[str] = ("checkpoint-*", "runs"),
+    script: str | None = None,
 ) -> Path:
     """Save `objects` (anything with `save_pretrained`) and `extra_files` (name -> content) as `folder`, atomically.
 
-    Everything is written into a temporary sibling folder (`.<name>.tmp-*`) and flushed to disk; only then is the
-    previous `folder` moved aside and the new one renamed into place. If saving fails or the process dies,
-    `folder` is untouched: it still holds the previous complete save, or does not exist. (A crash between the
-    two renames leaves `folder` missing and the new save complete in the temporary sibling.)
+    Everything is written into a temporary sibling folder (`staging_dir`), then swapped into place by
+    `replace_output_dir` (marker naming `script` written last). If saving fails or the process dies, `folder` still
+    holds the previous complete save or does not exist; a crash between the two renames of the swap is repaired
+    by `recover_interrupted_save`, which runs first.
 
     `keep`: glob patterns of entries of the previous `folder` to carry over into the new one (default: Trainer's
     `checkpoint-*` folders and `runs` logs, so a run saved into its own output_dir can still be resumed); every
     other previous entry is deleted. Pass `keep=()` to replace the folder entirely.
     """
-    folder = Path(folder).absolute()
-    parent = folder.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    for stale in parent.glob(f".{folder.name}.tmp-*"):  # left by an earlier crash
-        shutil.rmtree(stale, ignore_errors=True)
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=parent))
+    tmp = staging_dir(folder)
     try:
         for obj in objects:
             obj.save_pretrained(tmp)
@@ -90,29 +241,10 @@ def atomic_save_pretrained(
             path = tmp / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                _fsync(path)
-        _fsync(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-    old = None
-    if folder.exists():
-        old = parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    _fsync(parent)
-    if old is not None:
-        for entry in sorted(old.iterdir()):
-            if any(fnmatch.fnmatch(entry.name, pattern) for pattern in keep) and not (folder / entry.name).exists():
-                os.replace(entry, folder / entry.name)
-        shutil.rmtree(old, ignore_errors=True)
-    return folder
-
-
-logger = logging.getLogger(__name__)
+    return replace_output_dir(tmp, folder, script, keep)
 
 
 @contextlib.contextmanager

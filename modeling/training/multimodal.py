@@ -50,7 +50,9 @@ from ..processing_multimodal import MultiModalProcessor
 from .callbacks import TimeBudgetCallback
 from .checkpoints import (
     atomic_save_pretrained,
+    check_output_dir,
     last_complete_checkpoint,
+    prepare_output_dir,
     write_atomically,
     writing_beside_saved_model,
 )
@@ -58,6 +60,8 @@ from .multimodal_trainer import MultiModalTrainer
 from .router_bias import RouterBiasUpdateCallback
 
 logger = logging.getLogger(__name__)
+
+SCRIPT = "train_multimodal.py"  # the writer named in the output folders' markers (`check_output_dir`)
 
 VARIANTS = ("aligned", "no_alignment")
 LOSS_PARTS = ("generation_loss", "alignment_loss", "text_image_loss", "text_audio_loss", "image_audio_loss")
@@ -102,14 +106,9 @@ def check_multimodal_run(config: MultiModalConfig, training_args: TrainingArgume
             raise ValueError(f"--config_overrides {name}={value}: the tokenizer of the built-in data has {wanted}; use "
                              "the `trimodal-qa` preset (or drop the override).")
     resume_requested(training_args)
-    output_dir = Path(training_args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"--output_dir {output_dir} is a file, not a folder.")
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        ours = (output_dir / "results.json").is_file() or any((output_dir / v).is_dir() for v in VARIANTS)
-        if not ours:
-            raise ValueError(f"--output_dir {output_dir} is not empty and does not hold a previous run of this "
-                             "script; its contents would be replaced. Choose another --output_dir.")
+    check_output_dir(training_args.output_dir, SCRIPT)
+    for variant in VARIANTS:  # each model folder is replaced by its own atomic save
+        check_output_dir(Path(training_args.output_dir) / variant, SCRIPT, option=f"--output_dir's {variant}/")
 
 
 def train_multimodal(config: MultiModalConfig, training_args: TrainingArguments,
@@ -127,8 +126,7 @@ def train_multimodal(config: MultiModalConfig, training_args: TrainingArguments,
     started = time.perf_counter() if started is None else started
     tokenizer = build_tokenizer()
     check_multimodal_run(config, training_args, tokenizer)
-    output_dir = Path(training_args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = prepare_output_dir(training_args.output_dir, SCRIPT)
 
     # Data: the same questions, alignment triplets and order for both runs.
     pools = data.pools(training_args.seed, show_progress=not training_args.disable_tqdm)
@@ -188,6 +186,7 @@ def train_variant(variant: str, config: MultiModalConfig, training_args: Trainin
     split and save it (model first, then card and plot). On resume, a finished run found there is kept (its
     results.json is returned; a missing card or plot is written again)."""
     variant_dir = Path(training_args.output_dir) / variant
+    prepare_output_dir(variant_dir, SCRIPT, keep=KEEP_IN_VARIANT_DIR)  # its checkpoints are this script's
     checkpoint = None
     if resume_requested(training_args):
         if (variant_dir / "results.json").is_file() and (variant_dir / "config.json").is_file():
@@ -252,7 +251,7 @@ def train_variant(variant: str, config: MultiModalConfig, training_args: Trainin
                 results["heldout"]["alignment_error"]["error"])
     folder = atomic_save_pretrained(variant_dir, model, processor,
                                     extra_files={"results.json": json.dumps(results, indent=2)},
-                                    keep=KEEP_IN_VARIANT_DIR)
+                                    keep=KEEP_IN_VARIANT_DIR, script=SCRIPT)
     write_card_and_plot(folder, results, config, variant_dir.as_posix())
     return results
 

@@ -38,10 +38,18 @@ from ..evaluation.passkey import accuracy_table, evaluate_passkey
 from ..evaluation.plots import figure_to_png, pyplot
 from ..modeling_sparse_moe import SparseMoeForCausalLM
 from .callbacks import TimeBudgetCallback
-from .checkpoints import atomic_save_pretrained, write_atomically, writing_beside_saved_model
+from .checkpoints import (
+    atomic_save_pretrained,
+    check_output_dir,
+    prepare_output_dir,
+    write_atomically,
+    writing_beside_saved_model,
+)
 from .router_bias import RouterBiasUpdateCallback
 
 logger = logging.getLogger(__name__)
+
+SCRIPT = "train_passkey.py"  # the writer named in the output folder's marker (`check_output_dir`)
 
 EVAL_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -88,6 +96,7 @@ def check_passkey_run(config: SparseMoeConfig, training_args: TrainingArguments,
             raise ValueError(f"--config_overrides {name}={getattr(config, name)}: the passkey tokenizer's is "
                              f"{getattr(tokenizer, name)}; drop the override (the `passkey` preset has it right).")
     CurriculumDataset(PasskeyTask(tokenizer), curriculum, total_batches=1, seed=0)  # checks --min_length
+    check_output_dir(training_args.output_dir, SCRIPT)
 
 
 def position_encoding_summary(config: SparseMoeConfig) -> str:
@@ -173,6 +182,7 @@ def train_passkey(config: SparseMoeConfig, training_args: TrainingArguments,
     started = time.perf_counter()
     tokenizer = build_tokenizer()
     check_passkey_run(config, training_args, curriculum, eval_samples, tokenizer)
+    prepare_output_dir(training_args.output_dir, SCRIPT)
     set_seed(training_args.seed)
     load_at_start = list(os.getloadavg())
     task = PasskeyTask(tokenizer)
@@ -235,7 +245,8 @@ def train_passkey(config: SparseMoeConfig, training_args: TrainingArguments,
     results["run_wall_time_seconds"] = time.perf_counter() - started
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     folder = atomic_save_pretrained(training_args.output_dir, model, tokenizer,
-                                    extra_files={"results.json": json.dumps(results, indent=2, default=str)})
+                                    extra_files={"results.json": json.dumps(results, indent=2, default=str)},
+                                    script=SCRIPT)
     logger.info("Trained %d steps in %.1f min wall, %.1f min CPU (%s); accuracy %.0f%% at %d tokens; saved to %s",
                 results["train_steps"], monitor.train_seconds / 60, monitor.train_cpu_seconds / 60,
                 "stopped by the time budget" if results["stopped_by_time_budget"] else "all steps",

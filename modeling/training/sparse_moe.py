@@ -33,7 +33,9 @@ from ..modeling_sparse_moe import SparseMoeForCausalLM
 from .callbacks import MoeStatsCallback, TimeBudgetCallback
 from .checkpoints import (
     atomic_save_pretrained,
+    check_output_dir,
     last_complete_checkpoint,
+    prepare_output_dir,
     write_atomically,
     writing_beside_saved_model,
 )
@@ -41,6 +43,7 @@ from .router_bias import RouterBiasUpdateCallback
 
 logger = logging.getLogger(__name__)
 
+SCRIPT = "train.py"  # the writer named in the output folder's marker (`check_output_dir`)
 # Entries of an existing output_dir that a new final save keeps (everything else there is replaced).
 KEEP_IN_OUTPUT_DIR = ("checkpoint-*", "runs")  # Trainer's checkpoints and TensorBoard logs
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte, and the special tokens
@@ -117,12 +120,7 @@ def check_train_options(
         check(value is None or value > 0,
               f"--{name} must be > 0 (a number of steps, or a fraction of max_steps below 1), got {value}.")
     resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
-    output_dir = Path(training_args.output_dir)
-    check(not output_dir.exists() or output_dir.is_dir(), f"--output_dir {output_dir} is a file, not a folder.")
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        ours = (output_dir / "results.json").is_file() or any(output_dir.glob("checkpoint-*"))
-        check(ours, f"--output_dir {output_dir} is not empty and does not hold a previous run of this script; "
-                    "its contents would be replaced. Choose another --output_dir.")
+    check_output_dir(training_args.output_dir, SCRIPT)
 
 
 def prepare_data(corpus: TextCorpus, vocab_size: int, block_size: int, tokenizer_min_frequency: int = 2,
@@ -174,6 +172,7 @@ def train_sparse_moe(
     """
     started = time.perf_counter() if started is None else started
     output_dir = Path(training_args.output_dir)
+    prepare_output_dir(output_dir, SCRIPT, keep=KEEP_IN_OUTPUT_DIR)  # this script's folder, or a usage error
     resume = resolve_resume(training_args.resume_from_checkpoint, output_dir)
     training_args.resume_from_checkpoint = resume
     stale = sorted(output_dir.glob("checkpoint-*")) if resume is None else []
@@ -269,7 +268,7 @@ def train_sparse_moe(
             output_dir, model, tokenizer,
             extra_files={"results.json": json.dumps(results, indent=2),
                          "sample.txt": sample if sample.endswith("\n") else sample + "\n"},
-            keep=KEEP_IN_OUTPUT_DIR,
+            keep=KEEP_IN_OUTPUT_DIR, script=SCRIPT,
         )
         logged_loss = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e and "step" in e]
         with writing_beside_saved_model(output_dir, "the model card or plots"):

@@ -32,7 +32,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from ...data.arithmetic import SPLITS, Problem, problems_from_prompts
-from ...training.checkpoints import atomic_save_pretrained
+from ...training.checkpoints import atomic_save_pretrained, check_output_dir
 from ..adaptive_depth import (
     confidence_operating_point,
     estimator_operating_point,
@@ -277,6 +277,9 @@ def check_bench_options(model_dir: str | os.PathLike, threshold_steps: int = 41,
             raise ValueError(f"--{name} must be >= {low}, got {value}.")
 
 
+BENCH_SCRIPT = "bench_adaptive.py"  # the writer named in the output folder's marker (`check_output_dir`)
+
+
 def bench_adaptive_depth(model_dir: str | os.PathLike, output_dir: str | os.PathLike, threshold_steps: int = 41,
                          timing_examples: int = 150, timing_rounds: int = 3, batch_size: int = 256, seed: int = 0,
                          show_progress: bool = True) -> dict:
@@ -286,6 +289,7 @@ def bench_adaptive_depth(model_dir: str | os.PathLike, output_dir: str | os.Path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_bench_options(model_dir, threshold_steps, timing_examples, timing_rounds, batch_size)
+    check_output_dir(output_dir, BENCH_SCRIPT, inputs={"--model_dir": model_dir})
     problems = load_test_problems(model_dir)
     model_dir = Path(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -325,7 +329,7 @@ def bench_adaptive_depth(model_dir: str | os.PathLike, output_dir: str | os.Path
         "results.json": json.dumps(results, indent=2),
         "results.md": markdown(results),
         "curves.png": plot_curves(results),
-    })
+    }, keep=(), script=BENCH_SCRIPT)
     return results
 
 

@@ -45,7 +45,7 @@ from ...data.corpus import heldout_texts, heldout_token_stream
 from ...deploy.bitsandbytes import bnb_quantization_config, load_quantized, memory_report
 from ...deploy.onnx import OrtDecoder, export_onnx_decoder, quantize_onnx_int8
 from ...deploy.serving import cpu_continuous_batching_config, paged_cache_bytes
-from ...training.checkpoints import write_atomically
+from ...training.checkpoints import prepare_output_dir, write_atomically
 from ...training.cli import available_cpus
 from ..plots import figure_to_png, pyplot
 from .machine import machine_info
@@ -569,6 +569,9 @@ def render_markdown(results: dict) -> str:
 
 
 
+BENCH_SCRIPT = "bench_inference.py"  # the writer named in the output folder's marker (`check_output_dir`)
+
+
 def run_inference_benchmark(
     model_dir: str,
     output_dir: str,
@@ -605,6 +608,8 @@ def run_inference_benchmark(
     settings = dict(locals())  # the arguments, recorded in results.json
     check_inference_options(preset, variants, padded_batch_sizes, throughput_new_tokens, online_rates,
                             online_workload, cb_attn_implementation, min_prompt, max_prompt)
+    # a new or empty folder, or an earlier output of this benchmark; never the model (check_output_dir)
+    output_dir = prepare_output_dir(output_dir, BENCH_SCRIPT, inputs={"--model_dir": model_dir})
     variant_names = parse_variants(variants)
     workloads = parse_workloads(throughput_new_tokens)
     rates = parse_rates(online_rates, online_workload, workloads)
@@ -629,8 +634,6 @@ def run_inference_benchmark(
     latency_prompts = [torch.tensor([stream[i * 997 % (len(stream) - prompt_tokens):][:prompt_tokens]])
                        for i in range(prompts)]
 
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as onnx_dir:
         runners, memory = latency_runners(model, Path(model_dir), Path(onnx_dir), variant_names, new_tokens,
                                           num_threads)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ...training.checkpoints import write_atomically
+from ...training.checkpoints import prepare_output_dir, write_atomically
 from ..plots import figure_to_png, pyplot
 
 
@@ -226,10 +226,13 @@ def plot(results: dict) -> bytes:
     return figure_to_png(fig)
 
 
+BENCH_SCRIPT = "bench_long_context.py"  # the writer named in the output folder's marker
+
+
 def write_results(output_dir: str | Path, results: dict, with_plot: bool = True) -> str:
-    """results.json, results.md (and results.png), each written atomically; returns the markdown."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    """results.json, results.md (and results.png), each written atomically, into `output_dir`: a new or empty
+    folder, or an earlier output of this benchmark (`check_output_dir`); returns the markdown."""
+    output_dir = prepare_output_dir(output_dir, BENCH_SCRIPT)
     text = markdown(results)
     if not results.get("complete", True):
         text = "**Partial results: the benchmark is still running (or was interrupted).**\n\n" + text

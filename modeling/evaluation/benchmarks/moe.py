@@ -268,5 +268,29 @@ def run_moe_benchmark(
     return {"config": settings, "environment": env, "variants": rows}
 
 
+BENCH_SCRIPT = "bench_moe.py"  # the writer named in the output folder's marker (`check_output_dir`)
+
+
+def prepare_moe_output_dir(output_dir: str | os.PathLike):
+    """The folder `write_moe_results` writes, created and marked: a new or empty folder, or an earlier output of
+    this benchmark (a ValueError names it otherwise: `lightarch.training.checkpoints.check_output_dir`)."""
+    from ...training.checkpoints import prepare_output_dir
+
+    return prepare_output_dir(output_dir, BENCH_SCRIPT)
+
+
+def write_moe_results(output_dir: str | os.PathLike, results: dict) -> str:
+    """results.json and results.md (the table, returned) into `output_dir` (`prepare_moe_output_dir`), atomically."""
+    import json
+
+    from ...training.checkpoints import write_atomically
+
+    folder = prepare_moe_output_dir(output_dir)
+    table = markdown_table(results)
+    write_atomically(folder / "results.json", json.dumps(results, indent=2) + "\n")
+    write_atomically(folder / "results.md", table)
+    return table
+
+
 __all__ = ["block_config", "build_variants", "check_equivalence", "check_moe_options", "markdown_table",
-           "run_moe_benchmark"]
+           "prepare_moe_output_dir", "run_moe_benchmark", "write_moe_results"]
