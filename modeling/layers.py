@@ -43,6 +43,18 @@ class RMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
+def rope_position_limit(config) -> int:
+    """The longest sequence the rotary embeddings cover: `max_position_embeddings`, times `factor` for a scaled
+    `rope_type` (linear, dynamic, yarn, llama3, ...) extending the pretraining length (`original_max_position_embeddings`
+    if the config states one, else `max_position_embeddings`)."""
+    rope = config.rope_parameters if isinstance(config.rope_parameters, dict) else {}
+    factor = rope.get("factor")
+    if rope.get("rope_type", "default") == "default" or not factor or factor <= 1:
+        return config.max_position_embeddings
+    original = rope.get("original_max_position_embeddings") or config.max_position_embeddings
+    return max(config.max_position_embeddings, int(factor * original))
+
+
 class RotaryEmbedding(nn.Module):
     """cos / sin tables for rotary position embeddings; any `rope_type` of transformers' rope utilities."""
 

@@ -217,6 +217,8 @@ class AdaptiveDepthPreTrainedModel(SparseMoePreTrainedModel):
 
     config: AdaptiveDepthConfig
     config_class = AdaptiveDepthConfig
+    _remote_code_auto_classes = {"AutoModel": "AdaptiveDepthModel", "AutoModelForCausalLM": "AdaptiveDepthForCausalLM",
+                                 "AutoModelForSequenceClassification": "AdaptiveDepthForSequenceClassification"}
 
 
 class AdaptiveDepthModel(AdaptiveDepthPreTrainedModel):
@@ -522,7 +524,7 @@ class AdaptiveDepthForCausalLM(AdaptiveDepthPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             weights = self.config.exit_loss_weights
-            losses = [self.loss_function(logits=exit, labels=labels, vocab_size=self.vocab_size, **kwargs)
+            losses = [self.loss_function(logits=exit, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
                       for exit in exit_logits]
             loss = sum(w * l for w, l in zip(weights, losses)) / sum(weights)
             exit_losses = torch.stack([l.detach() for l in losses])

@@ -32,7 +32,13 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .checkpoint_checks import CheckedLoadingMixin
 from .configuration_multimodal import MultiModalConfig
-from .modeling_sparse_moe import SparseMoeForCausalLM, aux_loss_share, check_input_shapes, check_labels
+from .modeling_sparse_moe import (
+    SparseMoeForCausalLM,
+    add_remote_code_auto_map,
+    aux_loss_share,
+    check_input_shapes,
+    check_labels,
+)
 
 # Decoders this file can build without the Auto registry (remote code has no lightarch registrations).
 LIGHTARCH_CAUSAL_LMS = {"lightarch_sparse_moe": SparseMoeForCausalLM}
@@ -201,12 +207,8 @@ class MultiModalPreTrainedModel(CheckedLoadingMixin, PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As transformers', and a remote-code folder maps both AutoModel and AutoModelForImageTextToText to this
         file whichever of the two classes saved it."""
-        if self._auto_class is not None:
-            module = type(self).__module__.split(".")[-1]
-            auto_map = dict(getattr(self.config, "auto_map", None) or {})
-            auto_map.setdefault("AutoModel", f"{module}.MultiModalModel")
-            auto_map.setdefault("AutoModelForImageTextToText", f"{module}.MultiModalForConditionalGeneration")
-            self.config.auto_map = auto_map
+        add_remote_code_auto_map(self, {"AutoModel": "MultiModalModel",
+                                        "AutoModelForImageTextToText": "MultiModalForConditionalGeneration"})
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _parts(self) -> "MultiModalModel":
@@ -529,6 +531,9 @@ class MultiModalForConditionalGeneration(MultiModalPreTrainedModel, GenerationMi
 
     def get_output_embeddings(self) -> nn.Module:
         return self.model.decoder.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.model.decoder.set_output_embeddings(value)
 
     # Retrieval from the same model.
     def get_text_features(self, input_ids, attention_mask=None) -> torch.FloatTensor:

@@ -4,6 +4,7 @@ Layout and weight names follow transformers' Qwen3-MoE / Mixtral / Mistral, so t
 renaming nothing (see `conversion.py`). Imports are relative so a saved folder loads with `trust_remote_code=True`.
 """
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .checkpoint_checks import CheckedLoadingMixin
 from .configuration_sparse_moe import SparseMoeConfig
-from .layers import Attention, DecoderLayer, Experts, RMSNorm, RotaryEmbedding, Router
+from .layers import Attention, DecoderLayer, Experts, RMSNorm, RotaryEmbedding, Router, rope_position_limit
 from .long_context import BlockAttentionMask, SinkSlidingWindowLayer, default_block_size, install_sink_layers
 
 
@@ -174,6 +175,17 @@ def check_generate_prompt(args: tuple, kwargs: dict) -> None:
                          f"{tuple(prompt.shape)}{hint}.")
 
 
+def add_remote_code_auto_map(model: PreTrainedModel, auto_classes: dict[str, str]) -> None:
+    """Before saving a remote-code folder: map every Auto class of `auto_classes` (Auto class -> model class of the
+    saving model's file) in `config.auto_map`; transformers itself writes only the saving class's own entry."""
+    if model._auto_class is not None:
+        module = type(model).__module__.split(".")[-1]
+        auto_map = dict(getattr(model.config, "auto_map", None) or {})
+        for auto_class, class_name in auto_classes.items():
+            auto_map.setdefault(auto_class, f"{module}.{class_name}")
+        model.config.auto_map = auto_map
+
+
 class SparseMoePreTrainedModel(CheckedLoadingMixin, PreTrainedModel):
     config: SparseMoeConfig
     config_class = SparseMoeConfig
@@ -194,12 +206,33 @@ class SparseMoePreTrainedModel(CheckedLoadingMixin, PreTrainedModel):
         "hidden_states": DecoderLayer,
         "attentions": Attention,
     }
+    # The Auto classes a saved folder maps to this file (`lightarch/__init__.py` registers the same ones).
+    _remote_code_auto_classes = {"AutoModel": "SparseMoeModel", "AutoModelForCausalLM": "SparseMoeForCausalLM",
+                                 "AutoModelForSequenceClassification": "SparseMoeForSequenceClassification"}
 
     def __init__(self, config: SparseMoeConfig, *args, **kwargs) -> None:
         # Re-check the values: a field assigned after the config was built (`config.num_experts_per_tok = 99`) passed
         # only its type check, and would otherwise fail inside a kernel.
         config._check_values()
         super().__init__(config, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As transformers', and a remote-code folder maps AutoModel, AutoModelForCausalLM and
+        AutoModelForSequenceClassification to this file whichever of the three classes saved it."""
+        add_remote_code_auto_map(self, self._remote_code_auto_classes)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def init_parallel_plans(self) -> None:
+        """The config's tensor- / expert-parallel plans name every part a SparseMoe can have (QK norms, shared experts,
+        dense MLP layers); the base model keeps the entries that name a parameter it built, so its plan describes
+        exactly what gets sharded."""
+        super().init_parallel_plans()
+        if self.base_model is not self:
+            return  # a head model takes the base model's (already matched) plans, prefixed
+        generic = {re.sub(r"\.\d+(?=\.|$)", ".*", name) for name, _ in self.named_parameters()}
+        generic |= {name.rsplit(".", 1)[0] for name in generic if "." in name}  # a plan entry may name the module
+        self._tp_plan = {pattern: style for pattern, style in self._tp_plan.items() if pattern in generic}
+        self._ep_plan = {pattern: style for pattern, style in self._ep_plan.items() if pattern in generic}
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -235,11 +268,12 @@ class SparseMoeModel(SparseMoePreTrainedModel):
         if torch.compiler.is_compiling():
             return  # export / compile trace: data-dependent checks cannot run there
         if input_ids is not None and input_ids.numel() > 0:
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= self.vocab_size:
+            low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync per forward
+            vocab_size = self.get_input_embeddings().num_embeddings  # current size, after resize_token_embeddings
+            if low < 0 or high >= vocab_size:
                 raise ValueError(
                     f"input_ids contain token id {low if low < 0 else high}, outside the vocabulary "
-                    f"[0, {self.vocab_size - 1}] (config.vocab_size={self.vocab_size}). Was the input made by "
+                    f"[0, {vocab_size - 1}] (config.vocab_size={vocab_size}). Was the input made by "
                     "another tokenizer, or does the tokenizer have more tokens than the model (resize_token_embeddings)?"
                 )
         batch_size, sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
@@ -257,10 +291,14 @@ class SparseMoeModel(SparseMoePreTrainedModel):
             total_length = int(position_ids.max()) + 1
         if self.config.num_sink_tokens:
             return  # streaming: attention sinks keep every attended distance below sinks + window
-        if total_length > self.config.max_position_embeddings:
+        limit = rope_position_limit(self.config)
+        if total_length > limit:
+            rope = self.config.rope_parameters
+            scaled = "" if limit == self.config.max_position_embeddings else (
+                f" and its {rope['rope_type']} RoPE scaling (factor {rope['factor']}) covers {limit}")
             raise ValueError(
                 f"The sequence reaches {total_length} tokens (cached {past_length} + new {sequence_length}) but "
-                f"config.max_position_embeddings is {self.config.max_position_embeddings}. Truncate the input "
+                f"config.max_position_embeddings is {self.config.max_position_embeddings}{scaled}. Truncate the input "
                 "(tokenizer(..., truncation=True, max_length=...)), or for long documents use a sliding-window "
                 "preset with chunked prefill, SparseMoeConfig.from_preset('hybrid-long') (prefill_chunk_size, "
                 "up to 262144 tokens) or 'streaming' (attention sinks, unbounded)."
@@ -481,7 +519,7 @@ class SparseMoeForCausalLM(SparseMoePreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **kwargs)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
         aux_loss = stats = None
         if record_router:

@@ -100,7 +100,9 @@ def train_command(preset: str, model_dir: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser(BenchArguments, description=__doc__, formatter_class=HelpFormatter)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:  # argparse's one-line usage error, not HfArgumentParser's traceback
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
 
     from lightarch.evaluation.benchmarks.inference import check_inference_options, run_inference_benchmark
 

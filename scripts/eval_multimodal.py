@@ -71,7 +71,9 @@ class EvalArguments:
 
 def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser(EvalArguments, description=__doc__.split("\n\n")[0])
-    (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True, look_for_args_file=False)
+    if unknown:  # argparse's one-line usage error, not HfArgumentParser's traceback
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads crawl on a shared CPU
     import torch

@@ -70,7 +70,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser(ExportArguments, description=__doc__, formatter_class=HelpFormatter)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:  # argparse's one-line usage error, not HfArgumentParser's traceback
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
 
     from lightarch.deploy.onnx import check_export_options, export_onnx_folder
 

@@ -58,3 +58,15 @@ def test_training_scripts_take_a_preset_and_list_every_trainer_option_on_request
     assert full.returncode == 0, full.stderr[-2000:]
     for option in ("--preset", "--learning_rate", "--per_device_train_batch_size", "--output_dir"):
         assert option in full.stdout, (script, option)
+
+
+NON_TRAINING_SCRIPTS = [s for s in SCRIPTS if s not in TRAINING_SCRIPTS]
+
+
+@pytest.mark.parametrize("script", NON_TRAINING_SCRIPTS)
+def test_an_unknown_option_is_a_one_line_usage_error(script):
+    """e.g. `finetune_lora.py --resume_from_checkpoint x`: argparse's usage error naming the option, exit 2."""
+    result = run_help(script, "--no_such_option")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "unrecognized arguments: --no_such_option" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,4 +1,4 @@
-"""Tokenizers built offline: a byte-level BPE trained on a corpus, an untrained byte-level tokenizer with a chat
+"""Tokenizers built offline: a byte-level BPE trained on a corpus and an untrained byte-level tokenizer, both with a chat
 template, and word-level tokenizers over a fixed vocabulary (the task data sets' `build_tokenizer`s).
 
 Special tokens are dicts keyed by their `PreTrainedTokenizerFast` argument (`pad_token`, `unk_token`, `bos_token`,
@@ -64,7 +64,8 @@ def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int, min_frequency: in
     """Train a byte-level BPE tokenizer (GPT-2 style) on `texts`; returns a `PreTrainedTokenizerFast`.
 
     Special tokens: `<|pad|>` (0), `<|bos|>` (1), `<|eos|>` (2). Encoding prepends `<|bos|>`. Training is
-    deterministic for the same texts and settings.
+    deterministic for the same texts and settings. `CHAT_TEMPLATE` is its chat template (`apply_chat_template`, the
+    server's /v1/chat/completions).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -85,7 +86,8 @@ def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int, min_frequency: in
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=1_000_000, **SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=1_000_000,
+                                   chat_template=CHAT_TEMPLATE, **SPECIAL_TOKENS)
 
 
 WHITESPACE_MODES = ("words", "split", None)

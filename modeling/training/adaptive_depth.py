@@ -48,7 +48,9 @@ from .callbacks import TimeBudgetCallback
 from .checkpoints import (
     atomic_save_pretrained,
     check_output_dir,
+    check_resume_config,
     prepare_output_dir,
+    resume_or_start_fresh,
     write_atomically,
     writing_beside_saved_model,
 )
@@ -139,6 +141,9 @@ def check_adaptive_run(config: AdaptiveDepthConfig, training_args: TrainingArgum
             raise ValueError(f"--config_overrides {name}={getattr(config, name)}: the arithmetic tokenizer's is "
                              f"{getattr(tokenizer, name)}; drop the override (the `arithmetic` preset has it right).")
     check_output_dir(training_args.output_dir, SCRIPT)
+    resume = resume_or_start_fresh(training_args.resume_from_checkpoint, training_args.output_dir, remove_stale=False)
+    if resume:
+        check_resume_config(config, resume)
 
 
 def _train_estimator(model: AdaptiveDepthForCausalLM, training_args: TrainingArguments, schedule: AdaptiveSchedule,
@@ -175,12 +180,15 @@ def train_adaptive(config: AdaptiveDepthConfig, training_args: TrainingArguments
 
     The model (with the calibrated thresholds in its config), the tokenizer, results.json and heldout.json are saved
     atomically first; the card and the plot are written after, so a failure there never loses the model (it is
-    logged with the folder and re-raised).
+    logged with the folder and re-raised). `training_args.resume_from_checkpoint` (a checkpoint folder, or 'true' for
+    the last one in `output_dir`; set `--save_strategy steps` to write them) continues phase 1 (with the same model
+    options); phase 2 and the calibration then run as usual.
     """
     started = time.perf_counter()
     tokenizer = build_tokenizer()
     check_adaptive_run(config, training_args, tokenizer)
     prepare_output_dir(training_args.output_dir, SCRIPT)
+    resume = resume_or_start_fresh(training_args.resume_from_checkpoint, training_args.output_dir)
     set_seed(training_args.seed)
 
     heldout = split_heldout(sizes, training_args.seed)
@@ -203,7 +211,7 @@ def train_adaptive(config: AdaptiveDepthConfig, training_args: TrainingArguments
                               data_collator=collator, exit_layers=list(config.exit_layers),
                               callbacks=[budget, RouterBiasUpdateCallback()])
     phase1_start = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     phase1_seconds = time.perf_counter() - phase1_start
     if budget.stopped_at_step is not None:
         logger.warning("Time budget reached: phase 1 stopped at step %d of %d.", budget.stopped_at_step,
@@ -243,6 +251,7 @@ def train_adaptive(config: AdaptiveDepthConfig, training_args: TrainingArguments
                                                     "estimator_target", "first_k_dense_layers", "num_experts")},
         "phase1_steps": trainer.state.global_step,
         "phase1_max_steps": training_args.max_steps,
+        "phase1_resumed_from": resume,
         "phase1_stopped_by_time_budget": budget.stopped_at_step is not None,
         "phase2_steps": schedule.estimator_steps,
         "phase1_seconds": phase1_seconds,

@@ -35,6 +35,46 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return str(max(steps)[1]) if steps else None
 
 
+def resume_or_start_fresh(value: str | bool | None, output_dir: str | os.PathLike, remove_stale: bool = True
+                          ) -> str | None:
+    """`--resume_from_checkpoint` for a Trainer that writes its checkpoints into `output_dir`: the checkpoint folder to
+    resume from (`lightarch.training.sparse_moe.resolve_resume`: True / 'latest' -> the last complete one in
+    `output_dir`, else a complete checkpoint folder; a ValueError names the option otherwise), or None to start from
+    scratch, after removing (with `remove_stale`; without, this only checks the option) an earlier run's
+    `checkpoint-*` folders there: they would mix with this run's, and a later `--resume_from_checkpoint True` would
+    pick them."""
+    from .sparse_moe import resolve_resume  # here: sparse_moe imports this module
+
+    checkpoint = resolve_resume(None if value is None else str(value), output_dir)
+    if not remove_stale:
+        return checkpoint
+    stale = sorted(Path(output_dir).glob("checkpoint-*")) if checkpoint is None else []
+    if stale:
+        logger.warning("Starting from scratch: removing %d checkpoint(s) of an earlier run in %s (to continue that "
+                       "run instead, pass --resume_from_checkpoint True).", len(stale), output_dir)
+        for folder in stale:
+            shutil.rmtree(folder)
+    if checkpoint is not None:
+        logger.info("Resuming from %s", checkpoint)
+    return checkpoint
+
+
+RUNTIME_CONFIG_KEYS = {"use_cache", "dtype", "auto_map", "architectures", "transformers_version", "_name_or_path"}
+
+
+def check_resume_config(config, checkpoint: str | os.PathLike) -> None:
+    """A ValueError naming `--resume_from_checkpoint` when the model `config` of this run differs from the one the
+    `checkpoint` was trained with (settings such as `use_cache`, that Trainer changes, aside)."""
+    saved = type(config).from_pretrained(checkpoint).to_dict()
+    given = config.to_dict()
+    different = sorted(k for k in (saved.keys() | given.keys()) - RUNTIME_CONFIG_KEYS if saved.get(k) != given.get(k))
+    if different:
+        shown = ", ".join(f"{k}={given.get(k)!r} (checkpoint: {saved.get(k)!r})" for k in different[:3])
+        raise ValueError(f"--resume_from_checkpoint {checkpoint} was trained with other model options: {shown}"
+                         f"{'...' if len(different) > 3 else ''}. Pass that run's --preset / --config_overrides, or "
+                         "start from scratch.")
+
+
 def _fsync(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -41,7 +41,9 @@ from .callbacks import TimeBudgetCallback
 from .checkpoints import (
     atomic_save_pretrained,
     check_output_dir,
+    check_resume_config,
     prepare_output_dir,
+    resume_or_start_fresh,
     write_atomically,
     writing_beside_saved_model,
 )
@@ -97,6 +99,9 @@ def check_passkey_run(config: SparseMoeConfig, training_args: TrainingArguments,
                              f"{getattr(tokenizer, name)}; drop the override (the `passkey` preset has it right).")
     CurriculumDataset(PasskeyTask(tokenizer), curriculum, total_batches=1, seed=0)  # checks --min_length
     check_output_dir(training_args.output_dir, SCRIPT)
+    resume = resume_or_start_fresh(training_args.resume_from_checkpoint, training_args.output_dir, remove_stale=False)
+    if resume:
+        check_resume_config(config, resume)
 
 
 def position_encoding_summary(config: SparseMoeConfig) -> str:
@@ -178,11 +183,14 @@ def train_passkey(config: SparseMoeConfig, training_args: TrainingArguments,
     The model, tokenizer and results.json are saved atomically first; the card and the plot are written after, so a
     failure there never loses the model (it is logged with the folder and re-raised). `time_budget_minutes` > 0
     stops training before the next step would pass that much wall time (the run still evaluates and saves).
+    `training_args.resume_from_checkpoint` (a checkpoint folder, or 'true' for the last one in `output_dir`; set
+    `--save_strategy steps` to write them) continues a run (with the same model options).
     """
     started = time.perf_counter()
     tokenizer = build_tokenizer()
     check_passkey_run(config, training_args, curriculum, eval_samples, tokenizer)
     prepare_output_dir(training_args.output_dir, SCRIPT)
+    resume = resume_or_start_fresh(training_args.resume_from_checkpoint, training_args.output_dir)
     set_seed(training_args.seed)
     load_at_start = list(os.getloadavg())
     task = PasskeyTask(tokenizer)
@@ -199,7 +207,7 @@ def train_passkey(config: SparseMoeConfig, training_args: TrainingArguments,
                                 reserve_seconds=0.0)
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
                       data_collator=collate_whole_batch, callbacks=[monitor, budget, RouterBiasUpdateCallback()])
-    train_output = trainer.train()
+    train_output = trainer.train(resume_from_checkpoint=resume)
     if budget.stopped_at_step is not None:
         logger.warning("Time budget of %.1f min reached: stopped after %d of %d steps.", time_budget_minutes,
                        budget.stopped_at_step, training_args.max_steps)
@@ -216,6 +224,7 @@ def train_passkey(config: SparseMoeConfig, training_args: TrainingArguments,
     results = {
         "train_steps": trainer.state.global_step,
         "max_steps": training_args.max_steps,
+        "resumed_from": resume,
         "stopped_by_time_budget": budget.stopped_at_step is not None,
         "train_time_seconds": monitor.train_seconds,
         # CPU time of this process (all threads): with 1 thread, the wall time the same training takes on a
