@@ -21,6 +21,15 @@ SLIDING_WINDOW_IMPLEMENTATIONS = ("windowed", "mask")
 _HUB_REPO_ID = re.compile(r"^(\b[\w\-.]+\b/)?\b[\w\-.]+\b$")  # huggingface_hub's `validate_repo_id` pattern
 
 
+def check_model_location(pretrained_model_name_or_path) -> None:
+    """OSError naming the path when it can only be a local folder (it is no Hub repo id) and does not exist: the Hub
+    client would otherwise answer "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
+    path = str(pretrained_model_name_or_path)
+    if not os.path.exists(path) and (not _HUB_REPO_ID.match(path) or ".." in path or "--" in path):
+        raise OSError(f"The model folder {path} does not exist (nor is it a Hub repo id 'name' or 'namespace/name'); "
+                      "check the path.")
+
+
 def check_config_location(pretrained_model_name_or_path, subfolder: str = "") -> None:
     """OSError naming the folder when `from_pretrained` is given a local path that does not exist (transformers
     reports "Repo id must be in the form ...") or a folder without config.json (transformers returns the defaults)."""
@@ -30,9 +39,8 @@ def check_config_location(pretrained_model_name_or_path, subfolder: str = "") ->
         if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
             raise OSError(f"The folder {folder} has no {CONFIG_NAME}: it is not a saved model folder (make one with "
                           "save_pretrained), or the path points one level too high or too low.")
-    elif not os.path.exists(path) and (not _HUB_REPO_ID.match(path) or ".." in path or "--" in path):
-        raise OSError(f"The model folder {path} does not exist (nor is it a Hub repo id 'name' or 'namespace/name'); "
-                      "check the path.")
+    else:
+        check_model_location(path)
 
 
 @strict

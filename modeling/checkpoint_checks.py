@@ -3,27 +3,17 @@
 transformers alone reports a truncated safetensors file as a bare `SafetensorError` without the file name, and loads
 a checkpoint with missing tensors after only a log message, leaving those weights random. lightarch models refuse.
 
-This file imports only transformers and safetensors: it is copied into saved model folders for `trust_remote_code`.
+This file imports only transformers, safetensors and its sibling configuration file: it is copied into saved model
+folders for `trust_remote_code`.
 """
 
 import json
 import os
-import re
 
 from safetensors import safe_open
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-
-_HUB_REPO_ID = re.compile(r"^(\b[\w\-.]+\b/)?\b[\w\-.]+\b$")  # huggingface_hub's `validate_repo_id` pattern
-
-
-def check_model_location(pretrained_model_name_or_path) -> None:
-    """OSError naming the path when it can only be a local folder (it is no Hub repo id) and does not exist: the Hub
-    client would otherwise answer "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
-    path = str(pretrained_model_name_or_path)
-    if not os.path.exists(path) and (not _HUB_REPO_ID.match(path) or ".." in path or "--" in path):
-        raise OSError(f"The model folder {path} does not exist (nor is it a Hub repo id 'name' or 'namespace/name'); "
-                      "check the path.")
+from .configuration_sparse_moe import check_model_location  # one rule for configs and models
 
 
 def check_checkpoint_folder(folder: str) -> None:

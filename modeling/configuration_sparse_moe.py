@@ -4,6 +4,6 @@ Installed, this re-exports `lightarch.configuration.configuration_sparse_moe`; i
 file takes this name (it is copied there after the modeling files).
 """
 
-from lightarch.configuration.configuration_sparse_moe import SparseMoeConfig
+from lightarch.configuration.configuration_sparse_moe import SparseMoeConfig, check_model_location
 
-__all__ = ["SparseMoeConfig"]
+__all__ = ["SparseMoeConfig", "check_model_location"]

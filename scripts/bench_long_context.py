@@ -141,7 +141,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser(BenchArguments, description=__doc__, formatter_class=HelpFormatter)
-    args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True, look_for_args_file=False)
+    args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True,
+                                                       look_for_args_file=False)
     if unknown:  # argparse's one-line usage error, not HfArgumentParser's traceback
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
 

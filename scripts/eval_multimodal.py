@@ -71,7 +71,8 @@ class EvalArguments:
 
 def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser(EvalArguments, description=__doc__.split("\n\n")[0])
-    args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True, look_for_args_file=False)
+    args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True,
+                                                       look_for_args_file=False)
     if unknown:  # argparse's one-line usage error, not HfArgumentParser's traceback
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
 

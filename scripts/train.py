@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     from lightarch import SparseMoeConfig
     from lightarch.data.corpus import check_corpus_options, load_corpus
     from lightarch.training.cli import config_from_preset, script_parser
-    from lightarch.training.sparse_moe import check_train_options, prepare_data, resolve_resume, train_sparse_moe
+    from lightarch.training.checkpoints import resolve_resume
+    from lightarch.training.sparse_moe import check_train_options, prepare_data, train_sparse_moe
 
     parser = script_parser((*SCRIPT_ARGUMENTS, TrainingArguments), __doc__, TRAINING_DEFAULTS, HELP_OVERRIDES)
     parser.formatter_class = HelpFormatter

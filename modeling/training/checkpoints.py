@@ -35,16 +35,35 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return str(max(steps)[1]) if steps else None
 
 
+def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> str | None:
+    """`--resume_from_checkpoint`: None / 'false' -> None; 'true' / 'latest' -> the last complete checkpoint in
+    `output_dir`; otherwise a checkpoint folder, which must be complete. Raises ValueError naming the option."""
+    if value is None or value.strip().lower() in ("", "false", "no", "0", "none"):
+        return None
+    if value.strip().lower() in ("true", "yes", "1", "latest", "last"):
+        checkpoint = last_complete_checkpoint(output_dir)
+        if checkpoint is None:
+            raise ValueError(
+                f"--resume_from_checkpoint {value}: no complete checkpoint-* folder in --output_dir {output_dir}. "
+                "Pass a checkpoint path, or drop the option to start from scratch."
+            )
+        return checkpoint
+    if not (Path(value) / "trainer_state.json").is_file():
+        raise ValueError(
+            f"--resume_from_checkpoint {value}: not a complete Trainer checkpoint (no trainer_state.json). "
+            "Pass a checkpoint-<step> folder, or True for the last one in --output_dir."
+        )
+    return value
+
+
 def resume_or_start_fresh(value: str | bool | None, output_dir: str | os.PathLike, remove_stale: bool = True
                           ) -> str | None:
     """`--resume_from_checkpoint` for a Trainer that writes its checkpoints into `output_dir`: the checkpoint folder to
-    resume from (`lightarch.training.sparse_moe.resolve_resume`: True / 'latest' -> the last complete one in
+    resume from (`resolve_resume`: True / 'latest' -> the last complete one in
     `output_dir`, else a complete checkpoint folder; a ValueError names the option otherwise), or None to start from
     scratch, after removing (with `remove_stale`; without, this only checks the option) an earlier run's
     `checkpoint-*` folders there: they would mix with this run's, and a later `--resume_from_checkpoint True` would
     pick them."""
-    from .sparse_moe import resolve_resume  # here: sparse_moe imports this module
-
     checkpoint = resolve_resume(None if value is None else str(value), output_dir)
     if not remove_stale:
         return checkpoint

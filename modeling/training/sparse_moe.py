@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +33,9 @@ from .callbacks import MoeStatsCallback, TimeBudgetCallback
 from .checkpoints import (
     atomic_save_pretrained,
     check_output_dir,
-    last_complete_checkpoint,
     prepare_output_dir,
+    resolve_resume,
+    resume_or_start_fresh,
     write_atomically,
     writing_beside_saved_model,
 )
@@ -59,27 +59,6 @@ class SparseMoeData:
     train_dataset: BlockDataset
     eval_dataset: BlockDataset
     block_size: int
-
-
-def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> str | None:
-    """`--resume_from_checkpoint`: None / 'false' -> None; 'true' / 'latest' -> the last complete checkpoint in
-    `output_dir`; otherwise a checkpoint folder, which must be complete. Raises ValueError naming the option."""
-    if value is None or value.strip().lower() in ("", "false", "no", "0", "none"):
-        return None
-    if value.strip().lower() in ("true", "yes", "1", "latest", "last"):
-        checkpoint = last_complete_checkpoint(output_dir)
-        if checkpoint is None:
-            raise ValueError(
-                f"--resume_from_checkpoint {value}: no complete checkpoint-* folder in --output_dir {output_dir}. "
-                "Pass a checkpoint path, or drop the option to start from scratch."
-            )
-        return checkpoint
-    if not (Path(value) / "trainer_state.json").is_file():
-        raise ValueError(
-            f"--resume_from_checkpoint {value}: not a complete Trainer checkpoint (no trainer_state.json). "
-            "Pass a checkpoint-<step> folder, or True for the last one in --output_dir."
-        )
-    return value
 
 
 def check_train_options(
@@ -173,19 +152,13 @@ def train_sparse_moe(
     started = time.perf_counter() if started is None else started
     output_dir = Path(training_args.output_dir)
     prepare_output_dir(output_dir, SCRIPT, keep=KEEP_IN_OUTPUT_DIR)  # this script's folder, or a usage error
-    resume = resolve_resume(training_args.resume_from_checkpoint, output_dir)
+    resume = resume_or_start_fresh(training_args.resume_from_checkpoint, output_dir)
     training_args.resume_from_checkpoint = resume
-    stale = sorted(output_dir.glob("checkpoint-*")) if resume is None else []
-    if stale:  # they would mix with this run's checkpoints (and --resume_from_checkpoint True would pick them)
-        logger.warning("Starting from scratch: removing %d checkpoint(s) of an earlier run in %s (to continue that "
-                       "run instead, pass --resume_from_checkpoint True).", len(stale), output_dir)
-        for folder in stale:
-            shutil.rmtree(folder)
 
     tokenizer = data.tokenizer
     if resume:
         config = AutoConfig.from_pretrained(resume)
-        logger.info("Resuming from %s (model config taken from the checkpoint)", resume)
+        logger.info("Model config taken from the checkpoint %s", resume)
     else:
         config = copy.deepcopy(config)
         config.vocab_size = len(tokenizer)
@@ -397,4 +370,4 @@ def card_values(results: dict, config, corpus: TextCorpus, block_size: int, trai
     }
 
 
-__all__ = ["SparseMoeData", "check_train_options", "prepare_data", "resolve_resume", "train_sparse_moe"]
+__all__ = ["SparseMoeData", "check_train_options", "prepare_data", "train_sparse_moe"]
