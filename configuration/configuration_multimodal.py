@@ -14,7 +14,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, ParakeetEncoderConfig, ViTConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
-from .configuration_sparse_moe import SparseMoeConfig, check_config_location
+from .configuration_sparse_moe import CheckedConfigLoadingMixin, SparseMoeConfig
 
 MODALITIES = ("text", "image", "audio")
 ALIGNMENT_PAIRS = ("text_image", "text_audio", "image_audio")
@@ -50,7 +50,7 @@ def decoder_config_from_dict(values: dict) -> PreTrainedConfig:
 
 
 @strict
-class MultiModalConfig(PreTrainedConfig):
+class MultiModalConfig(CheckedConfigLoadingMixin, PreTrainedConfig):
     r"""
     Image and audio perception, a causal-LM decoder, LLaVA-style projectors and CLIP-style alignment heads.
 
@@ -271,12 +271,6 @@ class MultiModalConfig(PreTrainedConfig):
         self._check_values()
         if isinstance(self.decoder_config, SparseMoeConfig):
             self.decoder_config._check_values()
-
-    @classmethod
-    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
-        """As transformers', refusing a missing local folder or one without config.json with a message naming it."""
-        check_config_location(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
-        return super().get_config_dict(pretrained_model_name_or_path, **kwargs)
 
     @staticmethod
     def presets() -> dict[str, dict]:

@@ -43,8 +43,20 @@ def check_config_location(pretrained_model_name_or_path, subfolder: str = "") ->
         check_model_location(path)
 
 
+
+class CheckedConfigLoadingMixin:
+    """`get_config_dict` for lightarch's configs (the one loading guard `from_pretrained` goes through): a missing
+    local folder or one without config.json is refused with a message naming it (`check_config_location`)."""
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """As transformers', refusing a missing local folder or one without config.json with a message naming it."""
+        check_config_location(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+        return super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+
+
 @strict
-class SparseMoeConfig(PreTrainedConfig):
+class SparseMoeConfig(CheckedConfigLoadingMixin, PreTrainedConfig):
     r"""
     A decoder-only transformer whose feed-forward layers are sparse mixtures of experts.
 
@@ -310,12 +322,6 @@ class SparseMoeConfig(PreTrainedConfig):
         they are built) re-checks every value, so a field assigned after `__init__` is checked before it is used."""
         self._check_values()
 
-    @classmethod
-    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
-        """As transformers', refusing a missing local folder or one without config.json with a message naming it."""
-        check_config_location(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
-        return super().get_config_dict(pretrained_model_name_or_path, **kwargs)
-
     @staticmethod
     def presets() -> dict[str, dict]:
         """The named presets, name -> fields (`SPARSE_MOE_PRESETS`)."""
@@ -387,6 +393,11 @@ SPARSE_MOE_PRESETS: dict[str, dict] = {
     # the main job's architecture, narrow and shallow because at batch 1 a decoding step costs per-layer overhead, not
     # FLOPs, but with top-2 routing instead of the main job's top-p: static shapes for ONNX and paged batching.
     "realtime": dict(_MAIN_JOB, router_mode="top_k", num_experts_per_tok=2),
+    # the distilled student of scripts/distill.py (lightarch.training.distillation): the main job's architecture with
+    # narrower experts, so that with its own byte-level BPE it stays under 1/20 of all-MiniLM-L6-v2's 22.7M
+    # parameters (~0.9M, embeddings included)
+    "distill-student": dict(_MAIN_JOB, router_mode="top_p", router_top_p=0.5, max_experts_per_token=3,
+                            moe_intermediate_size=64),
 }
 
 

@@ -83,6 +83,8 @@ __all__ = [
     "AdaptiveDepthGenerateOutput",
     "AdaptiveDepthModel",
     "AdaptiveDepthPreTrainedModel",
+    "DistillationConfig",
+    "DistillationTrainer",
     "MultiModalCausalLMOutputWithPast",
     "MultiModalConfig",
     "MultiModalForConditionalGeneration",
@@ -90,6 +92,8 @@ __all__ = [
     "MultiModalOutput",
     "MultiModalPreTrainedModel",
     "MultiModalProcessor",
+    "PrivacyArguments",
+    "PrivateTrainer",
     "SparseMoeCausalLMOutputWithPast",
     "SparseMoeConfig",
     "SparseMoeForCausalLM",
@@ -97,8 +101,26 @@ __all__ = [
     "SparseMoeModel",
     "SparseMoeModelOutputWithPast",
     "SparseMoePreTrainedModel",
+    "distillation_divergence",
     "from_transformers",
     "loss_parts",
     "router_statistics",
     "to_transformers",
 ]
+
+# Training recipes that pull in Trainer (and Opacus) load on first use, so that `import lightarch` stays light.
+_LAZY_EXPORTS = {
+    "DistillationConfig": "lightarch.training.distillation",
+    "DistillationTrainer": "lightarch.training.distillation",
+    "distillation_divergence": "lightarch.training.distillation",
+    "PrivacyArguments": "lightarch.training.privacy",
+    "PrivateTrainer": "lightarch.training.privacy",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lightarch' has no attribute {name!r}")

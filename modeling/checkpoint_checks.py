@@ -1,26 +1,29 @@
 """Loading guards: a corrupt or incomplete checkpoint folder fails with an error naming the file or weights.
 
 transformers alone reports a truncated safetensors file as a bare `SafetensorError` without the file name, and loads
-a checkpoint with missing tensors after only a log message, leaving those weights random. lightarch models refuse.
+a checkpoint with missing tensors after only a log message, leaving those weights random. lightarch models refuse
+(`CheckedLoadingMixin`, one rule for every class: `missing_weights_to_refuse`).
 
 This file imports only transformers, safetensors and its sibling configuration file: it is copied into saved model
 folders for `trust_remote_code`.
 """
 
 import json
+import logging
 import os
 
 from safetensors import safe_open
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from .configuration_sparse_moe import check_model_location  # one rule for configs and models
+from .configuration_sparse_moe import check_config_location, check_model_location  # the configs' rule
+
+logger = logging.getLogger(__name__)
 
 
 def check_checkpoint_folder(folder: str) -> None:
     """Raise OSError naming the missing or unreadable file of a local checkpoint folder."""
+    check_config_location(folder)  # the configs' message for a missing folder or config.json
     config_path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.isfile(config_path):
-        raise OSError(f"Checkpoint folder {folder} has no {CONFIG_NAME}; it is incomplete or not a model folder.")
     try:
         with open(config_path, encoding="utf-8") as f:
             json.load(f)
@@ -75,14 +78,46 @@ def disable_bnb_cpu_packing(model) -> int:
     return switched
 
 
+def missing_weights_to_refuse(model, missing_keys) -> list[str]:
+    """The missing weights (of `missing_keys`, after transformers' tying) that the checkpoint should have held.
+
+    One rule for every lightarch class: every missing weight counts (task heads included: an untied `lm_head.weight`
+    the checkpoint lacks would be a random head), except a *new head*: the weights outside the base model
+    (`base_model_prefix`) of a class with a head, when the checkpoint was saved by another class (its config's
+    `architectures`), e.g. `score` when a causal-LM checkpoint is loaded into `...ForSequenceClassification`, or
+    `lm_head` when a bare `...Model` checkpoint is loaded into `...ForCausalLM`. Tied weights are never missing
+    (transformers drops them from `missing_keys` when their source loaded). A class that is its own base model
+    (`...Model`, `MultiModalModel`) has no head that may be new.
+    """
+    missing = sorted(missing_keys)
+    saved_by = set(getattr(model.config, "architectures", None) or ())
+    if model.base_model is model or type(model).__name__ in saved_by or not saved_by:
+        return missing
+    backbone = f"{model.base_model_prefix}."
+    return [key for key in missing if key.startswith(backbone)]
+
+
+def missing_weights_message(pretrained_model_name_or_path, keys: list[str]) -> str:
+    """The one-line message naming the weights a checkpoint lacks and `allow_missing_weights=True`."""
+    shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+    return (f"The checkpoint {pretrained_model_name_or_path} lacks {len(keys)} weight(s) the model needs: {shown}. "
+            "The checkpoint is incomplete or was saved by another architecture; pass allow_missing_weights=True to "
+            "initialise them randomly instead.")
+
+
 class CheckedLoadingMixin:
-    """`from_pretrained` that validates a local folder first and refuses missing backbone weights.
+    """`from_pretrained` that validates a local folder first and refuses missing weights (`missing_weights_to_refuse`).
 
     A 4-bit bitsandbytes model is switched to bitsandbytes' generic CPU kernel (`disable_bnb_cpu_packing`), so plain
     `from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))` runs on every CPU.
 
-    Pass `allow_missing_weights=True` when missing weights are intended (for example a new head, or experts added
-    on top of a converted checkpoint): they are then initialised by `_init_weights` as transformers does.
+    - A checkpoint that lacks weights it should hold raises OSError naming them, unless `allow_missing_weights=True`
+      (then they are initialised by `_init_weights`, as transformers does, and listed in its load report).
+    - A new head (see `missing_weights_to_refuse`) is initialised and reported as transformers does: its load report
+      (a logged warning) and `loading_info["missing_keys"]`; it is never refused.
+    - `output_loading_info=True` means the caller inspects the loading: nothing is refused, the missing weights are
+      returned in `loading_info["missing_keys"]` (as transformers does) and the weights that would have been refused
+      are named in a logged warning.
     """
 
     @classmethod
@@ -94,16 +129,12 @@ class CheckedLoadingMixin:
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
         )
-        # A new task head (e.g. `score` when a classifier starts from a language model) may be missing; the backbone
-        # may not.
-        backbone = f"{cls.base_model_prefix}."
-        missing = sorted(key for key in loading_info.get("missing_keys", []) if key.startswith(backbone))
-        if missing and not allow_missing_weights:
-            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-            raise OSError(
-                f"The checkpoint {pretrained_model_name_or_path} lacks {len(missing)} weight(s) the model needs: "
-                f"{shown}. The checkpoint is incomplete or was saved by another architecture; pass "
-                "allow_missing_weights=True to initialise them randomly instead."
-            )
+        refused = missing_weights_to_refuse(model, loading_info.get("missing_keys", ()))
+        if refused and not allow_missing_weights:
+            message = missing_weights_message(pretrained_model_name_or_path, refused)
+            if not user_wants_info:
+                raise OSError(message)
+            logger.warning("%s (Not raised: output_loading_info=True returns them in loading_info['missing_keys'].)",
+                           message)
         disable_bnb_cpu_packing(model)
         return (model, loading_info) if user_wants_info else model

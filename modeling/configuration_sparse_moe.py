@@ -4,6 +4,10 @@ Installed, this re-exports `lightarch.configuration.configuration_sparse_moe`; i
 file takes this name (it is copied there after the modeling files).
 """
 
-from lightarch.configuration.configuration_sparse_moe import SparseMoeConfig, check_model_location
+from lightarch.configuration.configuration_sparse_moe import (
+    SparseMoeConfig,
+    check_config_location,
+    check_model_location,
+)
 
-__all__ = ["SparseMoeConfig", "check_model_location"]
+__all__ = ["SparseMoeConfig", "check_config_location", "check_model_location"]

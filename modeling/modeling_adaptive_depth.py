@@ -18,6 +18,7 @@ and a shallow path is a prefix of the deep one, so going deeper never recomputes
 Imports are relative so a saved folder loads with `trust_remote_code=True`.
 """
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,7 @@ from .modeling_sparse_moe import (
     check_generate_prompt,
     check_input_shapes,
     check_labels,
+    decoding_own_tokens,
     router_aux_loss,
     router_statistics,
 )
@@ -563,6 +565,10 @@ class AdaptiveDepthForCausalLM(AdaptiveDepthPreTrainedModel, GenerationMixin):
             layers_computed=outputs.layers_computed,
         )
 
+    # transformers' `generate` reads `inspect.signature(self.forward)` at every step of a remote-code model (a check
+    # for the removed `cache_position` argument, ~50 us a token on CPU): computed once here.
+    forward.__signature__ = inspect.signature(forward)
+
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
         """Keep the prompt's route: whole-input routing decides once, and later steps (cached or not) follow it."""
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder,
@@ -597,7 +603,8 @@ class AdaptiveDepthForCausalLM(AdaptiveDepthPreTrainedModel, GenerationMixin):
         log: list = []
         self._exit_logs.append(log)
         try:
-            output = super().generate(*args, exit_policy=exit_policy, exit_threshold=exit_threshold, **kwargs)
+            with decoding_own_tokens(self, args, kwargs):  # prompt ids checked once, not at every decoded token
+                output = super().generate(*args, exit_policy=exit_policy, exit_threshold=exit_threshold, **kwargs)
         finally:
             self._exit_logs.pop()
         if not isinstance(output, GenerateDecoderOnlyOutput) or not log:

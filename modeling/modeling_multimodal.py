@@ -26,8 +26,11 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.tokenization_utils_base import AddedToken
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .checkpoint_checks import CheckedLoadingMixin
@@ -241,13 +244,20 @@ class MultiModalPreTrainedModel(CheckedLoadingMixin, PreTrainedModel):
         vision: PreTrainedModel | None = None,
         audio: PreTrainedModel | None = None,
         decoder: PreTrainedModel | None = None,
+        tokenizer=None,
         **config_kwargs,
     ) -> "MultiModalPreTrainedModel":
         """Compose already-built (e.g. pretrained) parts; missing parts, projectors and heads are new.
 
         `vision`: a `ViTModel`; `audio`: a `ParakeetEncoder`; `decoder`: a causal LM (`SparseMoeForCausalLM`,
         `LlamaForCausalLM`, ...). Their configs become the sub-configs; `config_kwargs` set the other
-        `MultiModalConfig` fields (e.g. `image_token_id`). The given modules are used as they are, not copied.
+        `MultiModalConfig` fields. The given modules are used as they are, not copied.
+
+        `tokenizer` (recommended): the tokenizer the processor will use. `<image>` / `<audio>` are added to it as
+        special tokens if missing (as `MultiModalProcessor` does) and their ids become `image_token_id` /
+        `audio_token_id`, so that processor and model agree by construction; a decoder whose vocabulary is smaller
+        than the tokenizer is resized to it. Without it, pass `image_token_id` / `audio_token_id` yourself:
+        `MultiModalProcessor.from_config` refuses a tokenizer whose ids differ.
         """
         if decoder is not None and decoder.get_output_embeddings() is None:
             raise ValueError(
@@ -262,6 +272,11 @@ class MultiModalPreTrainedModel(CheckedLoadingMixin, PreTrainedModel):
                     f"`{name}` must be the bare encoder (e.g. ViTModel / ParakeetEncoder), got "
                     f"{type(module).__name__}; pass its `.base_model`."
                 )
+        if tokenizer is not None:
+            config_kwargs.update(cls._placeholder_ids(tokenizer, config_kwargs))
+            if decoder is not None and decoder.config.vocab_size < len(tokenizer):
+                # the new rows are placeholders (their embeddings are replaced) or tokens the decoder never saw
+                decoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         sub_configs = {
             key: module.config
             for key, module in (("vision_config", vision), ("audio_config", audio), ("decoder_config", decoder))
@@ -273,6 +288,23 @@ class MultiModalPreTrainedModel(CheckedLoadingMixin, PreTrainedModel):
             if module is not None:
                 setattr(parts, name, module)
         return model
+
+    @staticmethod
+    def _placeholder_ids(tokenizer, config_kwargs: dict) -> dict[str, int]:
+        """`image_token_id` / `audio_token_id` of `<image>` / `<audio>` in `tokenizer`, adding them if missing; an id
+        also given in `config_kwargs` must be the same."""
+        ids = {}
+        for name, token in (("image_token_id", "<image>"), ("audio_token_id", "<audio>")):
+            if token not in tokenizer.get_vocab():
+                tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
+            ids[name] = tokenizer.convert_tokens_to_ids(token)
+            if config_kwargs.get(name, ids[name]) != ids[name]:
+                raise ValueError(
+                    f"`{name}={config_kwargs[name]}` but the tokenizer gives {token} the id {ids[name]}; leave "
+                    f"`{name}` out when you pass `tokenizer` (its ids are used), or pass a tokenizer that maps "
+                    f"{token} to {config_kwargs[name]}."
+                )
+        return ids
 
 
 class MultiModalModel(MultiModalPreTrainedModel):
@@ -300,22 +332,6 @@ class MultiModalModel(MultiModalPreTrainedModel):
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
         self.post_init()
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, allow_missing_weights: bool = False,
-                        **kwargs):
-        """As `CheckedLoadingMixin`, except that every weight counts: this model has no task head that may be new."""
-        user_wants_info = kwargs.pop("output_loading_info", False)
-        model, loading_info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
-                                                      allow_missing_weights=True, output_loading_info=True, **kwargs)
-        missing = sorted(loading_info.get("missing_keys", []))
-        if missing and not allow_missing_weights:
-            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-            raise OSError(
-                f"The checkpoint {pretrained_model_name_or_path} lacks {len(missing)} weight(s) the model needs: "
-                f"{shown}. Pass allow_missing_weights=True to initialise them randomly instead."
-            )
-        return (model, loading_info) if user_wants_info else model
-
     def get_input_embeddings(self) -> nn.Module:
         return self.decoder.get_input_embeddings()
 
@@ -325,8 +341,12 @@ class MultiModalModel(MultiModalPreTrainedModel):
     # -- tokens for the decoder --
     def get_image_tokens(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """(N, C, H, W) -> (N, image_seq_length, decoder hidden): projected ViT patch states (CLS dropped)."""
+        return self._encode_image(pixel_values)[1]
+
+    def _encode_image(self, pixel_values: torch.FloatTensor, **kwargs) -> tuple[ModelOutput, torch.FloatTensor]:
+        """(the ViT's output, its projected patch tokens `(N, image_seq_length, decoder hidden)`)."""
         expected = (self.config.vision_config.num_channels, *self._image_size())
-        if tuple(pixel_values.shape[1:]) != expected:
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(
                 f"pixel_values has shape {tuple(pixel_values.shape)} but the vision model takes (N, {expected[0]}, "
                 f"{expected[1]}, {expected[2]}); prepare images with MultiModalProcessor."
@@ -337,14 +357,19 @@ class MultiModalModel(MultiModalPreTrainedModel):
                 "MultiModalProcessor, which refuses them."
             )
         dtype = self.image_projector.linear_1.weight.dtype
-        patches = self.vision_model(pixel_values=pixel_values.to(dtype)).last_hidden_state[:, 1:]
-        return self.image_projector(patches)
+        outputs = self.vision_model(pixel_values=pixel_values.to(dtype), return_dict=True, **kwargs)
+        return outputs, self.image_projector(outputs.last_hidden_state[:, 1:])
 
     def get_audio_tokens(
         self, input_features: torch.FloatTensor, input_features_mask: torch.Tensor | None = None
     ) -> torch.FloatTensor:
         """(N, T, mels) log-mel frames -> (N, audio_seq_length, decoder hidden): the encoder's frames (after
         convolutional subsampling), average-pooled over real frames only, then projected."""
+        return self._encode_audio(input_features, input_features_mask)[1]
+
+    def _encode_audio(self, input_features: torch.FloatTensor, input_features_mask: torch.Tensor | None = None,
+                      **kwargs) -> tuple[ModelOutput, torch.FloatTensor]:
+        """(the audio encoder's output, its pooled and projected tokens `(N, audio_seq_length, decoder hidden)`)."""
         mels = self.config.audio_config.num_mel_bins
         if input_features.dim() != 3 or input_features.shape[-1] != mels:
             raise ValueError(
@@ -352,42 +377,72 @@ class MultiModalModel(MultiModalPreTrainedModel):
                 f"{mels}) log-mel features; prepare audio with MultiModalProcessor."
             )
         dtype = self.audio_projector.linear_1.weight.dtype
-        outputs = self.audio_model(input_features=input_features.to(dtype), attention_mask=input_features_mask)
+        outputs = self.audio_model(input_features=input_features.to(dtype), attention_mask=input_features_mask,
+                                   return_dict=True, **kwargs)
         pooled = masked_adaptive_avg_pool(outputs.last_hidden_state, outputs.attention_mask,
-                                          self.config.audio_seq_length)
-        return self.audio_projector(pooled)
+                                          self.config.audio_seq_length)  # (N, audio_seq_length, Ha)
+        return outputs, self.audio_projector(pooled)
 
     def _image_size(self) -> tuple[int, int]:
         size = self.config.vision_config.image_size
         return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
 
-    # -- aligned embeddings for retrieval --
-    def get_text_features(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
-                          ) -> torch.FloatTensor:
-        """(N, L) captions -> (N, alignment_embed_dim) L2-normalised: the decoder's last hidden states, averaged over
-        the real tokens, through the text head."""
+    # -- aligned embeddings for retrieval (transformers' CLIP / CLAP signature) --
+    @can_return_tuple
+    def get_text_features(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | BaseModelOutputWithPooling:
+        """(N, L) captions -> `BaseModelOutputWithPooling`: `pooler_output` `(N, alignment_embed_dim)` is the
+        L2-normalised text embedding (the decoder's last hidden states averaged over the real tokens, through the
+        text head); `last_hidden_state` `(N, L, decoder hidden)`, and `hidden_states` / `attentions` with
+        `output_hidden_states` / `output_attentions`, are the decoder's. `return_dict=False` gives a tuple."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        states = self.decoder.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                                use_cache=False).last_hidden_state
+        outputs = self.decoder.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                          position_ids=position_ids, use_cache=False, return_dict=True, **kwargs)
+        states = outputs.last_hidden_state  # (N, L, H)
         weights = attention_mask.to(states.dtype)[..., None]
-        pooled = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        return self.text_alignment_head(pooled)
+        pooled = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)  # (N, H)
+        return BaseModelOutputWithPooling(last_hidden_state=states, pooler_output=self.text_alignment_head(pooled),
+                                          hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """(N, C, H, W) -> (N, alignment_embed_dim) L2-normalised: the mean projected image token, through the head."""
-        return self.image_alignment_head(self.get_image_tokens(pixel_values).mean(dim=1))
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> tuple | BaseModelOutputWithPooling:
+        """(N, C, H, W) -> `BaseModelOutputWithPooling`: `pooler_output` `(N, alignment_embed_dim)` is the
+        L2-normalised image embedding (the mean projected image token, through the image head); `last_hidden_state`
+        `(N, 1 + patches, Hv)`, `hidden_states`, `attentions` are the ViT's. `return_dict=False` gives a tuple."""
+        outputs, tokens = self._encode_image(pixel_values, **kwargs)
+        return BaseModelOutputWithPooling(last_hidden_state=outputs.last_hidden_state,
+                                          pooler_output=self.image_alignment_head(tokens.mean(dim=1)),
+                                          hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
-    def get_audio_features(self, input_features: torch.FloatTensor, input_features_mask: torch.Tensor | None = None
-                           ) -> torch.FloatTensor:
-        """(N, T, mels) -> (N, alignment_embed_dim) L2-normalised: the mean projected audio token, through the head."""
-        tokens = self.get_audio_tokens(input_features, input_features_mask)
-        return self.audio_alignment_head(tokens.mean(dim=1))
+    @can_return_tuple
+    def get_audio_features(
+        self,
+        input_features: torch.FloatTensor,
+        input_features_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | BaseModelOutputWithPooling:
+        """(N, T, mels) -> `BaseModelOutputWithPooling`: `pooler_output` `(N, alignment_embed_dim)` is the
+        L2-normalised audio embedding (the mean projected audio token, through the audio head); `last_hidden_state`
+        `(N, T / subsampling, Ha)`, `hidden_states`, `attentions` are the audio encoder's. `return_dict=False` gives
+        a tuple."""
+        outputs, tokens = self._encode_audio(input_features, input_features_mask, **kwargs)
+        return BaseModelOutputWithPooling(last_hidden_state=outputs.last_hidden_state,
+                                          pooler_output=self.audio_alignment_head(tokens.mean(dim=1)),
+                                          hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
     def clamped_logit_scale(self) -> torch.Tensor:
         """exp(logit_scale), the inverse temperature, at most 100 (CLIP)."""
         return self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -421,12 +476,12 @@ class MultiModalModel(MultiModalPreTrainedModel):
             present[modality], rows = self._presence(modality, data.shape[0], flags, batch_size)
             if modality == "text":
                 text_mask = attention_mask[rows] if attention_mask is not None else None
-                embeds[modality] = self.get_text_features(data[rows], text_mask)
+                embeds[modality] = self.get_text_features(data[rows], text_mask, return_dict=True).pooler_output
             elif modality == "image":
-                embeds[modality] = self.get_image_features(data[rows])
+                embeds[modality] = self.get_image_features(data[rows], return_dict=True).pooler_output
             else:
                 audio_mask = input_features_mask[rows] if input_features_mask is not None else None
-                embeds[modality] = self.get_audio_features(data[rows], audio_mask)
+                embeds[modality] = self.get_audio_features(data[rows], audio_mask, return_dict=True).pooler_output
         losses = self.alignment_losses(embeds, present, alignment_classes) if return_loss else {}
         return MultiModalOutput(
             loss=losses.get("alignment_loss"),
@@ -535,15 +590,19 @@ class MultiModalForConditionalGeneration(MultiModalPreTrainedModel, GenerationMi
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.model.decoder.set_output_embeddings(value)
 
-    # Retrieval from the same model.
-    def get_text_features(self, input_ids, attention_mask=None) -> torch.FloatTensor:
-        return self.model.get_text_features(input_ids, attention_mask)
+    # Retrieval from the same model (see `MultiModalModel`).
+    def get_text_features(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                          position_ids: torch.LongTensor | None = None, **kwargs: Unpack[TransformersKwargs]
+                          ) -> tuple | BaseModelOutputWithPooling:
+        return self.model.get_text_features(input_ids, attention_mask, position_ids, **kwargs)
 
-    def get_image_features(self, pixel_values) -> torch.FloatTensor:
-        return self.model.get_image_features(pixel_values)
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]
+                           ) -> tuple | BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values, **kwargs)
 
-    def get_audio_features(self, input_features, input_features_mask=None) -> torch.FloatTensor:
-        return self.model.get_audio_features(input_features, input_features_mask)
+    def get_audio_features(self, input_features: torch.FloatTensor, input_features_mask: torch.Tensor | None = None,
+                           **kwargs: Unpack[TransformersKwargs]) -> tuple | BaseModelOutputWithPooling:
+        return self.model.get_audio_features(input_features, input_features_mask, **kwargs)
 
     @property
     def logit_scale(self) -> nn.Parameter:
@@ -573,7 +632,21 @@ class MultiModalForConditionalGeneration(MultiModalPreTrainedModel, GenerationMi
                 continue
             tokens = (self.model.get_image_tokens(data) if modality == "image"
                       else self.model.get_audio_tokens(data, input_features_mask))
-            if count != tokens.shape[0] * tokens.shape[1]:
+            needed = tokens.shape[0] * tokens.shape[1]
+            if count == 0:  # the usual cause: a processor whose tokenizer gives the placeholder another id
+                counts = torch.bincount(input_ids.flatten().clamp(min=0).cpu())
+                others = [i for i in (counts == needed).nonzero().flatten().tolist()
+                          if i not in (self.config.image_token_id, self.config.audio_token_id)][:3]
+                hint = (f" (id {' / '.join(map(str, others))} occurs exactly {needed} times: is that the processor's "
+                        f"{modality}_token_id?)" if others else "")
+                raise ValueError(
+                    f"The prompt has 0 <{modality}> placeholder tokens (model.config.{modality}_token_id="
+                    f"{token_id}) but {tokens.shape[0]} {modality} input(s) need {needed}{hint}. Processor and "
+                    f"model must use the same id: build the model with from_modules(..., tokenizer=tokenizer) or "
+                    f"MultiModalConfig({modality}_token_id=processor.{modality}_token_id), or build the processor "
+                    "with MultiModalProcessor.from_config(model.config, tokenizer), which checks it."
+                )
+            if count != needed:
                 raise ValueError(
                     f"The prompt has {count} <{modality}> placeholder tokens but {tokens.shape[0]} {modality} input(s) "
                     f"of {tokens.shape[1]} tokens each need {tokens.shape[0] * tokens.shape[1]}; expand placeholders "
@@ -583,6 +656,7 @@ class MultiModalForConditionalGeneration(MultiModalPreTrainedModel, GenerationMi
                                                          tokens.to(inputs_embeds.dtype))
         return inputs_embeds
 
+    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,

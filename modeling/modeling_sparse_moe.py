@@ -4,11 +4,16 @@ Layout and weight names follow transformers' Qwen3-MoE / Mixtral / Mistral, so t
 renaming nothing (see `conversion.py`). Imports are relative so a saved folder loads with `trust_remote_code=True`.
 """
 
+import functools
+import inspect
 import re
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
@@ -17,7 +22,7 @@ from transformers.modeling_layers import GenericForSequenceClassification
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
@@ -26,6 +31,8 @@ from .checkpoint_checks import CheckedLoadingMixin
 from .configuration_sparse_moe import SparseMoeConfig
 from .layers import Attention, DecoderLayer, Experts, RMSNorm, RotaryEmbedding, Router, rope_position_limit
 from .long_context import BlockAttentionMask, SinkSlidingWindowLayer, default_block_size, install_sink_layers
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -175,6 +182,59 @@ def check_generate_prompt(args: tuple, kwargs: dict) -> None:
                          f"{tuple(prompt.shape)}{hint}.")
 
 
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Every id of `input_ids` must index the embedding table (`vocab_size` rows, the current size after
+    `resize_token_embeddings`): a one-line error instead of an IndexError deep inside. Reads two values back (one host
+    synchronisation)."""
+    if input_ids.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(input_ids)).tolist()
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"input_ids contain token id {low if low < 0 else high}, outside the vocabulary "
+            f"[0, {vocab_size - 1}] (config.vocab_size={vocab_size}). Was the input made by "
+            "another tokenizer, or does the tokenizer have more tokens than the model (resize_token_embeddings)?"
+        )
+
+
+# Per thread: id of each base model whose `generate` is running -> nesting depth (self-speculative decoding nests).
+_GENERATING = threading.local()
+
+
+@contextmanager
+def decoding_own_tokens(model: PreTrainedModel, args: tuple, kwargs: dict):
+    """Around `model.generate(*args, **kwargs)`: check the prompt's token ids once, then let the base model's
+    single-token steps after cached tokens skip reading input values back (`_check_inputs`): each decodes a token
+    sampled from this model's LM head, so it is inside the vocabulary, and its position extends the checked prompt's.
+    This saves one host synchronisation per decoded token. Trusted only when the LM head is no wider than the
+    embedding table."""
+    embeddings = model.get_input_embeddings().num_embeddings
+    prompt = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+    if isinstance(prompt, torch.Tensor) and not (prompt.dtype.is_floating_point or prompt.dtype.is_complex
+                                                 or prompt.dtype == torch.bool):
+        check_token_ids(prompt, embeddings)
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "out_features", embeddings + 1) > embeddings:
+        yield
+        return
+    depths = getattr(_GENERATING, "depths", None)
+    if depths is None:
+        depths = _GENERATING.depths = {}
+    key = id(model.base_model)
+    depths[key] = depths.get(key, 0) + 1
+    try:
+        yield
+    finally:
+        depths[key] -= 1
+        if not depths[key]:
+            del depths[key]
+
+
+def is_decoding_own_tokens(base_model: nn.Module) -> bool:
+    """Whether `base_model`'s `generate` runs in this thread under `decoding_own_tokens`."""
+    return id(base_model) in getattr(_GENERATING, "depths", {})
+
+
 def add_remote_code_auto_map(model: PreTrainedModel, auto_classes: dict[str, str]) -> None:
     """Before saving a remote-code folder: map every Auto class of `auto_classes` (Auto class -> model class of the
     saving model's file) in `config.auto_map`; transformers itself writes only the saving class's own entry."""
@@ -222,6 +282,19 @@ class SparseMoePreTrainedModel(CheckedLoadingMixin, PreTrainedModel):
         add_remote_code_auto_map(self, self._remote_code_auto_classes)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint,
+                                    every_n_layers: int = 1):
+        """As transformers', but MoE layers checkpoint without reentrancy: a reentrant checkpoint runs the layer under
+        no_grad, so the router logits it records for the auxiliary losses carry no gradient and the balance / z-loss
+        would silently stop training the router (the gradients would differ from a run without checkpointing)."""
+        options = getattr(gradient_checkpointing_func, "keywords", None) or {}
+        if enable and options.get("use_reentrant") and self.config.first_k_dense_layers < self.config.num_hidden_layers:
+            logger.warning_once("Gradient checkpointing of MoE layers uses use_reentrant=False: a reentrant checkpoint "
+                                "drops the gradient of the router's auxiliary losses.")
+            gradient_checkpointing_func = functools.partial(gradient_checkpointing_func.func,
+                                                            **{**options, "use_reentrant": False})
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+
     def init_parallel_plans(self) -> None:
         """The config's tensor- / expert-parallel plans name every part a SparseMoe can have (QK norms, shared experts,
         dense MLP layers); the base model keeps the entries that name a parameter it built, so its plan describes
@@ -267,19 +340,15 @@ class SparseMoeModel(SparseMoePreTrainedModel):
         check_input_shapes(input_ids, inputs_embeds, attention_mask, self.config.hidden_size)
         if torch.compiler.is_compiling():
             return  # export / compile trace: data-dependent checks cannot run there
-        if input_ids is not None and input_ids.numel() > 0:
-            low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync per forward
-            vocab_size = self.get_input_embeddings().num_embeddings  # current size, after resize_token_embeddings
-            if low < 0 or high >= vocab_size:
-                raise ValueError(
-                    f"input_ids contain token id {low if low < 0 else high}, outside the vocabulary "
-                    f"[0, {vocab_size - 1}] (config.vocab_size={vocab_size}). Was the input made by "
-                    "another tokenizer, or does the tokenizer have more tokens than the model (resize_token_embeddings)?"
-                )
         batch_size, sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         # Paged caches (continuous batching) pack requests into one row and pass positions explicitly.
         past_length = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
         total_length = past_length + sequence_length
+        # A decoding step of `generate` (one token after cached ones): its token came from the LM head and its
+        # position follows the prompt's, which were checked once (`decoding_own_tokens`), so no value is read back.
+        own_token = sequence_length == 1 and past_length > 0 and is_decoding_own_tokens(self)
+        if input_ids is not None and not own_token:
+            check_token_ids(input_ids, self.get_input_embeddings().num_embeddings)  # current size, after resizing
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             if attention_mask.shape[0] != batch_size or attention_mask.shape[1] != total_length:
                 raise ValueError(
@@ -287,11 +356,12 @@ class SparseMoeModel(SparseMoePreTrainedModel):
                     f"({batch_size}, {total_length}): batch size x (cached tokens {past_length} + new tokens "
                     f"{sequence_length}). Pass the mask the tokenizer returned for these inputs."
                 )
-        if position_ids is not None and position_ids.numel() > 0:
-            total_length = int(position_ids.max()) + 1
         if self.config.num_sink_tokens:
             return  # streaming: attention sinks keep every attended distance below sinks + window
         limit = rope_position_limit(self.config)
+        # A decoding step's positions are at most the cached + new length: read them only when that bound is too long.
+        if position_ids is not None and position_ids.numel() > 0 and not (own_token and total_length <= limit):
+            total_length = int(position_ids.max()) + 1
         if total_length > limit:
             rope = self.config.rope_parameters
             scaled = "" if limit == self.config.max_position_embeddings else (
@@ -337,7 +407,11 @@ class SparseMoeModel(SparseMoePreTrainedModel):
             position_ids = torch.arange(sequence_length, device=device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        if self.prefills_in_chunks(sequence_length, has_cache=cache is not None):
+        # Per-layer outputs (hidden states, attention maps) cover the whole input, so they need one pass: a chunked
+        # prefill would record every layer once per chunk.
+        records_layers = any(kwargs.get(f"output_{name}", getattr(self.config, f"output_{name}", False))
+                             for name in ("hidden_states", "attentions"))
+        if not records_layers and self.prefills_in_chunks(sequence_length, has_cache=cache is not None):
             hidden_states = self._chunked_prefill(input_ids, inputs_embeds, attention_mask, position_ids, cache,
                                                   use_cache, positions_to_keep, **kwargs)
         else:
@@ -392,10 +466,12 @@ class SparseMoeModel(SparseMoePreTrainedModel):
                                                         kwargs.get("output_attentions"))
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        for i, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-            hidden_states = decoder_layer(
+        layer_types = self.config.layer_types  # read once: config attribute access is slow in transformers 5
+        # Index, not slice: slicing a ModuleList builds a new one at every forward (every decoded token).
+        for i in range(self.config.num_hidden_layers):
+            hidden_states = self.layers[i](
                 hidden_states,
-                attention_mask=causal_mask_mapping[self.config.layer_types[i]],
+                attention_mask=causal_mask_mapping[layer_types[i]],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
                 cache=cache,
@@ -483,7 +559,9 @@ class SparseMoeForCausalLM(SparseMoePreTrainedModel, GenerationMixin):
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token targets (shifted inside); -100 is ignored. The returned loss adds `aux_loss`.
         output_router_logits (`bool`, *optional*):
-            Return each MoE layer's router logits. Router statistics are always computed when `labels` are given.
+            Return each MoE layer's router logits. Router statistics (`aux_loss`, `load_balancing_loss`,
+            `router_z_loss`, `experts_per_token`) are computed when `labels` are given, with `output_router_logits`,
+            or in training mode; an inference forward without them (e.g. a decoding step) computes none.
         """
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
@@ -493,14 +571,10 @@ class SparseMoeForCausalLM(SparseMoePreTrainedModel, GenerationMixin):
             if labels is not None:
                 check_labels(labels, (input_ids if input_ids is not None else inputs_embeds).shape[:2],
                              kwargs.get("num_items_in_batch"))
-        has_moe_layers = self.config.first_k_dense_layers < self.config.num_hidden_layers
-        sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        uses_cache = cache is not None or (use_cache if use_cache is not None else self.config.use_cache)
-        chunked_prefill = self.model.prefills_in_chunks(sequence_length, has_cache=uses_cache)
-        # Router records grow with the prompt: a chunked prefill (a long prompt at inference) keeps them only when
-        # they are asked for, so its memory stays bounded.
-        record_router = has_moe_layers and (
-            not chunked_prefill or labels is not None or output_router_logits or self.training
+        # Router statistics only when asked for: the loss needs them (labels), the caller does (output_router_logits),
+        # or training may add `aux_loss` itself. Inference (a decoding step, a long chunked prefill) records nothing.
+        record_router = self.config.first_k_dense_layers < self.config.num_hidden_layers and (
+            labels is not None or bool(output_router_logits) or self.training
         )
         outputs: SparseMoeModelOutputWithPast = self.model(
             input_ids=input_ids,
@@ -543,10 +617,20 @@ class SparseMoeForCausalLM(SparseMoePreTrainedModel, GenerationMixin):
             router_indices=outputs.router_indices if output_router_logits else None,
         )
 
+    # transformers' `generate` reads `inspect.signature(self.forward)` at every step of a remote-code model (a check
+    # for the removed `cache_position` argument, ~50 us a token on CPU): computed once here.
+    forward.__signature__ = inspect.signature(forward)
+
     def generate(self, *args, **kwargs):
-        """`GenerationMixin.generate`, with a one-line error for a prompt of the wrong rank."""
+        """`GenerationMixin.generate`, with a one-line error for a prompt of the wrong rank or with ids outside the
+        vocabulary; the decoding steps then skip the host synchronisation of the input checks (`decoding_own_tokens`)."""
         check_generate_prompt(args, kwargs)
-        return super().generate(*args, **kwargs)
+        if kwargs.get("use_cache") is False or kwargs.get("inputs_embeds") is not None:
+            # `config.prefill_chunk_size` reaches the generation config, whose chunked prefill needs a cache and splits
+            # input_ids only: leave the prompt to the forward, which chunks inputs_embeds too (with a cache).
+            kwargs.setdefault("prefill_chunk_size", None)
+        with decoding_own_tokens(self, args, kwargs):
+            return super().generate(*args, **kwargs)
 
     def _router_records_per_layer(self, outputs, attention_mask):
         """(router_logits, router_indices, token_mask) with one entry per MoE layer.
@@ -591,6 +675,8 @@ __all__ = [
     "check_generate_prompt",
     "check_input_shapes",
     "check_labels",
+    "check_token_ids",
+    "decoding_own_tokens",
     "router_aux_loss",
     "router_statistics",
 ]

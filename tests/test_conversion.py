@@ -213,7 +213,7 @@ def test_top_p_override_runs_and_cannot_go_back():
     assert converted.config.router_mode == "top_p"
     assert_same_state_dict(source.state_dict(), converted.state_dict())  # same weights, other routing
     input_ids, attention_mask = batch()
-    out = converted(input_ids=input_ids, attention_mask=attention_mask)
+    out = converted(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
     assert torch.isfinite(out.logits).all()
     # top_p=1.0 with up to 4 of 4 experts: every token uses every expert, so it differs from Mixtral's top-2
     assert torch.allclose(out.experts_per_token, torch.full_like(out.experts_per_token, 4.0))

@@ -145,7 +145,9 @@ def test_wheel_has_one_top_level_name_and_ships_the_model_card_templates(tmp_pat
         top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
         assert archive.read(top_level).decode().split() == ["lightarch"]
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"lightarch"}
-    for template in ("sparse_moe", "adaptive_depth", "multimodal", "passkey"):
+    from lightarch.evaluation.model_cards import MODEL_CARD_TEMPLATES
+
+    for template in MODEL_CARD_TEMPLATES:
         assert f"lightarch/model_cards/{template}.md" in names
     packaged = {n[len("lightarch/"):] for n in names if n.startswith("lightarch/") and n.endswith(".py")}
     on_disk = {p.relative_to(PACKAGE_DIR).as_posix() for p in PACKAGE_DIR.rglob("*.py")}

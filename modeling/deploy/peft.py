@@ -90,16 +90,24 @@ def parse_lora_targets(text: str) -> list[str]:
 
 
 FINETUNE_SCRIPT = "finetune_lora.py"  # the writer named in the output folder's marker (`check_output_dir`)
+CHECKPOINTS = ("checkpoint-*",)  # Trainer checkpoints, kept in the output folder for --resume_from_checkpoint
+
+
+def finetune_inputs(model_dir, text_file) -> dict:
+    """The input paths `output_dir` may never be or contain (option name -> path)."""
+    return {"--model_dir": model_dir, "--text_file": text_file}
 
 
 def check_finetune_options(model_dir, text_file, merge: bool, qlora: bool, heldout_fraction: float, r: int,
-                           block_size: int, batch_size: int, max_steps: int, output_dir=None) -> None:
+                           block_size: int, batch_size: int, max_steps: int, output_dir=None,
+                           resume_from_checkpoint: str | None = None, save_steps: int = 20) -> str | None:
     """Raise ValueError naming the option when `finetune_lora` cannot run with these arguments (its own); an
     `output_dir` that is not empty or an earlier fine-tuning, or that is (or holds) `model_dir` or `text_file`, is
-    refused (`lightarch.training.checkpoints.check_output_dir`)."""
+    refused (`lightarch.training.checkpoints.check_output_dir`). Returns the checkpoint `resume_from_checkpoint`
+    names (`resolve_resume`: True / 'latest' -> the last complete one in `output_dir`), or None."""
     import os
 
-    from ..training.checkpoints import check_output_dir
+    from ..training.checkpoints import check_output_dir, resolve_resume
 
     if merge and qlora:
         raise ValueError("--merge cannot be used with --qlora: merging into 4-bit weights re-quantizes them; "
@@ -109,12 +117,41 @@ def check_finetune_options(model_dir, text_file, merge: bool, qlora: bool, heldo
     if text_file is not None and not os.path.isfile(text_file):
         raise ValueError(f"--text_file {text_file} does not exist.")
     if output_dir is not None:
-        check_output_dir(output_dir, FINETUNE_SCRIPT, inputs={"--model_dir": model_dir, "--text_file": text_file})
+        check_output_dir(output_dir, FINETUNE_SCRIPT, inputs=finetune_inputs(model_dir, text_file))
     if not 0 < heldout_fraction < 1:
         raise ValueError(f"--heldout_fraction must be in (0, 1), got {heldout_fraction}.")
-    for name, value in (("r", r), ("block_size", block_size), ("batch_size", batch_size), ("max_steps", max_steps)):
+    for name, value in (("r", r), ("block_size", block_size), ("batch_size", batch_size), ("max_steps", max_steps),
+                        ("save_steps", save_steps)):
         if value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}.")
+    checkpoint = resolve_resume(None if resume_from_checkpoint is None else str(resume_from_checkpoint),
+                                output_dir if output_dir is not None else ".")
+    if checkpoint is not None and not os.path.isfile(os.path.join(checkpoint, "adapter_config.json")):
+        raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint}: {checkpoint} holds no LoRA adapter "
+                         f"(adapter_config.json); pass a checkpoint-<step> folder written by {FINETUNE_SCRIPT}.")
+    return checkpoint
+
+
+def check_resume_adapter(peft_config, checkpoint) -> None:
+    """A ValueError naming `--resume_from_checkpoint` when the adapter being trained (`peft_config`) is not the one
+    `checkpoint` holds (rank, scaling, targets): its weights would not load, or would load into another adapter."""
+    import json
+    import os
+
+    with open(os.path.join(checkpoint, "adapter_config.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    given = peft_config.to_dict()
+
+    def normalised(value):
+        return sorted(value) if isinstance(value, (list, set, tuple)) else value
+
+    different = [k for k in ("r", "lora_alpha", "target_modules", "target_parameters")
+                 if normalised(saved.get(k)) != normalised(given.get(k))]
+    if different:
+        shown = ", ".join(f"{k}={normalised(given.get(k))!r} (checkpoint: {normalised(saved.get(k))!r})"
+                          for k in different)
+        raise ValueError(f"--resume_from_checkpoint {checkpoint} trained another adapter: {shown}. Pass that run's "
+                         "--r / --lora_alpha / --targets, or start from scratch.")
 
 
 def finetune_lora(
@@ -133,6 +170,8 @@ def finetune_lora(
     learning_rate: float = 2e-3,
     merge: bool = False,
     seed: int = 0,
+    resume_from_checkpoint: str | None = None,
+    save_steps: int = 20,
 ) -> dict:
     """Fine-tune the saved lightarch causal LM in `model_dir` with LoRA (QLoRA with `qlora`: a 4-bit nf4 base) on
     `text_file` (default: `lightarch.data.corpus.ENGLISH_SAMPLE_TEXT`) and save the adapter into `output_dir`.
@@ -141,12 +180,17 @@ def finetune_lora(
     `batch_size` blocks at a linearly decaying `learning_rate`. Writes adapter_model.safetensors, adapter_config.json,
     the tokenizer, results.json and results.md (held-out perplexity before / after, trainable parameters), and with
     `merge` the base with the adapter merged in (`output_dir/merged`, fp32 bases only). Returns the results.
+
+    Every `save_steps` steps a Trainer checkpoint (adapter, optimizer, scheduler, RNG states) is written to
+    `output_dir/checkpoint-<step>` (the last two are kept, and carried over into the final folder);
+    `resume_from_checkpoint` (a checkpoint folder, or True / 'latest' for the last one in `output_dir`) continues that
+    run: its adapter and optimizer state are loaded and training goes on to `max_steps`. Without it, checkpoints of an
+    earlier run in `output_dir` are removed.
     """
     arguments = dict(locals())  # recorded in results.json
     import json
     import os
     import shutil
-    import tempfile
     import time
     from pathlib import Path
 
@@ -156,14 +200,23 @@ def finetune_lora(
 
     from ..data.corpus import ENGLISH_SAMPLE_TEXT, BlockDataset, text_blocks
     from ..evaluation.perplexity import perplexity
-    from ..training.checkpoints import replace_output_dir, staging_dir, write_atomically
+    from ..training.checkpoints import (
+        prepare_output_dir,
+        replace_output_dir,
+        resume_or_start_fresh,
+        staging_dir,
+        write_atomically,
+    )
     from .bitsandbytes import bnb_quantization_config, load_quantized
 
     arguments = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in arguments.items()}
     targets = list(targets)
     lora_config(targets, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)  # checks the targets and dropout
     check_finetune_options(model_dir, text_file, merge, qlora, heldout_fraction, r, block_size, batch_size, max_steps,
-                           output_dir)
+                           output_dir, resume_from_checkpoint, save_steps)
+    output_dir = prepare_output_dir(output_dir, FINETUNE_SCRIPT, inputs=finetune_inputs(model_dir, text_file),
+                                    keep=CHECKPOINTS)
+    resume = resume_or_start_fresh(resume_from_checkpoint, output_dir)  # no resume: an earlier run's checkpoints go
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     text = Path(text_file).read_text(encoding="utf-8") if text_file else ENGLISH_SAMPLE_TEXT
@@ -183,23 +236,23 @@ def finetune_lora(
     model.eval()
     ppl_before = perplexity(model, heldout_blocks)
 
-    model = get_peft_model(model, lora_config(targets, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout))
+    peft_config = lora_config(targets, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+    if resume:
+        check_resume_adapter(peft_config, resume)
+    model = get_peft_model(model, peft_config)
     check_lora_targets(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
-    work_dir = Path(tempfile.mkdtemp(prefix="finetune_lora_"))
     training_args = TrainingArguments(
-        output_dir=str(work_dir), per_device_train_batch_size=batch_size, max_steps=max_steps,
+        output_dir=str(output_dir), per_device_train_batch_size=batch_size, max_steps=max_steps,
         learning_rate=learning_rate, lr_scheduler_type="linear", warmup_steps=min(10, max_steps // 10),
-        logging_steps=max(1, max_steps // 10), save_strategy="no", report_to=[], use_cpu=True, seed=seed,
-        label_names=["labels"], disable_tqdm=True,
+        logging_steps=max(1, max_steps // 10), save_strategy="steps", save_steps=save_steps, save_total_limit=2,
+        report_to=[], use_cpu=True, seed=seed, label_names=["labels"], disable_tqdm=True,
     )
     start = time.perf_counter()
-    try:
-        train_output = Trainer(model=model, args=training_args, train_dataset=BlockDataset(train_blocks)).train()
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+    trainer = Trainer(model=model, args=training_args, train_dataset=BlockDataset(train_blocks))
+    train_output = trainer.train(resume_from_checkpoint=resume)  # the checkpoint's adapter, optimizer, scheduler
     train_seconds = time.perf_counter() - start
     model.eval()
     ppl_after = perplexity(model, heldout_blocks)
@@ -240,5 +293,5 @@ def finetune_lora(
         f"| training time | {train_seconds:.1f} s for {max_steps} steps |",
     ])
     write_atomically(staging / "results.md", "# LoRA fine-tuning\n\n" + table + "\n")
-    replace_output_dir(staging, output_dir, FINETUNE_SCRIPT, keep=())
+    replace_output_dir(staging, output_dir, FINETUNE_SCRIPT, keep=CHECKPOINTS)
     return results

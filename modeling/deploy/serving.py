@@ -277,7 +277,11 @@ class TokenBudgetMiddleware:
       its form, unchecked) are refused with 403;
     - a body over `max_body_bytes` gets 413 before it is read whole;
     - with `continuous_batching`, the fields the batching worker cannot apply per request
-      (`SHARED_BY_THE_BATCHING_WORKER`) are refused: the first request's would otherwise apply to every later one.
+      (`SHARED_BY_THE_BATCHING_WORKER`) are refused: the first request's would otherwise apply to every later one;
+    - `temperature` / `top_p` that would not be applied are refused (`check_sampling`): transformers 5.24's handlers
+      copy them into the model's generation config but never set `do_sample`, so a model whose generation config
+      decodes greedily (`model_samples=False`, lightarch's default) ignores them; and the batching worker applies
+      the first request's sampling settings to every request.
 
     Without it, one over-long or empty prompt raises inside the batching worker thread, the worker dies and every
     later request gets 503 until the server restarts.
@@ -288,9 +292,10 @@ class TokenBudgetMiddleware:
 
     def __init__(self, app, tokenizer, budget: int, default_max_new_tokens: int = 1024,
                  pinned_model: str | None = None, max_body_bytes: int = 2**20,
-                 continuous_batching: bool = False) -> None:
+                 continuous_batching: bool = False, model_samples: bool = False) -> None:
         self.app = app
         self.continuous_batching = continuous_batching
+        self.model_samples = model_samples
         self.tokenizer = tokenizer
         self.budget = budget
         self.default_max_new_tokens = default_max_new_tokens
@@ -323,9 +328,27 @@ class TokenBudgetMiddleware:
             raise RequestError(f"{field} cannot be rendered with the model's chat template: {error}", field) from None
         return len(ids["input_ids"])
 
+    def check_sampling(self, body: dict) -> None:
+        """RequestError naming `temperature` / `top_p` when the server would not apply the value (see the class)."""
+        for name, greedy_value in (("temperature", 0), ("top_p", 1)):
+            value = body.get(name)
+            if value is None:
+                continue
+            if self.model_samples and self.continuous_batching:
+                raise RequestError(
+                    f"{name} is not supported with continuous batching: transformers' batching worker applies one "
+                    "generation config, the first request's, to every request; leave it out, or serve with "
+                    "--no_continuous_batching.", name)
+            if not self.model_samples and value != greedy_value:
+                raise RequestError(
+                    f"{name}={value!r} asks for sampling, but this server decodes greedily: the model's generation "
+                    "config has do_sample=False and transformers serve does not turn sampling on per request, so the "
+                    f"value would be ignored. Send {name}={greedy_value} or leave it out.", name)
+
     def check(self, path: str, body: dict) -> tuple[str | None, dict]:
         """(error message or None, body with max_tokens filled in); raises RequestError on a malformed request."""
         body = validate_generation_request(path, body)
+        self.check_sampling(body)
         if self.continuous_batching:
             for name in SHARED_BY_THE_BATCHING_WORKER:
                 if body.get(name) not in (None, 0, [], {}, ""):
@@ -450,22 +473,27 @@ def keep_worker_alive(generation_state) -> None:
     generation_state.get_manager = get_live_manager
 
 
-def check_servable_folder(model_dir, attn_implementation: str = "sdpa"):
+def check_servable_folder(model_dir, attn_implementation: str = "sdpa", continuous_batching: bool = True):
     """(config, tokenizer) of the saved folder `serve_folder` would serve; ValueError naming the option and the fix
-    when it cannot: no model, not a lightarch SparseMoe, a tokenizer without a chat template (which
+    when it cannot: no model, not a lightarch causal LM (SparseMoe or AdaptiveDepth), an adaptive-depth exit policy
+    continuous batching cannot apply (`check_batchable_exit_policy`), a tokenizer without a chat template (which
     /v1/chat/completions needs), or an attention continuous batching cannot run on CPU."""
     import os
 
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..configuration import SparseMoeConfig
+    from ..configuration import AdaptiveDepthConfig, SparseMoeConfig
 
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise ValueError(f"--model_dir {model_dir} has no config.json; train or save a model there first.")
     config = AutoConfig.from_pretrained(model_dir)
-    if config.model_type != SparseMoeConfig.model_type:
-        raise ValueError(f"--model_dir holds a {config.model_type!r} model; this launcher serves lightarch SparseMoe "
-                         f"models ({SparseMoeConfig.model_type!r}).")
+    servable = (SparseMoeConfig.model_type, AdaptiveDepthConfig.model_type)
+    if config.model_type not in servable:
+        raise ValueError(f"--model_dir {model_dir} holds a {config.model_type!r} model; this launcher serves "
+                         f"lightarch's text causal LMs ({', '.join(map(repr, servable))}) through transformers "
+                         "serve's text route.")
+    if continuous_batching and config.model_type == AdaptiveDepthConfig.model_type:
+        check_batchable_exit_policy(config, model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
@@ -475,6 +503,29 @@ def check_servable_folder(model_dir, attn_implementation: str = "sdpa"):
     if attn_implementation not in ("sdpa", "paged|eager"):
         raise ValueError(f"--attn_implementation {attn_implementation!r}: use 'sdpa' or 'paged|eager' on CPU.")
     return config, tokenizer
+
+
+def check_batchable_exit_policy(config, model_dir) -> None:
+    """ValueError with the reason when continuous batching cannot serve an adaptive-depth model's exit policy.
+
+    transformers' batching worker calls `forward` on all running requests packed into one row, with a paged cache:
+    - `"estimator"` routes the whole input (`generate` routes once, from the prompt, and keeps the route); packed, it
+      would route every step from all requests' tokens together, so one request's depth would depend on the others;
+    - `"confidence"` fills the keys / values of the layers it skips (`fill_skipped_kv`), which the paged cache's
+      `update` cannot take (it fails with "PagedAttentionCache.update() missing ... 'kwargs'").
+    `"full"` runs every layer and batches like SparseMoe; without continuous batching each request runs `generate`,
+    which applies any policy.
+    """
+    if config.exit_policy != "full":
+        reason = ("its estimator picks one depth per prompt, but the batching worker packs all running requests into "
+                  "one forward and would re-route at every step from all of them together"
+                  if config.exit_policy == "estimator" else
+                  "the layers a token skips need their keys / values written into the cache, which transformers' "
+                  "paged cache does not accept")
+        raise ValueError(
+            f"--model_dir {model_dir} is an adaptive-depth model with exit_policy={config.exit_policy!r}, which "
+            f"continuous batching cannot apply: {reason}. Serve it with --no_continuous_batching (each request then "
+            "runs generate() with its exit policy), or save it with exit_policy='full'.")
 
 
 def serve_folder(
@@ -505,9 +556,16 @@ def serve_folder(
     from transformers.cli import serve as serve_cli
     from transformers.cli.serving import model_manager, server as server_module
 
+    from ..modeling_adaptive_depth import AdaptiveDepthForCausalLM
     from ..modeling_sparse_moe import SparseMoeForCausalLM, SparseMoeForSequenceClassification
 
-    config, tokenizer = check_servable_folder(model_dir, attn_implementation)
+    from transformers import GenerationConfig
+
+    config, tokenizer = check_servable_folder(model_dir, attn_implementation, continuous_batching)
+    try:
+        model_samples = bool(GenerationConfig.from_pretrained(model_dir).do_sample)
+    except OSError:  # no generation_config.json: transformers derives a greedy one from the model config
+        model_samples = False
     cb_config = cpu_continuous_batching_config(config, max_concurrent_requests, max_request_tokens, max_batch_tokens)
     budget = request_token_budget(config, cb_config)
     logging.getLogger(__name__).info(
@@ -518,7 +576,7 @@ def serve_folder(
     # model manager actually uses as well.)
     lazy_modules = {id(m): m for m in (transformers, model_manager.transformers, sys.modules["transformers"])}
     for module in lazy_modules.values():
-        for cls in (SparseMoeForCausalLM, SparseMoeForSequenceClassification):
+        for cls in (SparseMoeForCausalLM, SparseMoeForSequenceClassification, AdaptiveDepthForCausalLM):
             setattr(module, cls.__name__, cls)
 
     build_server = server_module.build_server
@@ -528,7 +586,7 @@ def serve_folder(
         keep_worker_alive(kwargs["generation_state"])
         app.add_middleware(TokenBudgetMiddleware, tokenizer=tokenizer, budget=budget,
                            default_max_new_tokens=default_max_tokens, pinned_model=str(model_dir),
-                           continuous_batching=continuous_batching)
+                           continuous_batching=continuous_batching, model_samples=model_samples)
         return app
 
     server_module.build_server = build_server_with_budget

@@ -22,8 +22,8 @@ from ..data.multimodal import (
     class_texts,
     generate_questions,
     question_inputs,
-    split_words,
 )
+from .metrics import load_metric
 from .plots import figure_to_png, pyplot
 
 RUN_NAMES = ("aligned", "no_alignment")  # the model folders of a `lightarch.training.multimodal` run
@@ -37,14 +37,16 @@ def _normalize(embeddings) -> np.ndarray:
 
 
 def recall_at_1(queries, query_labels, gallery, gallery_labels) -> float:
-    """Fraction of queries whose most similar (cosine) gallery item has the query's class.
+    """Fraction of queries whose most similar (cosine) gallery item has the query's class (the `retrieval_recall`
+    evaluate metric of `lightarch.evaluation.metrics`, k=1).
 
     The pairs are class-level (a picture of a sneaker and any voice saying "sneaker" match), so a hit is the nearest
     gallery item being of the right class; with one gallery item per class this is zero-shot classification.
     """
-    similarity = _normalize(queries) @ _normalize(gallery).T
-    nearest = np.asarray(gallery_labels)[similarity.argmax(axis=1)]
-    return float(np.mean(nearest == np.asarray(query_labels)))
+    similarity = _normalize(queries) @ _normalize(gallery).T  # (Q, G)
+    nearest = np.asarray(gallery_labels)[similarity.argmax(axis=1)]  # (Q,)
+    return load_metric("retrieval_recall").compute(predictions=nearest[:, None].tolist(),
+                                                   references=np.asarray(query_labels).tolist(), k=1)["recall@1"]
 
 
 def class_centroids(embeddings, labels, num_classes: int = len(CLASS_NAMES)) -> np.ndarray:
@@ -56,15 +58,14 @@ def class_centroids(embeddings, labels, num_classes: int = len(CLASS_NAMES)) -> 
     return _normalize(np.stack([embeddings[labels == c].mean(axis=0) for c in range(num_classes)]))
 
 
-def centroid_misalignment(queries, query_labels, targets, target_labels) -> float:
-    """Fraction of queries closer (cosine) to another class's centroid in the target modality than to their own."""
-    centroids = class_centroids(targets, target_labels)
-    similarity = _normalize(queries) @ centroids.T
-    return float(np.mean(similarity.argmax(axis=1) != np.asarray(query_labels)))
+def nearest_centroid_classes(queries, targets, target_labels) -> np.ndarray:
+    """(N,) the class whose centroid in the target modality is most cosine-similar to each query."""
+    return (_normalize(queries) @ class_centroids(targets, target_labels).T).argmax(axis=1)
 
 
 def modality_alignment_error(embeddings: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict:
-    """The modality alignment error reported by `scripts/eval_multimodal.py` (defined in the README).
+    """The modality alignment error reported by `scripts/eval_multimodal.py` (defined in the README), computed by
+    the `modality_alignment_error` evaluate metric of `lightarch.evaluation.metrics`.
 
     `embeddings`: modality -> (aligned embeddings (N, D), class labels (N,)). For every ordered pair of modalities
     (A, B), the error of A->B is the fraction of A's items whose aligned embedding is closer to the centroid of a
@@ -72,12 +73,14 @@ def modality_alignment_error(embeddings: dict[str, tuple[np.ndarray, np.ndarray]
     all ordered pairs: 0 when every item sits nearest its own class in every other modality, about 0.9 (1 - 1/10)
     for unrelated embedding spaces. Returns {"error": mean, "pairs": {"A->B": error}}.
     """
-    pairs = {}
+    metric = load_metric("modality_alignment_error")
     for a, (a_emb, a_labels) in embeddings.items():
         for b, (b_emb, b_labels) in embeddings.items():
             if a != b:
-                pairs[f"{a}->{b}"] = centroid_misalignment(a_emb, a_labels, b_emb, b_labels)
-    return {"error": float(np.mean(list(pairs.values()))), "pairs": pairs}
+                metric.add_batch(predictions=nearest_centroid_classes(a_emb, b_emb, b_labels).tolist(),
+                                 references=np.asarray(a_labels).tolist(), pairs=[f"{a}->{b}"] * len(a_labels))
+    result = metric.compute()
+    return {"error": result["error"], "pairs": result["pairs"]}
 
 
 def class_similarity_matrix(a_emb, a_labels, b_emb, b_labels, num_classes: int = len(CLASS_NAMES)) -> np.ndarray:
@@ -92,20 +95,14 @@ def class_similarity_matrix(a_emb, a_labels, b_emb, b_labels, num_classes: int =
 
 
 def answer_accuracy(questions: Sequence[Question], predictions: Sequence[str]) -> dict:
-    """Exact-match accuracy (whitespace and case normalised) overall and per question kind."""
+    """Exact-match accuracy (whitespace and case normalised) overall and per question kind (the `vqa_accuracy`
+    evaluate metric of `lightarch.evaluation.metrics`)."""
     if len(questions) != len(predictions):
         raise ValueError(f"{len(questions)} questions but {len(predictions)} predictions.")
-
-    def norm(text: str) -> str:
-        return " ".join(split_words(text.lower()))
-
-    per_kind: dict[str, list[bool]] = {}
-    for question, prediction in zip(questions, predictions):
-        per_kind.setdefault(question.kind, []).append(norm(prediction) == norm(question.answer))
-    everything = [hit for hits in per_kind.values() for hit in hits]
-    return {"accuracy": float(np.mean(everything)) if everything else 0.0,
-            "per_kind": {kind: float(np.mean(hits)) for kind, hits in per_kind.items()},
-            "count": len(everything)}
+    result = load_metric("vqa_accuracy").compute(predictions=list(predictions),
+                                                 references=[q.answer for q in questions],
+                                                 kinds=[q.kind for q in questions])
+    return {"accuracy": result["accuracy"], "per_kind": result["per_kind"], "count": result["count"]}
 
 
 def _batches(items: Sequence, size: int, desc: str, show_progress: bool):
@@ -143,15 +140,16 @@ def embed_pool(model, processor, pool: ModalityPool, batch_size: int = 128, show
     with torch.inference_mode():
         for chunk in _batches(list(range(len(pool.images))), batch_size, "Embedding images", show_progress):
             inputs = processor.alignment_batch(images=[pool.images[i] for i in chunk])
-            image_embeds.append(model.get_image_features(pixel_values=inputs["pixel_values"]))
+            image_embeds.append(model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
         for chunk in _batches(list(range(len(pool.clips))), batch_size, "Embedding clips", show_progress):
             inputs = processor.alignment_batch(audio=[pool.clips[i] for i in chunk], sampling_rate=pool.sampling_rate)
             audio_embeds.append(model.get_audio_features(input_features=inputs["input_features"],
-                                                         input_features_mask=inputs["input_features_mask"]))
+                                                         input_features_mask=inputs["input_features_mask"]
+                                                         ).pooler_output)
         for chunk in _batches(texts, batch_size, "Embedding texts", show_progress):
             inputs = processor.alignment_batch(text=[t for t, _ in chunk])
             text_embeds.append(model.get_text_features(input_ids=inputs["input_ids"],
-                                                       attention_mask=inputs["attention_mask"]))
+                                                       attention_mask=inputs["attention_mask"]).pooler_output)
 
     def stack(parts) -> np.ndarray:
         return torch.cat(parts).float().numpy()

@@ -19,17 +19,17 @@ import transformers
 
 from ..data.passkey import NUM_DIGITS, PasskeyTask
 from ..training.checkpoints import write_atomically
+from .metrics import load_metric
 from .plots import figure_to_png, pyplot
 
 CARD_MARKERS = ("<!-- long-context-eval -->", "<!-- /long-context-eval -->")
 
 
 def score(predicted: str, passkey: str) -> dict[str, float]:
-    """`exact`: 1.0 when all digits match (nothing more, nothing less); `digits`: fraction of positions right."""
-    predicted = predicted[: len(passkey) + 1]
-    exact = float(predicted == passkey)
-    digits = sum(p == t for p, t in zip(predicted, passkey)) / len(passkey)
-    return {"exact": exact, "digits": digits}
+    """`exact`: 1.0 when all digits match (nothing more, nothing less); `digits`: fraction of positions right (the
+    `passkey_accuracy` evaluate metric of `lightarch.evaluation.metrics` on one prediction)."""
+    result = load_metric("passkey_accuracy").compute(predictions=[predicted], references=[passkey])
+    return {"exact": result["exact"], "digits": result["digits"]}
 
 
 def _pooled(row: dict) -> dict:
@@ -56,13 +56,14 @@ def evaluate_passkey(model, task: PasskeyTask, lengths, depths, samples: int, se
     device = next(model.parameters()).device
     pad_token_id = task.tokenizer.pad_token_id
     cells, overall = {}, {}
+    metric = load_metric("passkey_accuracy")  # exact / digit accuracy of each cell
     for length in lengths:
         row = {}
         for depth in depths:
             rng = random.Random(f"passkey-{seed}-{length}-{depth}")
             prompts = [task.build(length, depth, rng=rng, distractors=distractors) for _ in range(samples)]
             batch_size = max(1, max_batch_tokens // length)
-            predictions, exact, digits = [], [], []
+            predictions = []
             for start in range(0, len(prompts), batch_size):
                 batch = prompts[start : start + batch_size]
                 input_ids = torch.tensor([p.input_ids for p in batch], device=device)
@@ -71,17 +72,15 @@ def evaluate_passkey(model, task: PasskeyTask, lengths, depths, samples: int, se
                     min_new_tokens=NUM_DIGITS, do_sample=False, pad_token_id=pad_token_id,
                 )
                 for prompt, generated in zip(batch, output[:, length:]):
-                    predicted = task.passkey_from_ids(generated)
-                    result = score(predicted, prompt.passkey)
-                    predictions.append({"passkey": prompt.passkey, "predicted": predicted})
-                    exact.append(result["exact"])
-                    digits.append(result["digits"])
+                    predictions.append({"passkey": prompt.passkey, "predicted": task.passkey_from_ids(generated)})
                 if progress is not None:
                     progress(len(batch))
+            accuracy = metric.compute(predictions=[p["predicted"] for p in predictions],
+                                      references=[p["passkey"] for p in predictions])
             row[str(depth)] = {
-                "exact": sum(exact) / len(exact),
-                "digits": sum(digits) / len(digits),
-                "count": len(exact),
+                "exact": accuracy["exact"],
+                "digits": accuracy["digits"],
+                "count": accuracy["count"],
                 "achieved_depth": sum(p.depth for p in prompts) / len(prompts),
                 "predictions": predictions,
             }

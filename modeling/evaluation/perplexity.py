@@ -8,19 +8,12 @@ import torch
 from torch import nn
 
 
-@torch.no_grad()
 def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
-    """exp(mean next-token cross entropy) over `blocks` (no auxiliary router loss)."""
-    total, count = 0.0, 0
-    for start in range(0, blocks.shape[0], batch_size):
-        batch = blocks[start : start + batch_size]
-        logits = model(input_ids=batch).logits.float()
-        loss = nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += loss.item()
-        count += batch[:, 1:].numel()
-    return math.exp(total / max(count, 1))
+    """exp(mean next-token cross entropy) over `blocks` (B, T) (no auxiliary router loss), through lightarch's
+    `perplexity` evaluate metric (`lightarch.evaluation.metrics`), so every reported perplexity is one computation."""
+    from .metrics import load_metric
+
+    return load_metric("perplexity").compute(model=model, references=blocks, batch_size=batch_size)["perplexity"]
 
 
 def unigram_perplexity(train_blocks: torch.Tensor, eval_blocks: torch.Tensor, vocab_size: int) -> float:

@@ -1,1 +1,44 @@
-"""Knowledge retrieval beside the decoder (kNN-LM datastore, retrieved context): issue 18. Nothing here yet."""
+"""Knowledge retrieval beside the decoder (issue 18): a kNN-LM datastore over any causal LM's hidden states, the kNN-LM
+mixture as a module and a `generate()` logits processor, retrieved passages prepended to the prompt (In-Context
+RALM), each with its retrieval overlapped with the decoder's forward on a worker thread.
+
+    from lightarch.retrieval import DatastoreConfig, KnnLM, KnnLMConfig, build_datastore
+    datastore = build_datastore(model, token_ids, "datastore", DatastoreConfig(index="hnsw"))
+    datastore.save_pretrained("datastore")                      # numpy + faiss formats, no pickle, sha256 manifest
+    knn = KnnLM(model, Datastore.from_pretrained("datastore"), KnnLMConfig(k=8, lambda_=0.25))
+    knn.generate(input_ids, max_new_tokens=32)                  # or perplexity(knn, blocks)
+"""
+
+from .context import (
+    BM25Retriever,
+    DenseRetriever,
+    RalmConfig,
+    RalmOutput,
+    generate_with_context,
+)
+from .datastore import (
+    Datastore,
+    DatastoreConfig,
+    DatastoreIntegrityError,
+    build_datastore,
+    window_plan,
+)
+from .hooks import KEY_SITES, capture_keys, decoder_layers, key_module
+from .index import INDEX_KINDS, build_index, compare_indexes, index_nbytes, recall_at_k
+from .knn_lm import (
+    KnnLM,
+    KnnLMConfig,
+    KnnLogitsProcessor,
+    interpolate,
+    interpolation_weight,
+    knn_log_probs,
+)
+from .overlap import Prefetcher
+
+__all__ = [
+    "BM25Retriever", "Datastore", "DatastoreConfig", "DatastoreIntegrityError", "DenseRetriever", "INDEX_KINDS",
+    "KEY_SITES", "KnnLM", "KnnLMConfig", "KnnLogitsProcessor", "Prefetcher", "RalmConfig", "RalmOutput",
+    "build_datastore", "build_index", "capture_keys", "compare_indexes", "decoder_layers", "generate_with_context",
+    "index_nbytes", "interpolate", "interpolation_weight", "key_module", "knn_log_probs", "recall_at_k",
+    "window_plan",
+]

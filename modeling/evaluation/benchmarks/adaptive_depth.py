@@ -267,14 +267,36 @@ def markdown(results: dict) -> str:
 
 
 def check_bench_options(model_dir: str | os.PathLike, threshold_steps: int = 41, timing_examples: int = 150,
-                        timing_rounds: int = 3, batch_size: int = 256) -> None:
-    """Raise a ValueError naming the option and the fix if `bench_adaptive_depth` cannot run with these."""
+                        timing_rounds: int = 3, batch_size: int = 256, output_dir: str | os.PathLike | None = None
+                        ) -> None:
+    """Raise a ValueError naming the option and the fix if `bench_adaptive_depth` cannot run with these: a
+    `model_dir` that is not a scripts/train_adaptive.py folder (a heldout.json with its test questions, a config.json
+    of an adaptive-depth model), bad counts, or an `output_dir` the output-folder rule refuses (`check_output_dir`)."""
+    from ...configuration import AdaptiveDepthConfig
+
+    written_by = "train it with scripts/train_adaptive.py"
     if not (Path(model_dir) / "heldout.json").is_file():
-        raise ValueError(f"--model_dir {model_dir} has no heldout.json; train it with scripts/train_adaptive.py.")
+        raise ValueError(f"--model_dir {model_dir} has no heldout.json; {written_by}.")
     for name, value, low in (("threshold_steps", threshold_steps, 2), ("timing_examples", timing_examples, 1),
                              ("timing_rounds", timing_rounds, 1), ("batch_size", batch_size, 1)):
         if value < low:
             raise ValueError(f"--{name} must be >= {low}, got {value}.")
+    if output_dir is not None:
+        check_output_dir(output_dir, BENCH_SCRIPT, inputs={"--model_dir": model_dir})
+    if not (Path(model_dir) / "config.json").is_file():
+        raise ValueError(f"--model_dir {model_dir} has no config.json; {written_by}.")
+    try:
+        model_type = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ValueError(f"--model_dir {model_dir}: config.json is not a model config ({error}).") from None
+    if model_type != AdaptiveDepthConfig.model_type:
+        raise ValueError(f"--model_dir {model_dir} holds a {model_type!r} model, not an adaptive-depth one "
+                         f"({AdaptiveDepthConfig.model_type!r}); {written_by}.")
+    try:
+        load_test_problems(model_dir)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"--model_dir {model_dir}: heldout.json does not hold the test questions scripts/"
+                         f"train_adaptive.py saves ({type(error).__name__}: {error}); {written_by}.") from None
 
 
 BENCH_SCRIPT = "bench_adaptive.py"  # the writer named in the output folder's marker (`check_output_dir`)
@@ -288,8 +310,7 @@ def bench_adaptive_depth(model_dir: str | os.PathLike, output_dir: str | os.Path
     `output_dir` atomically; returns the results. torch's thread count is the caller's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_bench_options(model_dir, threshold_steps, timing_examples, timing_rounds, batch_size)
-    check_output_dir(output_dir, BENCH_SCRIPT, inputs={"--model_dir": model_dir})
+    check_bench_options(model_dir, threshold_steps, timing_examples, timing_rounds, batch_size, output_dir)
     problems = load_test_problems(model_dir)
     model_dir = Path(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()

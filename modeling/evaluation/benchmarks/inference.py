@@ -38,17 +38,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor,
+                          LogitsProcessorList)
 
 from ...configuration import SparseMoeConfig
 from ...data.corpus import heldout_texts, heldout_token_stream
 from ...deploy.bitsandbytes import bnb_quantization_config, load_quantized, memory_report
 from ...deploy.onnx import OrtDecoder, export_onnx_decoder, quantize_onnx_int8
 from ...deploy.serving import cpu_continuous_batching_config, paged_cache_bytes
-from ...training.checkpoints import prepare_output_dir, write_atomically
+from ...training.checkpoints import check_output_dir, prepare_output_dir, write_atomically
 from ...training.cli import available_cpus
 from ..plots import figure_to_png, pyplot
 from .machine import machine_info
+from .workloads import check_sharegpt_options, sample_sharegpt_requests, serving_summary, slot_utilisation_bound
 
 logger = logging.getLogger(__name__)
 LATENCY_VARIANTS = ("torch_fp32", "torch_int8", "onnx_fp32", "onnx_int8", "bnb_int8")
@@ -70,6 +72,8 @@ class ThroughputSettings:
     cb_page_size: int
     cb_attn_implementation: str
     seed: int
+    cb_max_concurrent: int = 0  # requests the paged cache holds at once; 0 = every request
+    online_load: float = 0.0  # > 0: the worker serves once more at this fraction of its measured capacity
 
 
 def parse_variants(text: str) -> list[str]:
@@ -102,6 +106,36 @@ def check_inference_options(
         raise ValueError(f"--preset {preset!r} is unknown; choose one of {sorted(SparseMoeConfig.presets())}.")
     if not 1 <= min_prompt <= max_prompt:
         raise ValueError(f"Need 1 <= --min_prompt <= --max_prompt, got {min_prompt} and {max_prompt}.")
+
+
+COUNT_OPTIONS = ("prompt_tokens", "new_tokens", "rounds", "prompts", "warmup", "throughput_requests",
+                 "throughput_rounds", "cb_max_batch_tokens", "cb_page_size", "num_threads")
+
+
+def run_counts(options: dict) -> dict[str, int]:
+    """The integer options `check_inference_run` bounds, picked from the benchmark's options."""
+    return {name: options[name] for name in COUNT_OPTIONS}
+
+
+def check_inference_run(model_dir: str, output_dir: str, counts: dict[str, int], new_tokens: int, prompt_tokens: int,
+                        max_prompt: int, throughput_new_tokens: str) -> None:
+    """Raise ValueError naming the option, before any model loads, when `counts` (option name -> value: every one
+    >= 1, `warmup` and `num_threads` >= 0) is out of range, `output_dir` may not be written (it is the model, or a
+    foreign folder: `check_output_dir`), or the longest request exceeds the saved model's max_position_embeddings
+    (read from its config.json only, when the folder has one: the script may train the model first)."""
+    for name, value in counts.items():
+        low = 0 if name in ("warmup", "num_threads") else 1
+        if value < low:
+            raise ValueError(f"--{name} must be >= {low}, got {value}.")
+    check_output_dir(output_dir, BENCH_SCRIPT, inputs={"--model_dir": model_dir})
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        return
+    limit = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+    longest_new = max([new_tokens] + [high for _, high in parse_workloads(throughput_new_tokens).values()])
+    if max(prompt_tokens, max_prompt) + longest_new > limit:
+        raise ValueError(f"--prompt_tokens / --max_prompt: prompts of up to {max(prompt_tokens, max_prompt)} tokens + "
+                         f"{longest_new} new exceed the model's max_position_embeddings ({limit}); use shorter "
+                         "prompts or fewer new tokens.")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -261,9 +295,22 @@ def token_positions(prompts: list[list[int]], new_tokens: list[int], batch_size:
     return total
 
 
-def padded_generate(model, prompts: list[list[int]], new_tokens: list[int]) -> list[list[int]]:
+class _StepClock(LogitsProcessor):
+    """Stamps `time.perf_counter()` each time `generate` picks a token (the first call follows the prefill)."""
+
+    def __init__(self, stamps: list[float]):
+        self.stamps = stamps
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def padded_generate(model, prompts: list[list[int]], new_tokens: list[int],
+                    stamps: list[float] | None = None) -> list[list[int]]:
     """One padded `generate` call on `prompts` (left padding) until the longest request is done; each row is cut to its
-    own number of new tokens."""
+    own number of new tokens. `stamps`, when given, receives the perf_counter time of each generated position (token
+    k of every row is picked at stamps[k]), for time to first token."""
     pad = model.config.pad_token_id or 0
     width = max(map(len, prompts))
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
@@ -272,7 +319,8 @@ def padded_generate(model, prompts: list[list[int]], new_tokens: list[int]) -> l
     generation_config = GenerationConfig(max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
                                          pad_token_id=pad, eos_token_id=model.config.eos_token_id)
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=mask, generation_config=generation_config)
+        out = model.generate(ids, attention_mask=mask, generation_config=generation_config,
+                             logits_processor=LogitsProcessorList([_StepClock(stamps)] if stamps is not None else []))
     return [row[:n] for row, n in zip(out[:, width:].tolist(), new_tokens)]
 
 
@@ -305,10 +353,11 @@ def arrival_times(rate: float, requests: int, seed: int) -> list[float]:
 
 
 def static_batching_server(model, prompts: list[list[int]], new_tokens: list[int], arrivals: list[float],
-                           max_batch: int) -> tuple[list[float], list[list[int]]]:
+                           max_batch: int, token_times: list | None = None) -> tuple[list[float], list[list[int]]]:
     """A server without continuous batching: whenever it is free it runs one padded `generate` on every request that
     has arrived (up to `max_batch`); a request arriving meanwhile waits for that batch to finish. Returns each
-    request's completion time (seconds after the start) and its tokens."""
+    request's completion time (seconds after the start) and its tokens. `token_times` (a list of len(prompts)), when
+    given, receives each request's (first token, own last token) times, as a streaming server would send them."""
     completions, outputs = [0.0] * len(prompts), [None] * len(prompts)
     start, first = time.perf_counter(), 0
     while first < len(prompts):
@@ -317,10 +366,14 @@ def static_batching_server(model, prompts: list[list[int]], new_tokens: list[int
             time.sleep(arrivals[first] - now)
             continue
         batch = [i for i in range(first, min(first + max_batch, len(prompts))) if arrivals[i] <= now]
-        rows = padded_generate(model, [prompts[i] for i in batch], [new_tokens[i] for i in batch])
+        stamps = [] if token_times is not None else None
+        rows = padded_generate(model, [prompts[i] for i in batch], [new_tokens[i] for i in batch],
+                               **({"stamps": stamps} if stamps is not None else {}))
         done = time.perf_counter() - start
         for i, row in zip(batch, rows):
             completions[i], outputs[i] = done, row
+            if token_times is not None:
+                token_times[i] = (stamps[0] - start, stamps[new_tokens[i] - 1] - start)
         first = batch[-1] + 1
     return completions, outputs
 
@@ -340,7 +393,8 @@ def continuous_batching_worker(model_dir: str, settings: ThroughputSettings, pro
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                  attn_implementation=settings.cb_attn_implementation).eval()
-    cb_config = cpu_continuous_batching_config(model.config, max_concurrent_requests=len(prompts),
+    cb_config = cpu_continuous_batching_config(model.config,
+                                               max_concurrent_requests=settings.cb_max_concurrent or len(prompts),
                                                max_request_tokens=max(map(len, prompts)) + max(new_tokens),
                                                max_batch_tokens=settings.cb_max_batch_tokens,
                                                page_size=settings.cb_page_size)
@@ -351,9 +405,10 @@ def continuous_batching_worker(model_dir: str, settings: ThroughputSettings, pro
     )
     manager.start()
 
-    def serve(arrivals: list[float]) -> tuple[list[float], list[list[int]]]:
+    def serve(arrivals: list[float]) -> tuple[list[float], list[list[int]], list[float]]:
         """Submit each request at its arrival time (seconds from now; all 0 = every request at once), and return
-        each one's completion time, stamped by a collector thread, and its tokens."""
+        each one's completion time, stamped by a collector thread, its tokens, and its first token's time (the
+        manager's own timestamp)."""
         finished, start = {}, time.perf_counter()
 
         def collect():
@@ -361,32 +416,38 @@ def continuous_batching_worker(model_dir: str, settings: ThroughputSettings, pro
             while len(finished) < len(prompts) and time.monotonic() < deadline:
                 result = manager.get_result(timeout=1)
                 if result is not None and result.is_finished():
-                    finished[result.request_id] = (time.perf_counter() - start, result.generated_tokens)
+                    finished[result.request_id] = (time.perf_counter() - start, result.generated_tokens,
+                                                   result.timestamps[0] - start)
 
         collector = threading.Thread(target=collect)
         collector.start()
         ids = []
         for prompt, n, arrival in zip(prompts, new_tokens, arrivals):
             time.sleep(max(0.0, arrival - (time.perf_counter() - start)))
-            ids.append(manager.add_request(prompt, max_new_tokens=n))
+            ids.append(manager.add_request(prompt, max_new_tokens=n, record_timestamps=True))
         collector.join()
         if len(finished) < len(ids):
             raise RuntimeError(f"continuous batching finished {len(finished)} of {len(ids)} requests in 600 s")
-        return [finished[i][0] for i in ids], [finished[i][1] for i in ids]
+        return [finished[i][0] for i in ids], [finished[i][1] for i in ids], [finished[i][2] for i in ids]
 
     at_once = [0.0] * len(prompts)
     try:
-        _, outputs = serve(at_once)
-        timings = []
+        _, outputs, _ = serve(at_once)
+        timings, offline = [], None
         for _ in range(settings.rounds):
             start = time.perf_counter()
-            serve(at_once)
+            offline = serve(at_once)
             timings.append(time.perf_counter() - start)
-        online = {rate: serve(arrivals) for rate, arrivals in (online_arrivals or {}).items()}
+        online_arrivals = dict(online_arrivals or {})
+        if settings.online_load > 0:  # Poisson arrivals at a fraction of the capacity just measured
+            rate = settings.online_load * len(prompts) / statistics.median(timings)
+            online_arrivals[rate] = arrival_times(rate, len(prompts), settings.seed)
+        online = {rate: serve(arrivals) for rate, arrivals in online_arrivals.items()}
         cache_bytes = manager.batch_processor.cache.cache_tensor.nbytes
     finally:
         manager.stop(block=True, timeout=60)
-    return {"outputs": outputs, "timings": timings, "online": online, "paged_cache_bytes": cache_bytes,
+    return {"outputs": outputs, "timings": timings, "online": online, "online_arrivals": online_arrivals,
+            "offline": offline, "paged_cache_bytes": cache_bytes,
             "paged_cache_estimate_bytes": paged_cache_bytes(model.config, cb_config),
             "cb_config": {"num_blocks": cb_config.num_blocks, "page_size": cb_config.page_size,
                           "max_batch_tokens": cb_config.max_batch_tokens,
@@ -441,7 +502,7 @@ def measure_throughput(model, model_dir: str, settings: ThroughputSettings, stre
         result["online"] = {"max_static_batch": max_batch, "rates": {}}
         for rate, times in arrivals.items():
             completions, outputs = static_batching_server(model, prompts, new_tokens, times, max_batch)
-            cb_completions, cb_outputs = continuous["online"][rate]
+            cb_completions, cb_outputs, _ = continuous["online"][rate]
             static, cb = latency_summary(times, completions), latency_summary(times, cb_completions)
             result["online"]["rates"][f"{rate:g}"] = {
                 "static_batching": static, "continuous_batching": cb,
@@ -451,13 +512,138 @@ def measure_throughput(model, model_dir: str, settings: ThroughputSettings, stre
     return result
 
 
+def measure_sharegpt(model, model_dir: str, tokenizer, settings: ThroughputSettings, batch_size: int,
+                     max_answer_tokens: int, threads: int, tokens_per_word: float = 0.0) -> dict:
+    """The ShareGPT workload (`settings.requests` chat lengths, `sample_sharegpt_requests`) served offline (every
+    request at t=0) and online (Poisson arrivals at `settings.online_load` x continuous batching's measured
+    capacity) by static batching (padded `generate` on up to `batch_size` arrived requests, each batch running to
+    its longest member; this process) and by one warm continuous-batching manager (its own process). Greedy outputs
+    of every request are compared between the two."""
+    prompts, new_tokens, sampling = sample_sharegpt_requests(tokenizer, settings.requests, settings.seed,
+                                                             model.config.max_position_embeddings, max_answer_tokens,
+                                                             tokens_per_word=tokens_per_word)
+    count, at_once = len(prompts), [0.0] * len(prompts)
+    padded_generate(model, prompts[:batch_size], new_tokens[:batch_size])  # untimed: warms the padded path
+    static_runs = []
+    for _ in range(settings.rounds):
+        times = [None] * count
+        start = time.perf_counter()
+        _, outputs = static_batching_server(model, prompts, new_tokens, at_once, batch_size, times)
+        static_runs.append((time.perf_counter() - start, times, outputs))
+    seconds = [run[0] for run in static_runs]
+    _, static_times, static_outputs = sorted(static_runs, key=lambda run: run[0])[(len(static_runs) - 1) // 2]
+    continuous = measure_continuous(model_dir, settings, prompts, new_tokens, threads)
+    (rate, arrivals), = continuous["online_arrivals"].items()
+    online_times = [None] * count
+    _, online_outputs = static_batching_server(model, prompts, new_tokens, arrivals, batch_size, online_times)
+    cb_completions, cb_outputs, cb_firsts = continuous["offline"]
+    cb_online_completions, cb_online_outputs, cb_online_firsts = continuous["online"][rate]
+
+    def static_summary(arrival, times):
+        return serving_summary(arrival, [t[0] for t in times], [t[1] for t in times], new_tokens)
+
+    modes = {
+        "offline": {"static_batching": static_summary(at_once, static_times),
+                    "continuous_batching": serving_summary(at_once, cb_firsts, cb_completions, new_tokens)},
+        "online": {"static_batching": static_summary(arrivals, online_times),
+                   "continuous_batching": serving_summary(arrivals, cb_online_firsts, cb_online_completions,
+                                                          new_tokens)},
+    }
+    mismatched = [i for i, (a, b) in enumerate(zip(static_outputs, cb_outputs)) if a != b]
+    if mismatched:
+        logger.warning("ShareGPT: continuous batching's greedy outputs differ from padded generate for %d of %d "
+                       "requests (first: %s)", len(mismatched), count, mismatched[:5])
+    online_same = sum(a == b == c for a, b, c in zip(static_outputs, online_outputs, cb_online_outputs))
+    cb_seconds = continuous["timings"]
+    return {
+        "requests": count, "sampling": sampling, "static_batch_size": batch_size,
+        "prompt_lengths": [len(p) for p in prompts], "new_tokens": new_tokens,
+        "static_seconds": seconds, "continuous_seconds": cb_seconds, "modes": modes,
+        "speedup": statistics.median(seconds) / statistics.median(cb_seconds),
+        "online_rate": rate, "online_load": settings.online_load,
+        "static_capacity_requests_per_second": count / statistics.median(seconds),
+        "continuous_capacity_requests_per_second": count / statistics.median(cb_seconds),
+        "online_ttft_p50_ratio": modes["online"]["static_batching"]["ttft_p50_s"]
+        / modes["online"]["continuous_batching"]["ttft_p50_s"],
+        "slot_utilisation_bound": slot_utilisation_bound(new_tokens, batch_size),
+        "padding_bound": token_positions(prompts, new_tokens, batch_size) / token_positions(prompts, new_tokens, None),
+        "identical_outputs": count - len(mismatched), "mismatched_requests": mismatched,
+        "online_identical_outputs": online_same,
+        **{key: continuous[key] for key in ("paged_cache_bytes", "paged_cache_estimate_bytes", "cb_config")},
+    }
+
+
+def plot_sharegpt(result: dict, path: Path) -> None:
+    """sharegpt.png: output tokens/s, time to first token and latency (p50 bars, p95 ticks), static against
+    continuous batching, offline and online."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    scenarios = list(result["modes"])
+    x = np.arange(len(scenarios))
+    for offset, (mode, color) in zip((-0.2, 0.2), (("static_batching", "tab:blue"),
+                                                   ("continuous_batching", "tab:orange"))):
+        rows = [result["modes"][s][mode] for s in scenarios]
+        label = mode.replace("_", " ")
+        axes[0].bar(x + offset, [r["output_tokens_per_second"] for r in rows], 0.4, color=color, label=label)
+        for axis, metric in ((axes[1], "ttft"), (axes[2], "latency")):
+            axis.bar(x + offset, [r[f"{metric}_p50_s"] for r in rows], 0.4, color=color, label=f"{label}, p50")
+            axis.plot(x + offset, [r[f"{metric}_p95_s"] for r in rows], "k_", markersize=18)
+    titles = ("output tokens / s", "time to first token (s), p95 tick", "latency, arrival to last token (s)")
+    for axis, title in zip(axes, titles):
+        axis.set_xticks(x, scenarios)
+        axis.set_title(title)
+        axis.legend(fontsize=8)
+    fig.suptitle(f"ShareGPT, {result['requests']} requests: static batches of {result['static_batch_size']} vs "
+                 f"continuous batching (online at {result['online_rate']:.2f} requests/s)")
+    fig.tight_layout()
+    write_atomically(path, figure_to_png(fig))
+
+
+def sharegpt_markdown(result: dict) -> list[str]:
+    """results.md lines of the ShareGPT comparison."""
+    sampling = result["sampling"]
+    lines = [
+        "", f"ShareGPT workload: {result['requests']} first-turn requests sampled with seed {sampling['seed']} from "
+        f"{sampling['conversations']:,} conversations (vLLM's filter, lengths: {sampling['length_source']}; "
+        "answers capped "
+        f"at {sampling['max_answer_tokens']} ({sampling['answers_capped']} capped), prompts cut to "
+        f"{sampling['max_request_tokens']} - answer ({sampling['prompts_truncated']} cut)); "
+        f"{sum(result['new_tokens']):,} output tokens. Static batching: padded `generate` on up to "
+        f"{result['static_batch_size']} arrived requests, each batch running to its longest member. Online: Poisson "
+        f"arrivals at {result['online_rate']:.2f} requests/s ({result['online_load']:.0%} of continuous batching's "
+        f"measured {result['continuous_capacity_requests_per_second']:.2f}; static batching's is "
+        f"{result['static_capacity_requests_per_second']:.2f}).", "",
+        "| scenario | mode | output tokens/s | TTFT p50 / p95 s | TPOT p50 / p95 ms | latency p50 / p95 s |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for scenario, modes in result["modes"].items():
+        for mode, row in modes.items():
+            lines.append(f"| {scenario} | {mode.replace('_', ' ')} | {row['output_tokens_per_second']:.1f} | "
+                         f"{row['ttft_p50_s']:.2f} / {row['ttft_p95_s']:.2f} | {1000 * row['tpot_p50_s']:.1f} / "
+                         f"{1000 * row['tpot_p95_s']:.1f} | {row['latency_p50_s']:.2f} / {row['latency_p95_s']:.2f} |")
+    cb = result["cb_config"]
+    lines += [
+        "", f"Continuous batching over static batches of {result['static_batch_size']} (offline throughput): "
+        f"{result['speedup']:.2f}x measured; slot-utilisation bound {result['slot_utilisation_bound']:.2f}x (decode "
+        f"slots a static batch holds / tokens generated), padding bound with prefill {result['padding_bound']:.2f}x. "
+        f"Online p50 TTFT, static / continuous: {result['online_ttft_p50_ratio']:.2f}x. Greedy outputs identical to "
+        f"padded `generate`: {result['identical_outputs']}/{result['requests']} offline, "
+        f"{result['online_identical_outputs']}/{result['requests']} online. Manager: {cb['attn_implementation']}, "
+        f"max_batch_tokens {cb['max_batch_tokens']}, {cb['num_blocks']} blocks of {cb['page_size']} "
+        f"({result['paged_cache_bytes'] / 2**20:.1f} MB).",
+    ]
+    return lines
+
+
 def plot(latency: dict, throughput: dict, path: Path) -> None:
     """latency.png: latency per variant, throughput per mode and workload, online latency by arrival rate."""
     plt = pyplot()
     online = next(((w, thr["online"]) for w, thr in throughput.items() if "online" in thr), None)
-    panels = 3 if online else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), gridspec_kw={"width_ratios": [2] + [1] * (panels - 1)})
-    left, right = axes[0], axes[1]
+    panels = 1 + bool(throughput) + bool(online)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False,
+                             gridspec_kw={"width_ratios": [2] + [1] * (panels - 1)})
+    axes = axes[0]
+    left = axes[0]
     names = list(latency)
     x = np.arange(len(names))
     left.bar(x - 0.2, [latency[n]["p50_ms"] for n in names], 0.4, label="p50")
@@ -467,6 +653,11 @@ def plot(latency: dict, throughput: dict, path: Path) -> None:
     left.set_ylabel("ms per request")
     left.set_title("Latency: 1 request, prompt + greedy tokens")
     left.legend()
+    if not throughput:
+        fig.tight_layout()
+        write_atomically(path, figure_to_png(fig))
+        return
+    right = axes[1]
     workloads = list(throughput)
     modes = list(throughput[workloads[0]]["modes"])
     width = 0.8 / len(modes)
@@ -554,6 +745,8 @@ def render_markdown(results: dict) -> str:
             lines.append(f"| {rate} | {static['p50_s']:.2f} / {static['p95_s']:.2f} | {cb['p50_s']:.2f} / "
                          f"{cb['p95_s']:.2f} | {row['p50_latency_speedup']:.2f}x | {static['makespan_s']:.2f} s / "
                          f"{cb['makespan_s']:.2f} s | {row['identical_outputs']}/{thr['requests']} |")
+    if "sharegpt" in results:
+        lines += sharegpt_markdown(results["sharegpt"])
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for name, target, measured in results["targets"]:
         if name.endswith("_ms"):
@@ -596,6 +789,14 @@ def run_inference_benchmark(
     cb_attn_implementation: str = "sdpa",
     num_threads: int = 0,
     seed: int = 0,
+    workload: str = "synthetic",
+    requests: int = 512,
+    quick: bool = False,
+    sharegpt_batch_size: int = 16,
+    max_answer_tokens: int = 256,
+    online_load: float = 0.8,
+    cb_max_concurrent: int = 64,
+    tokens_per_word: float = 0.0,
     command: str = "",
 ) -> dict:
     """Measure the saved model in `model_dir` (latency per variant, throughput per workload, online serving) and write
@@ -604,10 +805,18 @@ def run_inference_benchmark(
     The option strings are those of `scripts/bench_inference.py` (e.g. `variants="torch_fp32,onnx_int8"`,
     `throughput_new_tokens="16,8-128"`, `online_rates=""` to skip the online test); `preset` is only recorded:
     results.json lists the fields in which the model's config differs from it. `num_threads` 0 = every available CPU.
+    `workload="sharegpt"` replaces the synthetic throughput and online tests by `measure_sharegpt` on `requests`
+    ShareGPT lengths (`quick`: at most 32 requests and one timed round), also written to sharegpt.png.
     """
     settings = dict(locals())  # the arguments, recorded in results.json
     check_inference_options(preset, variants, padded_batch_sizes, throughput_new_tokens, online_rates,
                             online_workload, cb_attn_implementation, min_prompt, max_prompt)
+    check_inference_run(model_dir, output_dir, run_counts(settings), new_tokens, prompt_tokens, max_prompt,
+                        throughput_new_tokens)
+    check_sharegpt_options(workload, requests, online_load, max_answer_tokens, sharegpt_batch_size,
+                           cb_max_concurrent, tokens_per_word)
+    if quick:
+        requests, throughput_rounds = min(requests, 32), 1
     # a new or empty folder, or an earlier output of this benchmark; never the model (check_output_dir)
     output_dir = prepare_output_dir(output_dir, BENCH_SCRIPT, inputs={"--model_dir": model_dir})
     variant_names = parse_variants(variants)
@@ -618,6 +827,12 @@ def run_inference_benchmark(
         padded_batch_sizes=tuple(parse_batch_sizes(padded_batch_sizes)), rounds=throughput_rounds,
         cb_max_batch_tokens=cb_max_batch_tokens, cb_page_size=cb_page_size,
         cb_attn_implementation=cb_attn_implementation, seed=seed,
+    )
+    sharegpt_settings = ThroughputSettings(
+        requests=requests, min_prompt=min_prompt, max_prompt=max_prompt,  # (unused: ShareGPT sets the lengths)
+        padded_batch_sizes=(sharegpt_batch_size,), rounds=throughput_rounds, cb_max_batch_tokens=cb_max_batch_tokens,
+        cb_page_size=cb_page_size, cb_attn_implementation=cb_attn_implementation, seed=seed,
+        cb_max_concurrent=cb_max_concurrent, online_load=online_load,
     )
     load_average_start = [round(x, 2) for x in os.getloadavg()]
     threads = num_threads or available_cpus()
@@ -642,15 +857,21 @@ def run_inference_benchmark(
     gc.collect()
     throughput = {label: measure_throughput(model, model_dir, throughput_settings, stream, label, bounds, threads,
                                             rates if label == online_workload else ())
-                  for label, bounds in workloads.items()}
+                  for label, bounds in workloads.items()} if workload == "synthetic" else {}
+    sharegpt = (measure_sharegpt(model, model_dir, tokenizer, sharegpt_settings, sharegpt_batch_size,
+                                 max_answer_tokens, threads, tokens_per_word) if workload == "sharegpt" else None)
 
     targets = []
     if "torch_fp32" in latency and "onnx_int8" in latency:
         targets.append(("onnx_int8_speedup", TARGETS["onnx_int8_speedup"],
                         latency["torch_fp32"]["p50_ms"] / latency["onnx_int8"]["p50_ms"]))
-    for workload, result in throughput.items():
-        targets.append((f"continuous_batching_speedup ({workload} new tokens)", TARGETS["continuous_batching_speedup"],
+    for label, result in throughput.items():
+        targets.append((f"continuous_batching_speedup ({label} new tokens)", TARGETS["continuous_batching_speedup"],
                         result["speedup"]))
+    if sharegpt is not None:
+        targets.append(("continuous_batching_speedup (ShareGPT, static batches of "
+                        f"{sharegpt_batch_size})", TARGETS["continuous_batching_speedup"], sharegpt["speedup"]))
+        targets.append(("online p50 TTFT, static / continuous", 1.0, sharegpt["online_ttft_p50_ratio"]))
     targets.append(("p50_ms", TARGETS["p50_ms"], min(row["p50_ms"] for row in latency.values())))
     if "torch_fp32" in latency:
         targets.append(("torch_fp32_p50_ms", TARGETS["p50_ms"], latency["torch_fp32"]["p50_ms"]))
@@ -666,6 +887,7 @@ def run_inference_benchmark(
         "heldout_source": source,
         "latency": latency,
         "throughput": throughput,
+        **({"sharegpt": sharegpt} if sharegpt is not None else {}),
         "memory_bytes": memory,
         "targets": targets,
         "environment": {**machine_info(threads), "load_average_start": load_average_start,
@@ -674,8 +896,11 @@ def run_inference_benchmark(
     write_atomically(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
     write_atomically(output_dir / "results.md", render_markdown(results))
     plot(latency, throughput, output_dir / "latency.png")
+    if sharegpt is not None:
+        plot_sharegpt(sharegpt, output_dir / "sharegpt.png")
     logger.info("Results written to %s", output_dir)
     return results
 
 
-__all__ = ["LATENCY_VARIANTS", "ThroughputSettings", "check_inference_options", "run_inference_benchmark"]
+__all__ = ["LATENCY_VARIANTS", "ThroughputSettings", "check_inference_options", "check_inference_run",
+           "measure_sharegpt", "run_counts", "run_inference_benchmark"]

