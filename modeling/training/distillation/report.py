@@ -105,7 +105,6 @@ def student_model_card(results: dict, student_config) -> str:
     """The student's README.md from `model_cards/distilled.md`, with the measured table."""
     from ...evaluation.model_cards import model_card_template, render_model_card
 
-    # Read directly: `lightarch.evaluation.model_cards.MODEL_CARD_TEMPLATES` does not list "distilled" yet.
     template = model_card_template("distilled")
     training = results["training"]
     student = training["student"]
