@@ -18,7 +18,14 @@ module, then runs transformers' own `Serve` with:
   whatever they say (send temperature 0, or leave them out); and the batching worker would apply the first
   request's sampling settings to every request;
 - POST /load_model, POST /reset and POST /v1/audio/transcriptions refused (403): the server is pinned to --model_dir;
-- a batching worker that dies anyway fails the requests it was running and is replaced on the next request.
+- a batching worker that dies anyway fails the requests it was running and is replaced on the next request;
+- with --safety_dir FOLDER (a saved lightarch.safety.SafetyFilter) or --safety builtin (the shipped rules), every
+  prompt and answer is screened: a blocked prompt or answer is a normal HTTP 200 answer whose text is the filter's
+  safe response, with finish_reason "content_filter" and the verdict (decision, category, explanation, each
+  violation) in a `safety` field, and the model is not called for a blocked prompt; a streamed answer stops at its
+  first violating chunk with one final chunk of that kind, then `data: [DONE]`. If the filter itself fails, the
+  server fails closed: HTTP 503 "safety_filter_unavailable" naming the error (mid-stream: the final content_filter
+  chunk, `safety.decision` "error"). See lightarch.deploy.serving.SafetyMiddleware.
 
 The folder's tokenizer needs a chat template for /v1/chat/completions (the launcher refuses to start without one).
 It serves lightarch's text causal LMs: SparseMoe, and AdaptiveDepth (with continuous batching only under
@@ -68,6 +75,16 @@ class ServeArguments:
         default="sdpa", metadata={"help": "Attention for continuous batching on CPU: 'sdpa' or 'paged|eager'."}
     )
     log_level: str = field(default="warning", metadata={"help": "transformers / uvicorn log level."})
+    safety_dir: str | None = field(
+        default=None,
+        metadata={"help": "Screen prompts and answers with the SafetyFilter saved in this folder "
+                          "(lightarch.safety.SafetyFilter.save_pretrained: rules, classifier, thresholds)."},
+    )
+    safety: str | None = field(
+        default=None,
+        metadata={"help": "'builtin': screen prompts and answers with the shipped safety rules (no classifier). "
+                          "Use this or --safety_dir."},
+    )
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -80,9 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:  # argparse's one-line usage error, not HfArgumentParser's traceback
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
 
-    from lightarch.deploy.serving import check_servable_folder, serve_folder
+    from lightarch.deploy.serving import check_servable_folder, load_server_filter, serve_folder
 
     try:
+        load_server_filter(args.safety_dir, args.safety)
         check_servable_folder(args.model_dir, args.attn_implementation, args.continuous_batching)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")

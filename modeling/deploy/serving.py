@@ -264,6 +264,21 @@ def validate_generation_request(path: str, body: dict) -> dict:
 SHARED_BY_THE_BATCHING_WORKER = ("logit_bias", "frequency_penalty", "stop")
 
 
+def replay_body(raw: bytes, receive):
+    """An ASGI `receive` that gives the app the (already read) request body `raw` once, then defers to `receive`
+    (for the disconnect message): a middleware that reads the body must hand it on."""
+    replayed = False
+
+    async def replay():
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 class TokenBudgetMiddleware:
     """ASGI middleware for `transformers serve` that lets no request reach, and kill, the continuous-batching worker
     it cannot survive, and answers bad requests with HTTP 400 naming the field instead of 500:
@@ -439,16 +454,172 @@ class TokenBudgetMiddleware:
         raw = json.dumps(body).encode()
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
         scope = dict(scope, headers=headers + [(b"content-length", str(len(raw)).encode())])
-        replayed = False
+        await self.app(scope, replay_body(raw, receive), send)
 
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": raw, "more_body": False}
-            return await receive()
 
-        await self.app(scope, replay, send)
+class SafetyMiddleware:
+    """ASGI middleware for `transformers serve` (`serve.py --safety_dir` / `--safety builtin`) that screens what
+    goes in and what comes out of every generating route (`/v1/chat/completions`, `/v1/completions`,
+    `/v1/responses`) with a `lightarch.safety.SafetyFilter`:
+
+    - the prompt (the last user message, or `prompt` / `input`) is checked first: a blocked prompt gets HTTP 200
+      with an answer of the route's kind whose text is the filter's safe response, finish_reason "content_filter"
+      (responses: status "incomplete") and the verdict under `safety`; the model is never called;
+    - a non-streamed answer is buffered, its assistant text checked (role "assistant"), and a violating answer
+      replaced the same way (same id and usage; status 200);
+    - a streamed answer (SSE) is forwarded event by event while the accumulated text passes; at the first violating
+      event nothing more is forwarded: one last event carries the safe text, finish_reason "content_filter" and the
+      verdict, then `data: [DONE]` (the text shown before it had passed the check).
+
+    It fails closed and never answers 500: if the filter raises on a prompt or on a buffered answer, the reply is
+    HTTP 503 (`code` "safety_filter_unavailable") naming the exception; if it raises mid-stream (the 200 is already
+    sent), the stream ends with the final content_filter event whose `safety.decision` is "error". Requests it
+    cannot read (bad JSON, missing fields) pass through to the validation behind it, which answers 400; answers
+    that are not 200 JSON / SSE pass through unchanged.
+    """
+
+    PATHS = TokenBudgetMiddleware.PATHS
+
+    def __init__(self, app, safety_filter) -> None:
+        self.app = app
+        self.filter = safety_filter
+
+    @staticmethod
+    def unavailable(error: BaseException, where: str) -> dict:
+        """The 503 body when the filter fails on the `where` ("prompt" / "answer")."""
+        return RequestError(
+            f"The safety filter failed while checking the {where} ({type(error).__name__}: {error}); the server fails "
+            "closed and does not answer unchecked. Check the --safety_dir folder and the server log.", None, 503,
+            "safety_filter_unavailable").payload()
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path")
+        if scope["type"] != "http" or scope.get("method") != "POST" or path not in self.PATHS:
+            await self.app(scope, receive, send)
+            return
+        from ..safety.serving import request_text, safe_completion
+
+        messages, more = [], True
+        while more:
+            message = await receive()
+            messages.append(message)
+            if message["type"] == "http.disconnect":
+                return
+            more = message.get("more_body", False)
+        raw = b"".join(m.get("body", b"") for m in messages)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        if isinstance(body, dict):
+            try:
+                verdict = self.filter.check(request_text(path, body), role="user")
+                blocked = None if verdict.allowed else safe_completion(path, self.filter, verdict,
+                                                                       str(body.get("model", "")))
+            except Exception as error:  # noqa: BLE001 (fail closed on any filter failure, never a 500)
+                await TokenBudgetMiddleware._answer(send, 503, self.unavailable(error, "prompt"))
+                return
+            if blocked is not None:
+                await TokenBudgetMiddleware._answer(send, 200, blocked)
+                return
+        await self.app(scope, replay_body(raw, receive), _AnswerGuard(self, path, send).send)
+
+
+class _AnswerGuard:
+    """The `send` of one request: checks the answer the app sends (see `SafetyMiddleware`)."""
+
+    def __init__(self, middleware: SafetyMiddleware, path: str, send) -> None:
+        self.filter, self.unavailable, self.path, self.downstream = middleware.filter, middleware.unavailable, path, send
+        self.start: dict | None = None
+        self.mode = None  # "buffer" (JSON 200), "stream" (SSE 200) or "pass"
+        self.chunks: list[bytes] = []
+        self.pending = b""  # SSE bytes after the last complete event
+        self.text = ""  # the streamed assistant text so far
+        self.last_event: dict | None = None
+        self.done = False  # the stream was stopped: drop what the app still sends
+
+    async def send(self, message: dict) -> None:
+        if self.done:
+            return
+        if message["type"] == "http.response.start":
+            headers = dict((k.lower(), v) for k, v in message.get("headers", []))
+            kind = headers.get(b"content-type", b"").split(b";")[0].strip()
+            self.mode = "pass" if message.get("status", 200) != 200 else {
+                b"application/json": "buffer", b"text/event-stream": "stream"}.get(kind, "pass")
+            if self.mode == "buffer":
+                self.start = message
+                return
+        elif message["type"] == "http.response.body" and self.mode == "buffer":
+            self.chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                await self.finish_buffered()
+            return
+        elif message["type"] == "http.response.body" and self.mode == "stream":
+            await self.stream(message)
+            return
+        await self.downstream(message)
+
+    async def finish_buffered(self) -> None:
+        from ..safety.serving import answer_text, replace_answer, verdict_payload
+
+        raw = b"".join(self.chunks)
+        status = 200
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            payload = None
+        if isinstance(payload, dict) and "error" not in payload:
+            try:
+                verdict = self.filter.check(answer_text(self.path, payload), role="assistant")
+                if not verdict.allowed:
+                    raw = json.dumps(replace_answer(self.path, payload, self.filter.safe_response(verdict),
+                                                    verdict_payload(verdict))).encode()
+            except Exception as error:  # noqa: BLE001 (fail closed: the unchecked answer is withheld)
+                status, raw = 503, json.dumps(self.unavailable(error, "answer")).encode()
+        headers = [(k, v) for k, v in self.start.get("headers", []) if k.lower() != b"content-length"]
+        await self.downstream(dict(self.start, status=status, headers=headers + [
+            (b"content-length", str(len(raw)).encode())]))
+        await self.downstream({"type": "http.response.body", "body": raw, "more_body": False})
+
+    async def stream(self, message: dict) -> None:
+        from ..safety.serving import (FILTER_ERROR_TEXT, delta_text, filter_error_payload, safe_stream_event,
+                                      verdict_payload)
+
+        data = self.pending + message.get("body", b"")
+        *events, self.pending = data.replace(b"\r\n", b"\n").split(b"\n\n")
+        forward = []
+        for raw_event in events:
+            payloads = [line[5:].strip() for line in raw_event.split(b"\n") if line.startswith(b"data:")]
+            try:
+                event = json.loads(b"\n".join(payloads)) if payloads and payloads != [b"[DONE]"] else None
+            except ValueError:
+                event = None
+            stop = None
+            if isinstance(event, dict):
+                new_text = delta_text(self.path, event)
+                if new_text:
+                    self.text += new_text
+                    try:
+                        verdict = self.filter.check(self.text, role="assistant")
+                        if not verdict.allowed:
+                            stop = (self.filter.safe_response(verdict), verdict_payload(verdict))
+                    except Exception as error:  # noqa: BLE001 (fail closed mid-stream: end it, say why)
+                        stop = (FILTER_ERROR_TEXT, filter_error_payload(error, "answer"))
+            if stop is not None:
+                ids_from = self.last_event if self.path.endswith("responses") else event  # (its id, model)
+                final = safe_stream_event(self.path, *stop, ids_from)
+                forward.append(b"data: " + json.dumps(final).encode() + b"\n\ndata: [DONE]\n\n")
+                self.done = True
+                await self.downstream({"type": "http.response.body", "body": b"".join(forward), "more_body": False})
+                return
+            if isinstance(event, dict) and (not self.path.endswith("responses") or "response" in event):
+                self.last_event = event  # (responses: the last lifecycle event, which carries the response's ids)
+            forward.append(raw_event + b"\n\n")
+        more = message.get("more_body", False)
+        if not more:
+            forward.append(self.pending)
+            self.pending = b""
+        await self.downstream({"type": "http.response.body", "body": b"".join(forward), "more_body": more})
 
 
 def keep_worker_alive(generation_state) -> None:
@@ -528,6 +699,27 @@ def check_batchable_exit_policy(config, model_dir) -> None:
             "runs generate() with its exit policy), or save it with exit_policy='full'.")
 
 
+def load_server_filter(safety_dir: str | None = None, safety: str | None = None):
+    """The SafetyFilter `serve.py` screens with: `safety_dir` (a folder written by `SafetyFilter.save_pretrained`),
+    `safety="builtin"` (the shipped rules, no classifier), or None (no screening). ValueError naming the option."""
+    if safety not in (None, "builtin"):
+        raise ValueError(f"--safety {safety!r}: the only value is 'builtin' (the shipped rules); for a trained filter "
+                         "pass its folder with --safety_dir.")
+    if safety_dir is not None and safety is not None:
+        raise ValueError("--safety_dir and --safety were both given: pass one (--safety_dir FOLDER for a saved "
+                         "filter, --safety builtin for the shipped rules).")
+    from ..safety import SafetyFilter
+
+    if safety == "builtin":
+        return SafetyFilter.builtin()
+    if safety_dir is None:
+        return None
+    try:
+        return SafetyFilter.from_pretrained(safety_dir)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"--safety_dir {safety_dir}: cannot load a SafetyFilter ({error}).") from error
+
+
 def serve_folder(
     model_dir,
     host: str = "127.0.0.1",
@@ -539,12 +731,15 @@ def serve_folder(
     default_max_tokens: int = 256,
     attn_implementation: str = "sdpa",
     log_level: str = "warning",
+    safety_dir: str | None = None,
+    safety: str | None = None,
 ) -> None:
     """Serve the saved lightarch folder `model_dir` with transformers' own `Serve` (OpenAI-compatible API) until
     stopped: continuous batching with a paged cache sized for `max_concurrent_requests` requests of
     `max_request_tokens` (`cpu_continuous_batching_config`); `TokenBudgetMiddleware` refusing malformed and
     over-budget requests with HTTP 400 and the model-loading routes with 403; `keep_worker_alive` replacing a dead
-    batching worker on the next request.
+    batching worker on the next request; with `safety_dir` (a saved SafetyFilter folder) or `safety="builtin"`,
+    `SafetyMiddleware` screening prompts and answers in front of all of it (`load_server_filter`).
 
     transformers 5.24's model manager resolves the class with `getattr(transformers, config.architectures[0])` (remote
     code is not looked up), so lightarch's classes are set on the transformers module first.
@@ -562,6 +757,7 @@ def serve_folder(
     from transformers import GenerationConfig
 
     config, tokenizer = check_servable_folder(model_dir, attn_implementation, continuous_batching)
+    safety_filter = load_server_filter(safety_dir, safety)
     try:
         model_samples = bool(GenerationConfig.from_pretrained(model_dir).do_sample)
     except OSError:  # no generation_config.json: transformers derives a greedy one from the model config
@@ -587,6 +783,8 @@ def serve_folder(
         app.add_middleware(TokenBudgetMiddleware, tokenizer=tokenizer, budget=budget,
                            default_max_new_tokens=default_max_tokens, pinned_model=str(model_dir),
                            continuous_batching=continuous_batching, model_samples=model_samples)
+        if safety_filter is not None:  # (added last: outermost, so it sees every request first)
+            app.add_middleware(SafetyMiddleware, safety_filter=safety_filter)
         return app
 
     server_module.build_server = build_server_with_budget
