@@ -355,10 +355,10 @@ def tiny_base(tmp_path_factory):
     """A 1-layer, 16-wide BERT with all-MiniLM-L6-v2's tokenizer: fine-tunes in seconds."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from lightarch.safety.classifier import minilm_path
+    from lightarch.data.pretrained import minilm_path
 
     folder = tmp_path_factory.mktemp("tiny_bert")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path("the tiny test classifier"))
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=32, max_position_embeddings=64)).save_pretrained(folder)

