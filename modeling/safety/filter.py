@@ -15,7 +15,7 @@ A block of the medical category is a "refer" decision: the safe response points 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
 
