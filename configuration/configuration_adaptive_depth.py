@@ -13,6 +13,8 @@ from .configuration_sparse_moe import SparseMoeConfig
 
 EXIT_POLICIES = ("full", "estimator", "confidence")
 ESTIMATOR_TARGETS = ("correct", "loss")
+ESTIMATOR_OBJECTIVES = ("earliest", "sufficiency")
+ESTIMATOR_FEATURES = ("mean", "max", "last", "exit_confidence")
 
 
 @strict
@@ -30,10 +32,19 @@ class AdaptiveDepthConfig(SparseMoeConfig):
 
     Complexity estimator (whole-input routing):
         - `estimator_input_layer`: it reads the hidden states after this many layers (0: the embeddings); at most
-          `exit_layers[0]`, so those layers belong to every path.
-        - `estimator_hidden_size`: width of its small MLP. It predicts, for the whole input, the earliest exit that
-          suffices (a distribution over exits); routing takes the earliest exit whose cumulative probability
-          reaches `estimator_threshold`.
+          `exit_layers[0]`, so those layers belong to every path. None: the first exit.
+        - `estimator_hidden_size`: width of its small MLP.
+        - `estimator_objective`: `"earliest"` predicts a distribution over "the earliest exit that suffices"
+          (softmax, cross-entropy) and routing takes the earliest exit whose cumulative probability reaches
+          `estimator_threshold`; `"sufficiency"` predicts for every exit on its own the probability that it suffices
+          (sigmoid, binary cross-entropy against each exit's own correctness) and routing takes the earliest exit
+          whose probability reaches the threshold. The second keeps the information "exit 4 would do but exit 2
+          would not" that the first collapses into one class.
+        - `estimator_features`: what the estimator reads, any of `"mean"`, `"max"` (pooled per-token features of
+          the input), `"last"` (the last input token's features: under causal attention it has seen the whole
+          input) and `"exit_confidence"` (the softmax margin, top probability and normalised entropy of the exit at
+          `estimator_input_layer` on the last input token; needs that depth to be an exit). Default `["mean",
+          "max"]`.
         - `estimator_loss_weight`, `estimator_target` (`"correct"`: the earliest exit whose answer tokens are all
           right; `"loss"`: the earliest exit whose loss is within `estimator_loss_tolerance` nats of the last
           exit's), `estimator_detach_features` (True: the estimator's loss does not train the backbone).
@@ -61,12 +72,14 @@ class AdaptiveDepthConfig(SparseMoeConfig):
     exit_policy: str = "full"
     estimator_threshold: float = 0.5
     confidence_threshold: float = 0.9
-    estimator_input_layer: int = 1
+    estimator_input_layer: int | None = 1
     estimator_hidden_size: int = 64
     estimator_loss_weight: float = 1.0
     estimator_target: str = "correct"
     estimator_loss_tolerance: float = 0.1
     estimator_detach_features: bool = True
+    estimator_objective: str = "earliest"
+    estimator_features: list[str] | None = None
 
     def __post_init__(self, **kwargs):
         if self.exit_layers is None:
@@ -74,6 +87,10 @@ class AdaptiveDepthConfig(SparseMoeConfig):
             self.exit_layers = sorted(set(range(step, self.num_hidden_layers + 1, step)) | {self.num_hidden_layers})
         if self.exit_loss_weights is None:
             self.exit_loss_weights = [1.0] * len(self.exit_layers)
+        if self.estimator_features is None:
+            self.estimator_features = ["mean", "max"]
+        if self.estimator_input_layer is None:  # "at the first exit" (the `arithmetic` preset), wherever that is
+            self.estimator_input_layer = self.exit_layers[0] if self.exit_layers else 1
         self.exit_loss_weights = [float(w) for w in self.exit_loss_weights]  # [2, 1] as written on a command line
         super().__post_init__(**kwargs)
 
@@ -119,6 +136,17 @@ class AdaptiveDepthConfig(SparseMoeConfig):
         for name in ("estimator_loss_weight", "estimator_loss_tolerance"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.estimator_objective not in ESTIMATOR_OBJECTIVES:
+            raise ValueError(f"`estimator_objective` must be one of {ESTIMATOR_OBJECTIVES}, got "
+                             f"{self.estimator_objective!r}.")
+        features = self.estimator_features
+        if not features or any(f not in ESTIMATOR_FEATURES for f in features) or len(set(features)) != len(features):
+            raise ValueError(f"`estimator_features` must be a non-empty list of distinct names from "
+                             f"{ESTIMATOR_FEATURES}, got {features!r}.")
+        if "exit_confidence" in features and self.estimator_input_layer not in layers:
+            raise ValueError(f"`estimator_features` has 'exit_confidence' but `estimator_input_layer` "
+                             f"({self.estimator_input_layer}) is not an exit depth {layers}; read after the first exit "
+                             f"(estimator_input_layer={layers[0]}) or drop 'exit_confidence'.")
         if self.estimator_target not in ESTIMATOR_TARGETS:
             raise ValueError(f"`estimator_target` must be one of {ESTIMATOR_TARGETS}, got {self.estimator_target!r}.")
         if self.prefill_chunk_size is not None:
@@ -147,18 +175,20 @@ ADAPTIVE_DEPTH_PRESETS: dict[str, dict] = {
     # 8-layer decoder (1.2M parameters, dense SwiGLU layers are the fastest on a CPU) over the 17-token vocabulary and
     # special-token ids of lightarch.data.arithmetic's character-level tokenizer, prompts of at most ~12 tokens. Exits
     # every 2 layers; the first exit's loss weighs double (it must answer the easy questions alone). The estimator
-    # reads the states after layer 1 and learns, at a tenth of the LM loss' weight, which exit answers right. For a
+    # reads the states at the first exit (pooled features and that exit's confidence on the question's last token, so
+    # routing costs no extra layer) and learns each exit's odds of answering right. For a
     # mixture of experts in every layer override first_k_dense_layers=0, num_experts=N, num_experts_per_tok=k,
     # max_experts_per_token=k.
     "arithmetic": dict(
         vocab_size=17, hidden_size=128, intermediate_size=256, num_hidden_layers=8, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=32, first_k_dense_layers=8, num_experts=1,
         num_experts_per_tok=1, max_experts_per_token=1, moe_intermediate_size=128, router_mode="top_k",
-        exit_layers=[2, 4, 6, 8], exit_loss_weights=[2.0, 1.0, 1.0, 1.0], estimator_input_layer=1,
+        exit_layers=[2, 4, 6, 8], exit_loss_weights=[2.0, 1.0, 1.0, 1.0], estimator_input_layer=None,
         estimator_hidden_size=64, estimator_loss_weight=0.1, estimator_target="correct", estimator_loss_tolerance=0.1,
+        estimator_objective="sufficiency", estimator_features=["mean", "max", "last", "exit_confidence"],
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     ),
 }
 
 
-__all__ = ["ADAPTIVE_DEPTH_PRESETS", "AdaptiveDepthConfig", "EXIT_POLICIES"]
+__all__ = ["ADAPTIVE_DEPTH_PRESETS", "AdaptiveDepthConfig", "ESTIMATOR_FEATURES", "ESTIMATOR_OBJECTIVES", "EXIT_POLICIES"]

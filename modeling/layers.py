@@ -6,6 +6,8 @@ Every block takes the model config and follows transformers' conventions (attent
 This file imports only torch and transformers: it is copied into saved model folders for `trust_remote_code`.
 """
 
+import dataclasses
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -22,6 +24,23 @@ from transformers.utils import logging
 from .long_context import BlockAttentionMask, block_attention, sink_attention
 
 logger = logging.get_logger(__name__)
+
+
+class FieldCachedOutput:
+    """Mixin for a `ModelOutput` dataclass (put it first among the bases): the same behaviour, but the field names
+    are computed once per class. `ModelOutput.__setattr__` re-derives them from `dataclasses.fields` on every
+    assignment, and a dataclass assigns every field when built: with the ~15 fields of these outputs that cost
+    ~25 us per output, twice per forward, a tenth of a batch-1 decoding step of a small model."""
+
+    def __setattr__(self, name, value):
+        names = type(self).__dict__.get("_field_names")
+        if names is None:
+            names = frozenset(field.name for field in dataclasses.fields(self))
+            type.__setattr__(type(self), "_field_names", names)
+        name = self._replace_old_cache_name(name)
+        if name in names and value is not None:
+            OrderedDict.__setitem__(self, name, value)
+        object.__setattr__(self, name, value)
 
 
 class RMSNorm(nn.Module):

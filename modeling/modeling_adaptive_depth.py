@@ -5,12 +5,14 @@ The decoder is the SparseMoe decoder (its `DecoderLayer`, masks and input checks
 after the depths in `config.exit_layers`. Every exit has its own RMSNorm and shares the LM head (or the classifier),
 and a shallow path is a prefix of the deep one, so going deeper never recomputes anything.
 
-- `"estimator"` policy: a small network reads the hidden states after `estimator_input_layer` layers, predicts for
-  the whole input the earliest exit that suffices, and the input runs to that exit only. In `generate` the decision
-  made on the prompt holds for every new token (it travels in the model kwargs as `exit_route`).
-- `"confidence"` policy: each token leaves at the first exit whose softmax margin reaches the threshold. Layers it
-  skips get its key/value computed from its exit hidden state (CALM's propagation), so later tokens attend to every
-  layer, and a forward over a whole sequence gives exactly what cached decoding gives.
+- `"estimator"` policy: a small network reads the hidden states after `estimator_input_layer` layers (and, if asked,
+  the confidence of the exit there), predicts for the whole input which exit suffices, and the input runs to that
+  exit only. In `generate` the decision made on the prompt holds for every new token (it travels in the model kwargs
+  as `exit_route`). In a batch of mixed routes the rows that have left stop running (`RowSubsetCache`).
+- `"confidence"` policy: each token leaves at the first exit whose softmax margin reaches the threshold; the prompt's
+  tokens leave with its last token, the only one whose prediction a generation uses. Layers a token skips get its
+  key/value computed from its exit hidden state (CALM's propagation), so later tokens attend to every layer, and a
+  forward over a whole sequence (with `prompt_mask`) gives exactly what cached decoding gives.
 - `generate(assistant_early_exit=d)`: transformers' `EarlyExitCandidateGenerator` lowers
   `config.num_hidden_layers` to `d` while it drafts; the model then runs `d` layers and reads exit `d`. The full
   model verifies, so the output equals greedy full-depth decoding.
@@ -19,7 +21,9 @@ Imports are relative so a saved folder loads with `trust_remote_code=True`.
 """
 
 import inspect
-from dataclasses import dataclass
+import math
+import warnings
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +40,8 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_adaptive_depth import AdaptiveDepthConfig
-from .layers import DecoderLayer, RMSNorm, RotaryEmbedding
+from .layers import DecoderLayer, FieldCachedOutput, RMSNorm, RotaryEmbedding
+from .long_context import BlockAttentionMask
 from .modeling_sparse_moe import (
     SparseMoeCausalLMOutputWithPast,
     SparseMoeModel,
@@ -87,7 +92,8 @@ class AdaptiveDepthCausalLMOutputWithPast(SparseMoeCausalLMOutputWithPast):
     exit_losses (`torch.FloatTensor` of shape `(num_exits,)`, *optional*):
         With `labels`: each exit's LM loss (detached).
     estimator_loss (`torch.FloatTensor`, *optional*):
-        With `labels`: cross-entropy of the estimator against `estimator_targets`.
+        With `labels`: the estimator's loss (`config.estimator_objective`: cross-entropy against
+        `estimator_targets`, or each exit's binary cross-entropy against whether it suffices).
     estimator_targets (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
         With `labels`: the earliest sufficient exit of each input (see `earliest_sufficient_exit`).
     exit_layer, exit_route, estimator_logits, layers_computed:
@@ -105,7 +111,7 @@ class AdaptiveDepthCausalLMOutputWithPast(SparseMoeCausalLMOutputWithPast):
 
 
 @dataclass
-class AdaptiveDepthSequenceClassifierOutputWithPast(SequenceClassifierOutputWithPast):
+class AdaptiveDepthSequenceClassifierOutputWithPast(FieldCachedOutput, SequenceClassifierOutputWithPast):
     r"""
     Fields as `AdaptiveDepthCausalLMOutputWithPast`; `exit_logits` are the pooled (last real token) class logits.
     """
@@ -122,7 +128,7 @@ class AdaptiveDepthSequenceClassifierOutputWithPast(SequenceClassifierOutputWith
 
 
 @dataclass
-class AdaptiveDepthGenerateOutput(GenerateDecoderOnlyOutput):
+class AdaptiveDepthGenerateOutput(FieldCachedOutput, GenerateDecoderOnlyOutput):
     r"""
     exit_layers (`torch.LongTensor` of shape `(batch_size, new_tokens)`):
         The depth whose exit produced each new token (full depth under self-speculative decoding: the full model
@@ -135,18 +141,32 @@ class AdaptiveDepthGenerateOutput(GenerateDecoderOnlyOutput):
     layers_computed: torch.LongTensor | None = None
 
 
-def route_from_estimate(estimator_logits: torch.Tensor, threshold: float) -> torch.LongTensor:
-    """Index of the earliest exit whose cumulative "earliest sufficient exit" probability reaches `threshold`.
+def route_from_estimate(estimator_logits: torch.Tensor, threshold: float, objective: str = "earliest"
+                        ) -> torch.LongTensor:
+    """Index of the exit each input is routed to, from the estimator's logits (batch, num_exits) -> (batch,).
 
-    Threshold 0 always picks the first exit, 1 always the last. (batch, num_exits) -> (batch,).
+    `objective="earliest"`: the earliest exit whose cumulative "earliest sufficient exit" probability (softmax)
+    reaches `threshold`. `"sufficiency"`: the earliest exit whose own probability of sufficing (sigmoid) reaches it.
+    Either way threshold 0 always picks the first exit, 1 always the last, and the last exit is the fallback.
     """
     num_exits = estimator_logits.shape[-1]
     if threshold >= 1.0:
         return torch.full(estimator_logits.shape[:-1], num_exits - 1, dtype=torch.long, device=estimator_logits.device)
-    cumulative = estimator_logits.float().softmax(-1).cumsum(-1)
-    sufficient = cumulative >= threshold
+    if objective == "sufficiency":
+        sufficient = estimator_logits.float().sigmoid() >= threshold
+    else:
+        sufficient = estimator_logits.float().softmax(-1).cumsum(-1) >= threshold
     sufficient[..., -1] = True
     return sufficient.int().argmax(-1)
+
+
+def exit_confidence(logits: torch.Tensor) -> torch.Tensor:
+    """An exit's confidence features: softmax margin, top probability, entropy / log(classes). (B, C) -> (B, 3)."""
+    probabilities = logits.float().softmax(-1)
+    top2 = probabilities.topk(min(2, probabilities.shape[-1]), dim=-1).values
+    margin = top2[..., 0] - (top2[..., 1] if top2.shape[-1] > 1 else 0.0)
+    entropy = -(probabilities * probabilities.clamp(min=1e-12).log()).sum(-1)
+    return torch.stack([margin, top2[..., 0], entropy / math.log(max(2, probabilities.shape[-1]))], dim=-1)
 
 
 def softmax_margin(logits: torch.Tensor) -> torch.Tensor:
@@ -159,47 +179,81 @@ def softmax_margin(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def exit_sufficiency(exit_correct: torch.Tensor | None, exit_losses: torch.Tensor, target: str, tolerance: float
+                     ) -> torch.Tensor:
+    """Per input and exit, whether that exit suffices: it is right (`target="correct"`) or its loss is within
+    `tolerance` of the last exit's (`target="loss"`, also used when `exit_correct` is None).
+
+    exit_correct: (batch, num_exits) bool or None; exit_losses: (batch, num_exits) -> (batch, num_exits) bool.
+    """
+    if target == "correct" and exit_correct is not None:
+        return exit_correct.clone()
+    return exit_losses <= exit_losses[:, -1:] + tolerance
+
+
+@torch.no_grad()
 def earliest_sufficient_exit(
     exit_correct: torch.Tensor | None, exit_losses: torch.Tensor, target: str, tolerance: float
 ) -> torch.LongTensor:
-    """The estimator's training target: per input, the first exit that is right (`target="correct"`) or whose loss is
-    within `tolerance` of the last exit's (`target="loss"`); the last exit when none is.
-
-    exit_correct: (batch, num_exits) bool or None (then the loss rule is used); exit_losses: (batch, num_exits).
-    """
-    if target == "correct" and exit_correct is not None:
-        sufficient = exit_correct.clone()
-    else:
-        sufficient = exit_losses <= exit_losses[:, -1:] + tolerance
+    """The estimator's training target under `estimator_objective="earliest"`: per input, the first exit that
+    suffices (`exit_sufficiency`); the last exit when none does. (batch, num_exits) -> (batch,)."""
+    sufficient = exit_sufficiency(exit_correct, exit_losses, target, tolerance)
     sufficient[:, -1] = True
     return sufficient.int().argmax(-1)
 
 
 class AdaptiveDepthEstimator(nn.Module):
-    """Predicts from cheap early features the earliest exit that suffices for the whole input.
+    """Predicts from cheap early features which exit suffices for the whole input.
 
-    Per-token features (RMSNorm, linear, SiLU) are mean- and max-pooled over the real tokens, then a two-layer MLP
-    gives logits over the exits. (batch, seq, hidden) + (batch, seq) mask -> (batch, num_exits).
+    Per-token features (RMSNorm, linear, SiLU) are pooled over the input's real tokens as `config.estimator_features`
+    says (mean, max, the last token), optionally joined by the confidence of the exit at `estimator_input_layer`
+    (`exit_confidence`), then a two-layer MLP gives one logit per exit: a distribution over "the earliest exit that
+    suffices" or each exit's own odds of sufficing (`config.estimator_objective`).
+    (batch, seq, hidden) + (batch, seq) mask [+ (batch, 3) exit confidence] -> (batch, num_exits).
     """
 
     def __init__(self, config: AdaptiveDepthConfig) -> None:
         super().__init__()
         width = config.estimator_hidden_size
+        self.features = list(config.estimator_features)
+        pooled = [name for name in self.features if name != "exit_confidence"]
+        inputs = width * len(pooled) + (3 if "exit_confidence" in self.features else 0)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.token_proj = nn.Linear(config.hidden_size, width)
-        self.hidden = nn.Linear(2 * width, width)
+        self.hidden = nn.Linear(inputs, width)
         self.out = nn.Linear(width, len(config.exit_layers))
         self.detach_features = config.estimator_detach_features
 
-    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor,
+                exit_confidence: torch.Tensor | None = None) -> torch.Tensor:
         if self.detach_features:
             hidden_states = hidden_states.detach()
+            exit_confidence = exit_confidence.detach() if exit_confidence is not None else None
         features = F.silu(self.token_proj(self.norm(hidden_states)))  # (B, T, W)
         mask = token_mask[..., None].to(features.dtype)
-        mean = (features * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        maximum = features.masked_fill(mask == 0, torch.finfo(features.dtype).min).amax(1)
-        maximum = torch.where(mask.sum(1) > 0, maximum, torch.zeros_like(maximum))
-        return self.out(F.silu(self.hidden(torch.cat([mean, maximum], dim=-1))))
+        has_tokens = mask.sum(1) > 0  # (B, 1)
+        parts = []
+        for name in self.features:
+            if name == "mean":
+                parts.append((features * mask).sum(1) / mask.sum(1).clamp(min=1.0))
+            elif name == "max":
+                maximum = features.masked_fill(mask == 0, torch.finfo(features.dtype).min).amax(1)
+                parts.append(torch.where(has_tokens, maximum, torch.zeros_like(maximum)))
+            elif name == "last":
+                rows = torch.arange(features.shape[0], device=features.device)
+                parts.append(features[rows, last_true_index(token_mask)] * has_tokens)
+            else:
+                if exit_confidence is None:
+                    raise ValueError("estimator_features has 'exit_confidence': pass the exit's confidence "
+                                     "(AdaptiveDepthModel.forward computes it when given exit_head).")
+                parts.append(exit_confidence.to(features.dtype))  # (B, 3)
+        return self.out(F.silu(self.hidden(torch.cat(parts, dim=-1))))
+
+
+def last_true_index(mask: torch.Tensor) -> torch.LongTensor:
+    """Index of each row's last True (0 for a row without any). (B, T) bool -> (B,)."""
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    return (positions * mask.to(torch.long)).argmax(-1)
 
 
 def fill_skipped_kv(layer: DecoderLayer, hidden_states: torch.Tensor, position_embeddings, position_ids,
@@ -266,6 +320,7 @@ class AdaptiveDepthModel(AdaptiveDepthPreTrainedModel):
         exit_route: torch.LongTensor | None = None,
         exit_head: nn.Module | None = None,
         output_exit_states: bool = False,
+        prompt_mask: torch.Tensor | None = None,
         estimator_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> AdaptiveDepthModelOutputWithPast:
@@ -278,14 +333,24 @@ class AdaptiveDepthModel(AdaptiveDepthPreTrainedModel):
             A route already chosen (index into `config.exit_layers` per input): the estimator is skipped. `generate`
             passes the prompt's route to every later step this way.
         exit_head (`nn.Module`, *optional*):
-            The head the `"confidence"` policy measures the softmax margin with (the LM head or the classifier).
+            The head exits are read with (the LM head or the classifier): the `"confidence"` policy measures its
+            softmax margin, the estimator's `"exit_confidence"` feature its confidence at the estimator's exit.
         output_exit_states (`bool`):
             Run every layer and return the normed hidden state of every exit and the estimator's logits (training).
-        estimator_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
-            The tokens the estimator reads: the input to route. Default: every real token, which in `generate` is the
-            prompt. When a forward also holds the answer (training, teacher-forced evaluation), mark the prompt here
-            so the estimator sees what it will see at inference.
+        prompt_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+            The prompt among the tokens: the estimator routes on it, and under the `"confidence"` policy its tokens
+            leave together with its last token (the only one whose prediction a generation uses; deeper layers get
+            the prompt's key/value by propagation). Default: every real token of this call, which in `generate` is
+            the prompt, then each new token on its own. When a forward also holds the answer (training,
+            teacher-forced evaluation), mark the prompt here so the model decides as it will in `generate`.
+        estimator_mask:
+            Deprecated name of `prompt_mask`.
         """
+        if estimator_mask is not None:
+            if prompt_mask is not None:
+                raise ValueError("Pass prompt_mask only (estimator_mask is its deprecated name).")
+            warnings.warn("estimator_mask is deprecated; pass prompt_mask.", FutureWarning, stacklevel=2)
+            prompt_mask = estimator_mask
         self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, cache)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -329,59 +394,92 @@ class AdaptiveDepthModel(AdaptiveDepthPreTrainedModel):
         token_mask = torch.ones(batch_size, length, dtype=torch.bool, device=inputs_embeds.device)
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -length:].to(device=inputs_embeds.device, dtype=torch.bool)
-        estimator_tokens = token_mask
-        if estimator_mask is not None:
-            estimator_tokens = token_mask & estimator_mask[:, -length:].to(device=token_mask.device, dtype=torch.bool)
+        prompt_tokens = token_mask
+        if prompt_mask is not None:
+            prompt_tokens = token_mask & prompt_mask[:, -length:].to(device=token_mask.device, dtype=torch.bool)
 
-        def run_layer(index: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        layer_types = config.layer_types  # config attributes are slow to read (~1 us): read once per forward
+
+        def run_layer(index: int, hidden_states: torch.Tensor, rows: torch.LongTensor | None = None) -> torch.Tensor:
+            """Decoder layer `index` on the whole batch, or on the batch rows `rows` only (their hidden states)."""
+            layer_mask, embeddings, positions, layer_cache = masks[layer_types[index]], position_embeddings, \
+                position_ids, cache
+            if rows is not None:
+                layer_mask = _select_rows(layer_mask, rows, batch_size)
+                embeddings = tuple(_select_rows(t, rows, batch_size) for t in position_embeddings)
+                positions = _select_rows(position_ids, rows, batch_size)
+                layer_cache = RowSubsetCache(cache, rows, batch_size) if cache is not None else None
             return self.layers[index](
                 hidden_states,
-                attention_mask=masks[config.layer_types[index]],
-                position_embeddings=position_embeddings,
-                position_ids=position_ids,
-                cache=cache,
+                attention_mask=layer_mask,
+                position_embeddings=embeddings,
+                position_ids=positions,
+                cache=layer_cache,
                 use_cache=use_cache,
                 **kwargs,
             )
 
         exit_index = {depth: i for i, depth in enumerate(exit_layers)}
-        hidden_states = inputs_embeds
         estimator_logits = route = exit_states = None
         if policy == "confidence":
             output, exit_layer, layers_computed = self._confidence_forward(
-                hidden_states, run_layer, position_embeddings, position_ids, cache, token_mask, exit_head, threshold,
-                exit_index,
+                inputs_embeds, run_layer, position_embeddings, position_ids, cache, token_mask, prompt_tokens,
+                exit_head, threshold, exit_index,
             )
         else:
-            # "full" / drafting: one depth for everyone; "estimator": the deepest route in the batch, each row read at
-            # its own exit. The estimator reads the residual stream after `estimator_input_layer` layers.
+            # "full" / drafting: one depth for everyone. "estimator": each row runs to its own exit; in a batch of
+            # mixed routes the rows that have left are dropped from the deeper layers (`RowSubsetCache` keeps the
+            # cache's batch shape), unless per-layer outputs are recorded (they need the whole batch at every layer).
             stop = drafting_depth if policy == "full" else None
             wants_estimate = output_exit_states or (policy == "estimator" and exit_route is None)
             if policy == "estimator" and exit_route is not None:
                 route = exit_route.to(device=inputs_embeds.device, dtype=torch.long).reshape(batch_size)
+            records_layers = bool(kwargs.get("output_hidden_states") or kwargs.get("output_attentions"))
+            splits = (policy == "estimator" and batch_size > 1 and not records_layers
+                      and all(m is None or isinstance(m, (torch.Tensor, BlockAttentionMask)) for m in masks.values()))
+            running = torch.arange(batch_size, device=inputs_embeds.device) if splits else None  # rows still running
+            estimator_layer = config.estimator_input_layer
+            confidence_feature = "exit_confidence" in config.estimator_features
+            hidden_states = inputs_embeds
             output = None
             exit_states = [] if output_exit_states else None
             depth = 0
             while True:
-                if depth == config.estimator_input_layer and wants_estimate:
-                    estimator_logits = self.estimator(hidden_states, estimator_tokens)
+                normed = None
+                estimates_here = depth == estimator_layer and wants_estimate
+                if depth in exit_index and (exit_states is not None or policy == "full" or (
+                        estimates_here and confidence_feature)):
+                    normed = self.exit_norm(exit_index[depth])(hidden_states)
+                if estimates_here:  # every row is still running here
+                    estimator_logits = self._estimate(hidden_states, normed, prompt_tokens, exit_head)
                     if policy == "estimator":
-                        route = route_from_estimate(estimator_logits, threshold)
+                        route = route_from_estimate(estimator_logits, threshold, config.estimator_objective)
                 if stop is None and route is not None:
                     stop = exit_layers[int(route.max())]
                 if depth in exit_index:
                     index = exit_index[depth]
-                    rows = (route == index)[:, None, None] if policy == "estimator" else None
-                    read_here = depth == stop if rows is None else bool(rows.any())
-                    if exit_states is not None or read_here:
-                        normed = self.exit_norm(index)(hidden_states)
-                        if exit_states is not None:
-                            exit_states.append(normed)
-                        if read_here:
-                            output = normed if output is None or rows is None else torch.where(rows, normed, output)
+                    if exit_states is not None:
+                        exit_states.append(normed)
+                    if policy != "estimator":
+                        if depth == stop:
+                            output = normed
+                    else:
+                        leaving = route == index if running is None else route[running] == index  # (rows running,)
+                        if bool(leaving.any()):
+                            normed = normed if normed is not None else self.exit_norm(index)(hidden_states)
+                            if running is None:  # whole batch: select per row
+                                output = normed if output is None else torch.where(leaving[:, None, None], normed,
+                                                                                     output)
+                            else:
+                                if output is None:
+                                    output = normed.new_zeros(batch_size, length, normed.shape[-1])
+                                output = output.index_copy(0, running[leaving], normed[leaving])
+                                if depth < stop:
+                                    running, hidden_states = running[~leaving], hidden_states[~leaving]
                 if depth == stop:
                     break
-                hidden_states = run_layer(depth, hidden_states)
+                subset = running if running is not None and len(running) < batch_size else None
+                hidden_states = run_layer(depth, hidden_states, subset)
                 depth += 1
             layers_computed = depth
             if policy == "estimator":
@@ -400,13 +498,33 @@ class AdaptiveDepthModel(AdaptiveDepthPreTrainedModel):
             layers_computed=torch.tensor(layers_computed),
         )
 
+    def _estimate(self, hidden_states: torch.Tensor, normed: torch.Tensor | None, prompt_tokens: torch.Tensor,
+                  exit_head: nn.Module | None) -> torch.Tensor:
+        """The estimator's logits (B, num_exits) from the states after `estimator_input_layer` layers; `normed` is
+        that depth's exit state when it is an exit (for the `"exit_confidence"` feature)."""
+        confidence = None
+        if "exit_confidence" in self.config.estimator_features:
+            if exit_head is None:
+                raise ValueError("estimator_features has 'exit_confidence', which reads the exit through its head: "
+                                 "pass exit_head (AdaptiveDepthForCausalLM and the classifier do).")
+            rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+            confidence = exit_confidence(exit_head(normed[rows, last_true_index(prompt_tokens)]))  # (B, 3)
+        return self.estimator(hidden_states, prompt_tokens, confidence)
+
     def _confidence_forward(self, hidden_states, run_layer, position_embeddings, position_ids, cache, token_mask,
-                            exit_head, threshold, exit_index):
-        """Per-token early exit. A token that has exited keeps its hidden state: where other tokens still run a layer,
-        that layer sees it unchanged (so the key/value it caches come from the exit state); where no token runs a
-        layer, only its key/value are computed (`fill_skipped_kv`). Returns (output, exit_layer, layers run)."""
+                            prompt_tokens, exit_head, threshold, exit_index):
+        """Per-token early exit. A token leaves at the first exit whose softmax margin reaches `threshold`; the
+        prompt's tokens leave together with its last token. A token that has left keeps its hidden state: where
+        other tokens still run a layer, that layer sees it unchanged (so the key/value it caches come from the exit
+        state); where no token runs a layer, only its key/value are computed (`fill_skipped_kv`). Returns (output,
+        exit_layer, layers run)."""
         num_layers = len(self.layers)
         batch_size, length = hidden_states.shape[:2]
+        rows = torch.arange(batch_size, device=hidden_states.device)
+        last_prompt = last_true_index(prompt_tokens)  # (B,)
+        has_prompt = prompt_tokens.any(1)
+        deciders = token_mask & ~prompt_tokens  # tokens that decide for themselves, plus each prompt's last token
+        deciders[rows, last_prompt] |= has_prompt
         active = token_mask.clone()  # padding never decides anything
         output = torch.zeros_like(hidden_states)
         exit_layer = torch.full((batch_size, length), num_layers, dtype=torch.long, device=hidden_states.device)
@@ -417,7 +535,13 @@ class AdaptiveDepthModel(AdaptiveDepthPreTrainedModel):
                 if depth == num_layers:
                     leaving = active
                 else:
-                    leaving = active & (softmax_margin(exit_head(normed)) >= threshold) & (threshold < 1.0)
+                    deciding = active & deciders
+                    confident = torch.zeros_like(active)
+                    if threshold < 1.0 and bool(deciding.any()):
+                        confident[deciding] = softmax_margin(exit_head(normed[deciding])) >= threshold
+                    prompt_leaves = confident[rows, last_prompt] & has_prompt  # (B,)
+                    confident = torch.where(prompt_tokens, prompt_leaves[:, None], confident)
+                    leaving = active & confident
                 output = torch.where(leaving[..., None], normed, output)
                 exit_layer = exit_layer.masked_fill(leaving & token_mask, depth)
                 active = active & ~leaving
@@ -430,6 +554,39 @@ class AdaptiveDepthModel(AdaptiveDepthPreTrainedModel):
             elif cache is not None:
                 fill_skipped_kv(self.layers[depth], hidden_states, position_embeddings, position_ids, cache)
         return output, exit_layer, layers_computed
+
+
+def _select_rows(value, rows: torch.LongTensor, batch_size: int):
+    """`value[rows]` for a per-row tensor (first dimension `batch_size`) or a block-attention mask's key padding;
+    anything else (None, broadcast tensors of first dimension 1) unchanged."""
+    if isinstance(value, BlockAttentionMask):
+        return replace(value, key_padding_mask=_select_rows(value.key_padding_mask, rows, batch_size))
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size and batch_size > 1:
+        return value.index_select(0, rows)
+    return value
+
+
+class RowSubsetCache:
+    """The cache as a layer sees it when only the batch rows `rows` run it (whole-input routing, mixed routes).
+
+    The layer attends and caches for those rows; the underlying cache keeps its batch shape, so `generate`'s cache
+    handling (beam reordering, cropping, lengths) is unchanged. The other rows' entries in this layer are zeros and
+    are never read: those rows left the batch at a shallower exit, and their route holds for every later token.
+    """
+
+    def __init__(self, cache: Cache, rows: torch.LongTensor, batch_size: int) -> None:
+        self.cache, self.rows, self.batch_size = cache, rows, batch_size
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # key_states, value_states: (rows, Hkv, T, D) -> the cached (rows, Hkv, T_total, D)
+        keys = key_states.new_zeros((self.batch_size, *key_states.shape[1:])).index_copy_(0, self.rows, key_states)
+        values = value_states.new_zeros((self.batch_size, *value_states.shape[1:])).index_copy_(0, self.rows,
+                                                                                                  value_states)
+        keys, values = self.cache.update(keys, values, layer_idx, *args, **kwargs)
+        return keys.index_select(0, self.rows), values.index_select(0, self.rows)
+
+    def __getattr__(self, name: str):
+        return getattr(self.cache, name)
 
 
 def _last_real_token(input_ids: torch.Tensor | None, pad_token_id: int | None, batch_size: int, device) -> torch.Tensor:
@@ -472,6 +629,7 @@ class AdaptiveDepthForCausalLM(AdaptiveDepthPreTrainedModel, GenerationMixin):
         exit_threshold: float | None = None,
         exit_route: torch.LongTensor | None = None,
         output_exit_logits: bool | None = None,
+        prompt_mask: torch.Tensor | None = None,
         estimator_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> AdaptiveDepthCausalLMOutputWithPast:
@@ -479,7 +637,7 @@ class AdaptiveDepthForCausalLM(AdaptiveDepthPreTrainedModel, GenerationMixin):
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token targets (shifted inside; -100 ignored). Every layer runs, every exit is trained, and the
             estimator learns the earliest exit whose answer (the labelled tokens) is right.
-        exit_policy, exit_threshold, exit_route, estimator_mask:
+        exit_policy, exit_threshold, exit_route, prompt_mask, estimator_mask:
             See `AdaptiveDepthModel.forward`.
         output_exit_logits (`bool`, *optional*):
             Run every layer and return the logits of every exit (and the estimator's logits).
@@ -509,6 +667,7 @@ class AdaptiveDepthForCausalLM(AdaptiveDepthPreTrainedModel, GenerationMixin):
             exit_route=exit_route,
             exit_head=self.lm_head,
             output_exit_states=all_exits,
+            prompt_mask=prompt_mask,
             estimator_mask=estimator_mask,
             output_router_logits=record_router,
             output_router_indices=record_router,
@@ -531,9 +690,8 @@ class AdaptiveDepthForCausalLM(AdaptiveDepthPreTrainedModel, GenerationMixin):
             loss = sum(w * l for w, l in zip(weights, losses)) / sum(weights)
             exit_losses = torch.stack([l.detach() for l in losses])
             correct, per_example_losses, has_labels = _lm_exit_quality(exit_logits, labels)
-            estimator_targets = earliest_sufficient_exit(correct, per_example_losses, self.config.estimator_target,
-                                                         self.config.estimator_loss_tolerance)
-            estimator_loss = _estimator_loss(outputs.estimator_logits, estimator_targets, has_labels)
+            estimator_targets, estimator_loss = _estimator_objective(self.config, outputs.estimator_logits, correct,
+                                                                     per_example_losses, has_labels)
             loss = loss + self.config.estimator_loss_weight * estimator_loss
 
         aux_loss = stats = None
@@ -570,11 +728,21 @@ class AdaptiveDepthForCausalLM(AdaptiveDepthPreTrainedModel, GenerationMixin):
     forward.__signature__ = inspect.signature(forward)
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
-        """Keep the prompt's route: whole-input routing decides once, and later steps (cached or not) follow it."""
+        """Keep the prompt's route (whole-input routing decides once, and later steps, cached or not, follow it) and
+        which positions are the prompt (`prompt_mask`: a step without cache runs the whole sequence again, and must
+        decide as the cached steps did)."""
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder,
                                                                    num_new_tokens)
         if getattr(outputs, "exit_route", None) is not None:
             model_kwargs["exit_route"] = outputs.exit_route
+        attention_mask = model_kwargs.get("attention_mask")
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            prompt_mask = model_kwargs.get("prompt_mask")
+            if prompt_mask is None:  # after the prompt's forward: every position before the new tokens
+                prompt_mask = torch.ones(attention_mask.shape[0], attention_mask.shape[1] - num_new_tokens,
+                                         dtype=torch.bool, device=attention_mask.device)
+            new = attention_mask.shape[1] - prompt_mask.shape[1]
+            model_kwargs["prompt_mask"] = torch.cat([prompt_mask, prompt_mask.new_zeros(prompt_mask.shape[0], new)], 1)
         return model_kwargs
 
     def generate(self, *args, exit_policy: str | None = None, exit_threshold: float | None = None, **kwargs):
@@ -636,10 +804,19 @@ def _lm_exit_quality(exit_logits, labels):
         return torch.stack(correct, 1), torch.stack(losses, 1), mask.any(1)
 
 
-def _estimator_loss(estimator_logits, targets, weight_mask):
+def _estimator_objective(config, estimator_logits, exit_correct, exit_losses, weight_mask):
+    """The estimator's targets (the earliest sufficient exit per input, (batch,)) and its loss under
+    `config.estimator_objective`: cross-entropy against that exit, or binary cross-entropy of every exit's logit
+    against whether that exit suffices. Inputs without any label (`weight_mask` False) do not count."""
+    sufficient = exit_sufficiency(exit_correct, exit_losses, config.estimator_target, config.estimator_loss_tolerance)
+    targets = earliest_sufficient_exit(exit_correct, exit_losses, config.estimator_target,
+                                       config.estimator_loss_tolerance)
     if not bool(weight_mask.any()):
-        return estimator_logits.sum() * 0.0
-    return F.cross_entropy(estimator_logits[weight_mask].float(), targets[weight_mask])
+        return targets, estimator_logits.sum() * 0.0
+    logits = estimator_logits[weight_mask].float()
+    if config.estimator_objective == "sufficiency":
+        return targets, F.binary_cross_entropy_with_logits(logits, sufficient[weight_mask].float())
+    return targets, F.cross_entropy(logits, targets[weight_mask])
 
 
 class AdaptiveDepthForSequenceClassification(AdaptiveDepthPreTrainedModel):
@@ -668,6 +845,7 @@ class AdaptiveDepthForSequenceClassification(AdaptiveDepthPreTrainedModel):
         exit_threshold: float | None = None,
         exit_route: torch.LongTensor | None = None,
         output_exit_logits: bool | None = None,
+        prompt_mask: torch.Tensor | None = None,
         estimator_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> AdaptiveDepthSequenceClassifierOutputWithPast:
@@ -684,6 +862,7 @@ class AdaptiveDepthForSequenceClassification(AdaptiveDepthPreTrainedModel):
             exit_route=exit_route,
             exit_head=self.score,
             output_exit_states=all_exits,
+            prompt_mask=prompt_mask,
             estimator_mask=estimator_mask,
             **kwargs,
         )
@@ -705,10 +884,9 @@ class AdaptiveDepthForSequenceClassification(AdaptiveDepthPreTrainedModel):
             loss = sum(w * l for w, l in zip(weights, losses)) / sum(weights)
             exit_losses = torch.stack([l.detach() for l in losses])
             correct, per_example = self._exit_quality(exit_logits, labels)
-            estimator_targets = earliest_sufficient_exit(correct, per_example, self.config.estimator_target,
-                                                         self.config.estimator_loss_tolerance)
-            estimator_loss = _estimator_loss(outputs.estimator_logits, estimator_targets,
-                                             torch.ones(batch_size, dtype=torch.bool, device=logits.device))
+            estimator_targets, estimator_loss = _estimator_objective(
+                self.config, outputs.estimator_logits, correct, per_example,
+                torch.ones(batch_size, dtype=torch.bool, device=logits.device))
             loss = loss + self.config.estimator_loss_weight * estimator_loss
 
         return AdaptiveDepthSequenceClassifierOutputWithPast(
@@ -756,7 +934,11 @@ __all__ = [
     "AdaptiveDepthModelOutputWithPast",
     "AdaptiveDepthPreTrainedModel",
     "AdaptiveDepthSequenceClassifierOutputWithPast",
+    "RowSubsetCache",
     "earliest_sufficient_exit",
+    "exit_confidence",
+    "exit_sufficiency",
+    "last_true_index",
     "route_from_estimate",
     "softmax_margin",
 ]

@@ -29,14 +29,23 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .checkpoint_checks import CheckedLoadingMixin
 from .configuration_sparse_moe import SparseMoeConfig
-from .layers import Attention, DecoderLayer, Experts, RMSNorm, RotaryEmbedding, Router, rope_position_limit
+from .layers import (
+    Attention,
+    DecoderLayer,
+    Experts,
+    FieldCachedOutput,
+    RMSNorm,
+    RotaryEmbedding,
+    Router,
+    rope_position_limit,
+)
 from .long_context import BlockAttentionMask, SinkSlidingWindowLayer, default_block_size, install_sink_layers
 
 logger = logging.get_logger(__name__)
 
 
 @dataclass
-class SparseMoeModelOutputWithPast(MoeModelOutputWithPast):
+class SparseMoeModelOutputWithPast(FieldCachedOutput, MoeModelOutputWithPast):
     r"""
     router_indices (`tuple(torch.LongTensor)`, *optional*):
         Per MoE layer, the experts each token selected, `(batch * seq, slots)`; `num_experts` marks an unused slot.
@@ -46,7 +55,7 @@ class SparseMoeModelOutputWithPast(MoeModelOutputWithPast):
 
 
 @dataclass
-class SparseMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+class SparseMoeCausalLMOutputWithPast(FieldCachedOutput, MoeCausalLMOutputWithPast):
     r"""
     aux_loss (`torch.FloatTensor`):
         `router_aux_loss_coef * load_balancing_loss + router_z_loss_coef * router_z_loss`, already added to `loss`.

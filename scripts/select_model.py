@@ -3,8 +3,8 @@
 lightarch.evaluation.selection).
 
 Reads the results.json files of the benchmarks and training runs (bench_inference: latency p50 / p95, throughput,
-memory, parameters; bench_adaptive or a retrieval evaluation: factual accuracy; eval_multimodal / train_multimodal:
-modality alignment error), found under --results (default outputs/). Fills the matrix with pass / fail per
+memory, parameters; bench_adaptive, else train_adaptive's calibration: factual accuracy; eval_multimodal, else
+train_multimodal: modality alignment error), found under --results (default outputs/). Fills the matrix with pass / fail per
 scenario (realtime: latency p50 < 200 ms; reasoning: factual accuracy > 95%; multimodal: alignment error < 0.1);
 what no file measured is shown as not measured, never estimated. With --scenario and / or constraints it recommends
 a model. Writes results.json, results.md and matrix.png (latency / accuracy plane, thresholds drawn) into

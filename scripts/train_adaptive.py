@@ -81,24 +81,32 @@ class AdaptiveArguments:
     calibration_easy: int = field(
         default=150, metadata={"help": "Easy questions (of the 300) used for calibration; the rest are the test set."}
     )
-    estimator_steps: int = field(default=200, metadata={"help": "Phase 2 steps (backbone frozen); 0 skips it."})
-    estimator_learning_rate: float = field(default=3e-3, metadata={"help": "Learning rate of phase 2."})
+    estimator_hard: int = field(
+        default=1000,
+        metadata={"help": "More hard questions held out of phase 1, on which phase 2 trains the estimator (it learns "
+                          "where the exits fail on questions the backbone never saw)."},
+    )
+    estimator_steps: int = field(default=600, metadata={"help": "Phase 2 steps (backbone frozen); 0 skips it."})
+    estimator_learning_rate: float = field(default=1e-2, metadata={"help": "Learning rate of phase 2."})
     estimator_batch_size: int = field(default=128, metadata={"help": "Batch size of phase 2."})
     easy_tolerance: float = field(
         default=0.005, metadata={"help": "Calibration: allowed easy accuracy drop against full depth (0.005 = 0.5 pt)."}
     )
     hard_tolerance: float = field(
-        default=0.0, metadata={"help": "Calibration: allowed hard accuracy drop against full depth."}
+        default=0.005,
+        metadata={"help": "Calibration: allowed hard accuracy drop against full depth (the accuracy budget; 0 asks "
+                          "for no loss at all on the calibration questions, which pushes thresholds to ~1)."}
     )
     calibration_threshold_steps: int = field(
         default=41,
         metadata={"help": "Calibration tries this many evenly spaced thresholds in [0, 1] (plus a few in (0.9, 1))."},
     )
     time_budget_minutes: float = field(
-        default=15.0,
+        default=0.0,
         metadata={"help": "Wall-clock budget of the whole run: phase 1 stops early (logged and recorded in "
                           "results.json) when continuing would leave less than --reserve_minutes for phase 2, "
-                          "calibration and saving. 0 disables it."},
+                          "calibration and saving. 0 (the default) disables it: a run stopped by the clock trains "
+                          "fewer steps on a loaded machine, and its result then depends on the load."},
     )
     reserve_minutes: float = field(
         default=2.5, metadata={"help": "Time kept for phase 2, calibration and saving under --time_budget_minutes."}

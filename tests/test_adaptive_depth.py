@@ -4,6 +4,7 @@ benchmark (both scripts also end to end, as subprocesses)."""
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -53,6 +54,13 @@ def median_margin(model, input_ids) -> float:
     with torch.no_grad():
         out = model(input_ids, output_exit_logits=True)
     return softmax_margin(out.exit_logits[0]).median().item()
+
+
+def margin_quantile(model, input_ids, attention_mask, quantile: float) -> float:
+    """A threshold that lets about `quantile` of the real tokens leave at the first exit."""
+    with torch.no_grad():
+        out = model(input_ids, attention_mask=attention_mask, output_exit_logits=True)
+    return softmax_margin(out.exit_logits[0])[attention_mask.bool()].quantile(quantile).item()
 
 
 def left_padded(length: int = 10, pad: int = 3):
@@ -216,8 +224,10 @@ def test_confidence_policy_exits_per_token_and_fills_skipped_layers_kv():
     model = confident_model()
     input_ids = torch.randint(3, 97, (1, 12))
     threshold = median_margin(model, input_ids)
+    prompt_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    prompt_mask[:, 0] = True  # a one-token prompt: the other tokens decide for themselves
     with torch.no_grad():
-        out = model(input_ids, exit_policy="confidence", exit_threshold=threshold)
+        out = model(input_ids, exit_policy="confidence", exit_threshold=threshold, prompt_mask=prompt_mask)
         full = model(input_ids, output_exit_logits=True)
         depths = out.exit_layer[0]
         assert (depths == 1).any() and (depths > 1).any()  # mixed exits
@@ -279,22 +289,28 @@ def _generate(model, input_ids, attention_mask, **kwargs):
 def test_cached_decoding_equals_uncached(policy):
     model = confident_model()
     input_ids, attention_mask = left_padded()
-    threshold = {"full": None, "estimator": 0.3, "confidence": median_margin(model, input_ids)}[policy]
+    threshold = {"full": None, "estimator": 0.3, "confidence": margin_quantile(model, input_ids, attention_mask, 0.7)
+                 }[policy]
     with torch.no_grad():
-        cached = _generate(model, input_ids, attention_mask, exit_policy=policy, exit_threshold=threshold)
+        cached = _generate(model, input_ids, attention_mask, exit_policy=policy, exit_threshold=threshold,
+                           output_logits=True)
         uncached = _generate(model, input_ids, attention_mask, exit_policy=policy, exit_threshold=threshold,
-                             use_cache=False)
+                             use_cache=False, output_logits=True)
     assert torch.equal(cached.sequences, uncached.sequences)
+    # the same logits too: without a cache every step reruns the whole sequence, whose tokens must decide as they
+    # did when they were new (generate keeps which positions are the prompt in `prompt_mask`)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), atol=1e-4, rtol=1e-4)
     assert torch.equal(cached.exit_layers, uncached.exit_layers)
     assert cached.exit_layers.shape == (2, 6) and cached.layers_computed.shape == (6,)
-    if policy == "confidence":
-        assert len(set(cached.exit_layers.flatten().tolist())) > 1  # the test exercises mixed exits
+    if policy == "confidence":  # a token reads, at a deeper layer, the key/value filled for an earlier shallow one
+        assert any(later > earlier for row in cached.exit_layers.tolist() for i, earlier in enumerate(row)
+                   for later in row[i + 1 :])
     if policy == "estimator":  # the prompt's route holds for every new token
         assert all(len(set(row)) == 1 for row in cached.exit_layers.tolist())
 
 
-def test_generate_routes_on_the_prompt_like_a_forward_whose_estimator_mask_is_the_prompt():
-    """Training and teacher-forced evaluation also see the answer: `estimator_mask` keeps the estimator on the
+def test_generate_routes_on_the_prompt_like_a_forward_whose_prompt_mask_is_the_prompt():
+    """Training and teacher-forced evaluation also see the answer: `prompt_mask` keeps the estimator on the
     question."""
     model = confident_model(exit_policy="estimator")
     with torch.no_grad():
@@ -304,9 +320,9 @@ def test_generate_routes_on_the_prompt_like_a_forward_whose_estimator_mask_is_th
         model.config.estimator_threshold = first_exit_probability.median().item()  # about half take the first exit
         out = model.generate(prompts, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
                              eos_token_id=None)
-        estimator_mask = torch.zeros_like(out.sequences, dtype=torch.bool)
-        estimator_mask[:, :5] = True
-        forced = model(out.sequences, estimator_mask=estimator_mask)
+        prompt_mask = torch.zeros_like(out.sequences, dtype=torch.bool)
+        prompt_mask[:, :5] = True
+        forced = model(out.sequences, prompt_mask=prompt_mask)
     depths = torch.tensor(model.config.exit_layers)[forced.exit_route]
     assert torch.equal(out.exit_layers[:, 0], depths) and len(set(depths.tolist())) > 1
 
@@ -316,8 +332,10 @@ def test_confidence_incremental_logits_equal_one_forward():
     model = confident_model()
     input_ids = torch.randint(3, 97, (1, 12))
     threshold = median_margin(model, input_ids)
+    prompt_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    prompt_mask[:, :4] = True
     with torch.no_grad():
-        whole = model(input_ids, exit_policy="confidence", exit_threshold=threshold)
+        whole = model(input_ids, exit_policy="confidence", exit_threshold=threshold, prompt_mask=prompt_mask)
         out = model(input_ids[:, :4], exit_policy="confidence", exit_threshold=threshold, use_cache=True)
         logits, depths, cache = [out.logits], [out.exit_layer], out.cache
         for i in range(4, 12):
@@ -512,7 +530,7 @@ def test_arithmetic_preset_is_the_training_default_and_fits_the_tokenizer():
     # the model scripts/train_adaptive.py trained before presets existed (its re-declared defaults)
     assert config.exit_layers == [2, 4, 6, 8] and config.exit_loss_weights == [2.0, 1.0, 1.0, 1.0]
     assert config.first_k_dense_layers == config.num_hidden_layers == 8 and config.estimator_loss_weight == 0.1
-    assert sum(p.numel() for p in AdaptiveDepthForCausalLM(config).parameters()) == 1_203_460
+    assert sum(p.numel() for p in AdaptiveDepthForCausalLM(config).parameters()) == 1_207_748
     config.exit_layers.append(9)  # a config never shares the preset's lists
     assert AdaptiveDepthConfig.from_preset("arithmetic").exit_layers == [2, 4, 6, 8]
     with pytest.raises(ValueError, match="Unknown preset 'tiny'"):
@@ -575,19 +593,36 @@ def test_a_failing_model_card_never_loses_the_trained_model(tmp_path, monkeypatc
 
 def test_bench_script_writes_results_table_and_curves(trained_folder, tmp_path):
     folder, _ = trained_folder
+    second_seed = tmp_path / "second_seed"  # a second run (the same model here: the seeds' figures must be equal)
+    shutil.copytree(folder, second_seed)
+    result = run_script("bench_adaptive", "--model_dir", str(folder), str(second_seed), "--output_dir",
+                        str(tmp_path / "bench"), "--threshold_steps", "3", "--timing_examples", "2",
+                        "--timing_rounds", "1", "--disable_tqdm", "True")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| easy | estimator |" in result.stdout and "| figure | mean | min | max | std | worst seed |" in result.stdout
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert len(results["runs"]) == 2
+    saved = results["summary"]["estimator: easy layers saved"]
+    assert saved["values"][0] == saved["values"][1] == saved["mean"] == saved["worst"] and saved["std"] == 0.0
+    twice = run_script("bench_adaptive", "--model_dir", str(folder), str(folder), "--output_dir",
+                       str(tmp_path / "bench2"))
+    assert twice.returncode == 2 and "--model_dir lists a folder twice" in twice.stderr
     result = run_script("bench_adaptive", "--model_dir", str(folder), "--output_dir", str(tmp_path / "bench"),
                         "--threshold_steps", "3", "--timing_examples", "2", "--timing_rounds", "1",
                         "--disable_tqdm", "True")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| easy | estimator |" in result.stdout
     for name in ("results.json", "results.md", "curves.png"):
         assert (tmp_path / "bench" / name).is_file()
     assert (tmp_path / "bench" / "curves.png").read_bytes().startswith(PNG_MAGIC)
     results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    run = results["runs"][0]
+    assert len(results["runs"]) == 1 and run["training_seed"] == 42
     for split in ("easy", "hard"):
-        r = results["splits"][split]
-        assert {"full", "estimator", "confidence", "estimator_curve", "confidence_curve"} <= set(r)
-        timing = results["timing"][split]
+        r = run["splits"][split]
+        assert {"full", "estimator", "confidence", "estimator_curve", "confidence_curve", "oracle_curve",
+                "confusion"} <= set(r)
+        assert sum(map(sum, r["confusion"]["counts"])) == r["questions"]
+        timing = run["timing"][split]
         assert set(timing["wall_time_ratio"]) == {f"{mode}/{policy}" for mode in ("generate", "loop")
                                                   for policy in ("full", "estimator", "confidence")} | {
                                                      "generate/self_speculative"}
@@ -599,7 +634,9 @@ def test_bench_script_writes_results_table_and_curves(trained_folder, tmp_path):
         assert accuracy["generate/confidence"] == accuracy["loop/confidence"]
         assert timing["decoding_agrees_with_teacher_forcing"], (accuracy, timing["teacher_forced_accuracy"])
         assert timing["self_speculative_equals_greedy"]
-    assert set(results["targets"]) == {"estimator", "confidence"}
+    assert set(run["targets"]) == {"estimator", "confidence"}
+    assert results["summary"]["estimator: easy layers saved"]["values"] == [
+        run["targets"]["estimator"]["easy_layer_reduction"]]
 
 
 def test_bench_refuses_a_folder_without_heldout_questions(tmp_path):
@@ -637,7 +674,7 @@ def test_help_explains_every_option(script):
         (lambda: _sizes(calibration_easy=300), "--calibration_easy"),
         (lambda: _sizes(hard_fraction=1.5), "--hard_fraction"),
         (lambda: _sizes(calibration_hard=30), "--calibration_hard"),
-        (lambda: _schedule(reserve_minutes=20.0), "--reserve_minutes"),
+        (lambda: _schedule(time_budget_minutes=15.0, reserve_minutes=20.0), "--reserve_minutes"),
         (lambda: _schedule(estimator_steps=-1), "--estimator_steps"),
     ],
 )

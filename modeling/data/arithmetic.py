@@ -62,10 +62,15 @@ def all_problems(split: str) -> list[Problem]:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
-def sample_problems(count: int, hard_fraction: float, seed: int, exclude: set[str] | None = None) -> list[Problem]:
-    """`count` random questions, a `hard_fraction` of them hard, none whose prompt is in `exclude`."""
+def sample_problems(count: int, hard_fraction: float, seed: int, exclude: set[str] | None = None,
+                    hard_prompts: Sequence[str] | None = None) -> list[Problem]:
+    """`count` random questions, a `hard_fraction` of them hard, none whose prompt is in `exclude`; the hard ones
+    drawn from `hard_prompts` only when it is given."""
     rng = random.Random(seed)
     pools = {split: [p for p in all_problems(split) if not exclude or p.prompt not in exclude] for split in SPLITS}
+    if hard_prompts is not None:
+        allowed = set(hard_prompts)
+        pools["hard"] = [p for p in pools["hard"] if p.prompt in allowed]
     return [rng.choice(pools["hard" if rng.random() < hard_fraction else "easy"]) for _ in range(count)]
 
 
@@ -76,7 +81,10 @@ class SuiteSizes:
     - `train_examples` generated training questions, a `hard_fraction` of them hard;
     - `heldout_hard` hard questions never trained on: the first `calibration_hard` calibrate the exit thresholds, the
       rest are the test set; of the 300 easy questions (all trained on), `calibration_easy` calibrate and the rest
-      are the test set.
+      are the test set;
+    - `estimator_hard` more hard questions held out of the backbone's training (phase 1) and used to train the
+      estimator (phase 2): on them the exits fail as they fail on new questions, which the estimator must learn
+      (on questions the backbone was trained on, every exit looks better than it is).
     """
 
     train_examples: int = 128_000
@@ -84,6 +92,7 @@ class SuiteSizes:
     heldout_hard: int = 1500
     calibration_hard: int = 500
     calibration_easy: int = 150
+    estimator_hard: int = 1000
 
     def __post_init__(self) -> None:
         if self.train_examples < 1:
@@ -93,21 +102,25 @@ class SuiteSizes:
         if not 1 <= self.calibration_hard < self.heldout_hard <= 4500:
             raise ValueError("--calibration_hard must be >= 1 and below --heldout_hard, which is at most 4500 (half "
                              f"the hard space); got {self.calibration_hard} and {self.heldout_hard}.")
+        if not 0 <= self.estimator_hard <= 4500 - self.heldout_hard:
+            raise ValueError(f"--estimator_hard must be in [0, 4500 - heldout_hard = {4500 - self.heldout_hard}] (half "
+                             f"the hard space at most is held out), got {self.estimator_hard}.")
         if not 1 <= self.calibration_easy < 300:
             raise ValueError(f"--calibration_easy must be in [1, 299] (300 easy questions exist), got "
                              f"{self.calibration_easy}.")
 
 
 def split_heldout(sizes: SuiteSizes, seed: int) -> dict[str, dict[str, list[str]]]:
-    """`{"calibration" | "test": {"easy" | "hard": prompts}}`. Hard ones are held out of training; easy ones are all
-    trained on (the space is small)."""
+    """`{"calibration" | "test": {"easy" | "hard": prompts}, "estimator": {"hard": prompts}}`. Hard ones are held out
+    of the backbone's training; easy ones are all trained on (the space is small)."""
     rng = random.Random(seed + 1)
-    hard = rng.sample([p.prompt for p in all_problems("hard")], sizes.heldout_hard)
+    hard = rng.sample([p.prompt for p in all_problems("hard")], sizes.heldout_hard + sizes.estimator_hard)
     easy = [p.prompt for p in all_problems("easy")]
     rng.shuffle(easy)
     return {
         "calibration": {"easy": easy[: sizes.calibration_easy], "hard": hard[: sizes.calibration_hard]},
-        "test": {"easy": easy[sizes.calibration_easy :], "hard": hard[sizes.calibration_hard :]},
+        "test": {"easy": easy[sizes.calibration_easy :], "hard": hard[sizes.calibration_hard : sizes.heldout_hard]},
+        "estimator": {"hard": hard[sizes.heldout_hard :]},
     }
 
 
@@ -142,8 +155,8 @@ class ProblemDataset(torch.utils.data.Dataset):
 
 
 class PadCollator:
-    """Right-pads `input_ids` (pad id), `labels` (-100) and builds `attention_mask` and `estimator_mask` (the prompt:
-    the estimator routes on the question alone, as in `generate`)."""
+    """Right-pads `input_ids` (pad id), `labels` (-100) and builds `attention_mask` and `prompt_mask` (the question:
+    the model decides on it alone, as in `generate`)."""
 
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
@@ -158,6 +171,6 @@ class PadCollator:
             input_ids[i, :n] = torch.tensor(e["input_ids"])
             labels[i, :n] = torch.tensor(e["labels"])
             attention_mask[i, :n] = 1
-        estimator_mask = attention_mask.bool() & (labels == -100)
+        prompt_mask = attention_mask.bool() & (labels == -100)
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-                "estimator_mask": estimator_mask}
+                "prompt_mask": prompt_mask}

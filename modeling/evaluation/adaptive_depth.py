@@ -29,60 +29,87 @@ def _answer_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def exit_measurements(model, problems: Sequence[Problem], tokenizer, batch_size: int = 256) -> dict[str, torch.Tensor]:
     """One full-depth forward per batch: which exits answer each question right `(N, num_exits)`, the estimator's
-    probabilities `(N, num_exits)`, and the real token count `(N,)`."""
+    logits `(N, num_exits)` (read under `objective`, the model's `estimator_objective`), and the real token count
+    `(N,)`."""
     model.eval()
-    correct, probabilities, lengths = [], [], []
+    correct, logits, lengths = [], [], []
     for batch in _batches(problems, tokenizer, batch_size):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_exit_logits=True,
-                    estimator_mask=batch["estimator_mask"], use_cache=False)
+                    prompt_mask=batch["prompt_mask"], use_cache=False)
         correct.append(torch.stack([_answer_correct(l, batch["labels"]) for l in out.exit_logits], 1))
-        probabilities.append(out.estimator_logits.float().softmax(-1))
+        logits.append(out.estimator_logits.float())
         lengths.append(batch["attention_mask"].sum(1))
-    return {"correct": torch.cat(correct), "probabilities": torch.cat(probabilities), "lengths": torch.cat(lengths)}
+    return {"correct": torch.cat(correct), "estimator_logits": torch.cat(logits), "lengths": torch.cat(lengths),
+            "objective": model.config.estimator_objective}
+
+
+# One-sided 90% normal quantile of the bound calibration reports beside each accuracy drop.
+DROP_BOUND_Z = 1.2816
+
+
+def accuracy_drop_bound(full_correct: torch.Tensor, policy_correct: torch.Tensor, z: float = DROP_BOUND_Z
+                        ) -> dict[str, float]:
+    """The accuracy a policy loses against full depth on the same questions, and a one-sided upper confidence bound
+    on it from the paired per-question differences (normal approximation): what the drop may be on new questions.
+
+    (N,) bool, (N,) bool -> {"accuracy_drop", "drop_upper_bound"}. No question answered differently: the bound is the
+    drop itself (0)."""
+    differences = full_correct.float() - policy_correct.float()  # 1: lost, -1: gained, 0: same
+    n = max(1, differences.numel())
+    drop = differences.mean().item() if differences.numel() else 0.0
+    spread = differences.std(unbiased=False).item() if differences.numel() > 1 else 0.0
+    return {"accuracy_drop": drop, "drop_upper_bound": drop + z * spread / math.sqrt(n)}
 
 
 def estimator_operating_point(measured: dict[str, torch.Tensor], exit_layers: Sequence[int], threshold: float
                               ) -> dict[str, float]:
-    """Accuracy and mean layers per token when each question is routed by the estimator at `threshold`."""
+    """Accuracy, mean layers per token and the accuracy drop against full depth (with its upper bound,
+    `accuracy_drop_bound`) when each question is routed by the estimator at `threshold`."""
     from ..modeling_adaptive_depth import route_from_estimate
 
-    route = route_from_estimate(measured["probabilities"].log(), threshold)
+    route = route_from_estimate(measured["estimator_logits"], threshold, measured["objective"])
     correct = measured["correct"].gather(1, route[:, None]).squeeze(1)
     depth = torch.tensor(exit_layers, dtype=torch.float)[route]
     return {"threshold": threshold, "accuracy": correct.float().mean().item(), "mean_layers": depth.mean().item(),
-            "route_histogram": torch.bincount(route, minlength=len(exit_layers)).tolist()}
+            "route_histogram": torch.bincount(route, minlength=len(exit_layers)).tolist(),
+            **accuracy_drop_bound(measured["correct"][:, -1], correct)}
 
 
 @torch.no_grad()
 def confidence_operating_point(model, problems: Sequence[Problem], tokenizer, threshold: float,
-                               batch_size: int = 256) -> dict[str, float]:
-    """Accuracy and layers under the per-token confidence policy at `threshold` (teacher forcing, exact for greedy).
+                               batch_size: int = 256, full_correct: torch.Tensor | None = None) -> dict[str, float]:
+    """Accuracy and layers under the per-token confidence policy at `threshold` (teacher forcing with the question as
+    `prompt_mask`, exact for greedy decoding).
 
-    `mean_layers`: per token, the depth of its exit (what per-token exit can save at best). `executed_layers`: per
-    token, the layers a batch-1 generation really runs: the prompt is one forward, which runs until its last token
-    leaves, then each answer token its own depth (key/value filling of skipped layers not counted).
+    Per token fed to a batch-1 generation (the question, then every answer token but the final `<eos>`):
+    `executed_layers`, the layers run in full (the question's tokens leave with its last one, each answer token at
+    its own exit), and `kv_filled_layers`, the deeper layers that only computed its key/value (two projections, a
+    small fraction of a layer). `mean_layers`: the mean exit depth over all real tokens. Given `full_correct` (N,),
+    full depth's correctness on the same questions, it adds the accuracy drop and its upper bound
+    (`accuracy_drop_bound`).
     """
     model.eval()
-    correct, token_layers, executed = [], [], []
+    num_layers = model.config.num_hidden_layers
+    correct, token_layers, executed, filled = [], [], [], []
     for batch in _batches(problems, tokenizer, batch_size):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], exit_policy="confidence",
-                    exit_threshold=threshold, use_cache=False)
+                    exit_threshold=threshold, prompt_mask=batch["prompt_mask"], use_cache=False)
         correct.append(_answer_correct(out.logits, batch["labels"]))
         mask = batch["attention_mask"].bool()
         depth = out.exit_layer.float()
         token_layers.append((depth * mask).sum(1) / mask.sum(1))
-        prompt_mask = mask & (batch["labels"] == -100)
-        prompt_len = prompt_mask.sum(1)
-        # tokens fed during generation: the prompt, then every answer token except the final <eos>
-        fed = mask.clone()
-        last = mask.sum(1) - 1
-        fed[torch.arange(len(last)), last] = False
-        prompt_cost = depth.masked_fill(~prompt_mask, 0).amax(1) * prompt_len
-        answer_cost = (depth * (fed & ~prompt_mask)).sum(1)
-        executed.append((prompt_cost + answer_cost) / fed.sum(1))
+        fed = mask.clone()  # the tokens a generation feeds: all but the final <eos>
+        fed[torch.arange(len(fed)), mask.sum(1) - 1] = False
+        count = fed.sum(1)
+        executed.append((depth * fed).sum(1) / count)
+        filled.append(((num_layers - depth) * fed).sum(1) / count)
     correct = torch.cat(correct)
-    return {"threshold": threshold, "accuracy": correct.float().mean().item(),
-            "mean_layers": torch.cat(token_layers).mean().item(), "executed_layers": torch.cat(executed).mean().item()}
+    point = {"threshold": threshold, "accuracy": correct.float().mean().item(),
+             "mean_layers": torch.cat(token_layers).mean().item(), "executed_layers": torch.cat(executed).mean().item(),
+             "kv_filled_layers": torch.cat(filled).mean().item()}
+    if full_correct is not None:
+        point.update(accuracy_drop_bound(full_correct, correct))
+    return point
 
 
 @torch.no_grad()
@@ -161,7 +188,11 @@ def _answers_right(new_tokens: list[int], problem: Problem, tokenizer) -> bool:
 def choose_threshold(points: Sequence[dict], full_accuracy: dict[str, float], tolerance: dict[str, float]) -> dict:
     """The operating point with the fewest layers (summed over splits) whose accuracy stays within `tolerance` of
     full depth on every split; `points` hold per-split results `{"easy": {...}, "hard": {...}, "threshold": t}`.
-    Falls back to the most accurate point."""
+    Falls back to the most accurate point.
+
+    The points also carry `drop_upper_bound` (`accuracy_drop_bound`), reported but not used here: on 500
+    calibration questions a 90% bound below 0.5 point admits at most one changed answer, which pushes the
+    thresholds to 1 and saves nothing."""
     admissible = [p for p in points
                   if all(p[s]["accuracy"] >= full_accuracy[s] - tolerance[s] - 1e-9 for s in full_accuracy)]
     if admissible:
@@ -178,8 +209,9 @@ def threshold_grid(steps: int = 41) -> list[float]:
 
 def calibrate(model, tokenizer, problems: dict[str, list[Problem]], easy_tolerance: float, hard_tolerance: float,
               threshold_steps: int = 41) -> dict:
-    """Per-exit accuracy, full-depth accuracy, the threshold sweeps of both policies and the chosen thresholds (the
-    cheapest whose accuracy stays within the tolerance of full depth on both splits), on `problems` per split."""
+    """Per-exit accuracy, full-depth accuracy, the threshold sweeps of both policies (each point with its accuracy
+    drop and that drop's 90% upper bound) and the chosen thresholds (the cheapest whose accuracy stays within the
+    tolerance of full depth on both splits), on `problems` per split."""
     exit_layers = list(model.config.exit_layers)
     measured = {split: exit_measurements(model, problems[split], tokenizer) for split in SPLITS}
     full = {split: measured[split]["correct"][:, -1].float().mean().item() for split in SPLITS}
@@ -189,7 +221,8 @@ def calibrate(model, tokenizer, problems: dict[str, list[Problem]], easy_toleran
         {"threshold": t, **{s: estimator_operating_point(measured[s], exit_layers, t) for s in SPLITS}} for t in grid
     ]
     confidence_points = [
-        {"threshold": t, **{s: confidence_operating_point(model, problems[s], tokenizer, t) for s in SPLITS}}
+        {"threshold": t, **{s: confidence_operating_point(model, problems[s], tokenizer, t,
+                                                          full_correct=measured[s]["correct"][:, -1]) for s in SPLITS}}
         for t in grid
     ]
     return {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 from importlib import resources
 
 MODEL_CARD_TEMPLATES = (
@@ -65,11 +66,15 @@ def result_kind(results: dict) -> str:
                      f"{', '.join(RESULT_KINDS.values())}); train with a script of scripts/ first.")
 
 
-def _result(task: tuple[str, str], dataset: tuple[str, str, str | None], metric: str, value: float, name: str):
+def _result(task: tuple[str, str], dataset: tuple[str, str, str | None], metric: str, value: float, name: str,
+            config: str | None = None):
+    """One model-index entry. The Hub groups entries by task type, dataset type, config and split (not by dataset
+    name): two data sets of one type need their own `config`, or the second is filed under the first's name."""
     from huggingface_hub import EvalResult
 
     return EvalResult(task_type=task[0], task_name=task[1], dataset_type=dataset[0], dataset_name=dataset[1],
-                      dataset_split=dataset[2], metric_type=metric, metric_value=float(value), metric_name=name)
+                      dataset_split=dataset[2], dataset_config=config, metric_type=metric, metric_value=float(value),
+                      metric_name=name)
 
 
 def measured_results(results: dict, dataset: tuple[str, str] | None = None, model: str = "student") -> list:
@@ -120,14 +125,14 @@ def measured_results(results: dict, dataset: tuple[str, str] | None = None, mode
         calibration, out = results["calibration"], []
         for split, accuracy in calibration.get("full_accuracy", {}).items():
             data = (*(dataset or ("arithmetic-generated", f"Generated arithmetic ({split})")), "calibration")
-            out.append(_result(task, data, "exact_match", accuracy, f"Exact match, full depth ({split})"))
+            out.append(_result(task, data, "exact_match", accuracy, f"Exact match, full depth ({split})", split))
             for policy in ("estimator", "confidence"):
                 point = calibration.get(policy, {}).get(split)
                 if point:
                     out.append(_result(task, data, "exact_match", point["accuracy"],
-                                       f"Exact match, {policy} exits ({split})"))
+                                       f"Exact match, {policy} exits ({split})", split))
                     out.append(_result(task, data, "mean_layers", point["mean_layers"],
-                                       f"Mean layers run, {policy} exits ({split})"))
+                                       f"Mean layers run, {policy} exits ({split})", split))
         return out
     heldout, name = results["heldout"], results.get("data", {}).get("dataset", "multimodal")
     data = (*(dataset or (HUB_DATASETS.get(name, name), f"{name} + espeak-ng voices (held-out)")), "test")
@@ -251,18 +256,51 @@ def validate_card(text: str):
     return card
 
 
-def hub_model_card(folder, base_model: str | None = None, datasets: list[str] | None = None) -> str:
-    """The folder's model card (README.md, written by its training recipe) with Hub metadata completed from its
-    results.json: `model-index` with every measured result (`measured_results`), `datasets` (Hub ids), and
-    `base_model` (given, or the adapter's base for a PEFT folder), `pipeline_tag` when the card has none
-    (`PIPELINE_TAGS`); validated (`validate_card`). The kNN-LM figures of scripts/eval_retrieval.py's default output
-    (`<folder>/retrieval_eval/results.json`) are added to the language model's own. A distilled model's folder (student/, baseline/, ... of a
-    distill.py run) has no results.json: its figures are in the run's eval.json (scripts/eval_distill.py), one
-    folder up. Returns the text."""
+def hub_card(card: str, results: dict, *, model_name: str | None = None, model: str = "student",
+             extra_results: Sequence[dict] = (), base_model: str | None = None,
+             datasets: Sequence[str] | None = None) -> str:
+    """`card` (a rendered template: YAML front matter + body) with its Hub metadata completed from `results` (the
+    run's results.json record): `model-index` with every measured result (`measured_results`, then those of each
+    `extra_results` record, e.g. a kNN-LM evaluation), `pipeline_tag` when the card has none (`PIPELINE_TAGS`),
+    `model_name` (kept when the card has one), `datasets` (given, or the Hub ids the results name) and
+    `base_model`; validated (`validate_card`). The one place that writes card YAML: the training recipes call it
+    on the card they save, so their folders are Hub-ready as they are, and the push (`hub_model_card`) calls it
+    again, which changes nothing. Returns the text."""
     import json
-    from pathlib import Path
 
     from huggingface_hub import ModelCard
+
+    results = json.loads(json.dumps(results, default=str))  # exactly what results.json holds
+    parsed = ModelCard(card)
+    dataset = None
+    named = {(r.dataset_type, r.dataset_name) for r in parsed.data.eval_results or []}
+    if len(named) == 1:  # one data set named by the card (the sparse-MoE template's corpus): every result is on it
+        dataset = named.pop()
+    parsed.data.eval_results = measured_results(results, dataset, model=model)
+    for extra in extra_results:
+        parsed.data.eval_results += measured_results(json.loads(json.dumps(extra, default=str)), dataset)
+    parsed.data.pipeline_tag = parsed.data.pipeline_tag or PIPELINE_TAGS[result_kind(results)]
+    parsed.data.model_name = parsed.data.model_name or model_name or "lightarch-model"
+    hub_ids = list(datasets or []) or [d for d in (r.dataset_type for r in parsed.data.eval_results)
+                                      if d in HUB_DATASETS.values()][:1]
+    if hub_ids:
+        parsed.data.datasets = hub_ids
+    if base_model:
+        parsed.data.base_model = base_model
+    text = str(parsed)
+    validate_card(text)
+    return text
+
+
+def hub_model_card(folder, base_model: str | None = None, datasets: list[str] | None = None) -> str:
+    """The folder's model card (README.md, written by its training recipe) with Hub metadata completed from its
+    results.json by `hub_card`; `base_model` is given, or the adapter's base for a PEFT folder. The kNN-LM figures
+    of scripts/eval_retrieval.py's default output (`<folder>/retrieval_eval/results.json`) are added to the
+    language model's own. A distilled model's folder (student/, baseline/, ... of a distill.py run) has no
+    results.json: its figures are in the run's eval.json (scripts/eval_distill.py), one folder up. Returns the
+    text."""
+    import json
+    from pathlib import Path
 
     folder = Path(folder)
     if not (folder / "README.md").is_file():
@@ -273,27 +311,12 @@ def hub_model_card(folder, base_model: str | None = None, datasets: list[str] | 
     if not path.is_file():
         raise ValueError(f"folder {folder}: no results.json, so no measured result for the card's model-index.")
     results = json.loads(path.read_text(encoding="utf-8"))
-    card = ModelCard((folder / "README.md").read_text(encoding="utf-8"))
-    dataset = None
-    if card.data.eval_results:  # the template's own model-index names the data set (the sparse-MoE corpus)
-        first = card.data.eval_results[0]
-        dataset = (first.dataset_type, first.dataset_name)
-    card.data.eval_results = measured_results(results, dataset, model=folder.resolve().name
-                                              if path.name == "eval.json" else "student")
     retrieval = folder / "retrieval_eval" / "results.json"  # scripts/eval_retrieval.py's default output folder
-    if retrieval.is_file() and result_kind(results) != "retrieval":
-        card.data.eval_results += measured_results(json.loads(retrieval.read_text(encoding="utf-8")), dataset)
-    card.data.pipeline_tag = card.data.pipeline_tag or PIPELINE_TAGS[result_kind(results)]
-    card.data.model_name = card.data.model_name or folder.resolve().name
-    hub_ids = list(datasets or []) or [d for d in (r.dataset_type for r in card.data.eval_results)
-                                      if d in HUB_DATASETS.values()][:1]
-    if hub_ids:
-        card.data.datasets = hub_ids
+    extra = ([json.loads(retrieval.read_text(encoding="utf-8"))]
+             if retrieval.is_file() and result_kind(results) != "retrieval" else [])
     adapter = folder / "adapter_config.json"
     base_model = base_model or (json.loads(adapter.read_text()).get("base_model_name_or_path")
                                 if adapter.is_file() else None)
-    if base_model:
-        card.data.base_model = base_model
-    text = str(card)
-    validate_card(text)
-    return text
+    return hub_card((folder / "README.md").read_text(encoding="utf-8"), results, model_name=folder.resolve().name,
+                    model=folder.resolve().name if path.name == "eval.json" else "student", extra_results=extra,
+                    base_model=base_model, datasets=datasets)

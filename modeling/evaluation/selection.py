@@ -5,8 +5,11 @@ The article's matrix has three scenarios, each with the architecture it suggests
 | scenario | architecture | decided by |
 |---|---|---|
 | realtime | quantized lightweight model | latency p50 < 200 ms (bench_inference, the fastest variant measured) |
-| reasoning | modular deep model | factual accuracy > 95% (adaptive-depth bench / calibration, or a retrieval evaluation) |
+| reasoning | modular deep model | factual accuracy > 95% (bench_adaptive, else train_adaptive's calibration) |
 | multimodal | dynamic sparse architecture | modality alignment error < 0.1 (the multimodal evaluation) |
+
+A record with a top-level `factual_accuracy` (and `model` / `model_dir`) is read too, for a QA evaluation that
+states it; no lightarch script writes one yet (eval_retrieval measures kNN-LM perplexity, not accuracy).
 
 `collect_measurements` reads the results.json files the benchmarks and recipes write (given, or found under a
 folder) and groups them by model folder; `selection_matrix` fills the matrix with pass / fail / missing;
@@ -59,8 +62,23 @@ MIB = 2**20  # --max_memory_mb counts MiB (2^20 bytes)
 # ------------------------------------------------------------------------------------------ reading results
 
 
+def model_folder(path: str | os.PathLike, results_file: Path) -> Path:
+    """The model folder a results file names. The benchmarks record `--model_dir` as given, usually relative to the
+    folder they ran from (`outputs/realtime`, run from the repository root): a relative path is looked up beside
+    the results file and then in each folder above it (nearest first), and only then in the current directory, so
+    that the matrix joins a benchmark to its model's own records wherever select_model.py runs from."""
+    path = Path(path)
+    if path.is_absolute():
+        return path.resolve()
+    for base in results_file.resolve().parents:
+        if (base / path).exists():
+            return (base / path).resolve()
+    return path.resolve()
+
+
 def _model_key(path: str | os.PathLike | None, fallback: Path) -> str:
-    return Path(path).resolve().as_posix() if path else fallback.resolve().as_posix()
+    """`fallback` is the results file's own folder (a training record describes the folder holding it)."""
+    return model_folder(path, fallback / "results.json").as_posix() if path else fallback.resolve().as_posix()
 
 
 def _pooled_accuracy(splits: dict, policy: str) -> float | None:
@@ -69,6 +87,17 @@ def _pooled_accuracy(splits: dict, policy: str) -> float | None:
     rows = [(n, a) for n, a in rows if a is not None]
     total = sum(n for n, _ in rows)
     return sum(n * a for n, a in rows) / total if total else None
+
+
+def _adaptive_bench_runs(results: dict) -> list[dict]:
+    """bench_adaptive's measured runs: `runs` (one per --model_dir folder), or the record itself in the older
+    one-model format (`splits` and `exit_layers` at the top); [] for any other record."""
+    def is_run(run) -> bool:
+        return isinstance(run, dict) and isinstance(run.get("splits"), dict) and "exit_layers" in run
+
+    if isinstance(results.get("runs"), list) and results["runs"] and all(map(is_run, results["runs"])):
+        return results["runs"]
+    return [results] if is_run(results) else []
 
 
 def measurements_from_results(results: dict, path: Path) -> dict[str, dict]:
@@ -97,13 +126,14 @@ def measurements_from_results(results: dict, path: Path) -> dict[str, dict]:
             label, best = max(rates, key=lambda item: item[1])
             put(model, "throughput_tokens_per_s", best, label)
         put(model, "parameters", results.get("parameters"))
-    elif isinstance(results.get("splits"), dict) and "exit_layers" in results:  # bench_adaptive
-        model = _model_key(results.get("model_dir"), folder)
-        put(model, "factual_accuracy", _pooled_accuracy(results["splits"], "estimator"),
-            "estimator policy, exact match pooled over " + ", ".join(results["splits"]))
+    elif _adaptive_bench_runs(results):  # bench_adaptive: one run per model folder (one per training seed)
+        for run in _adaptive_bench_runs(results):
+            put(_model_key(run.get("model_dir"), folder), "factual_accuracy",
+                _pooled_accuracy(run["splits"], "estimator"),
+                "estimator policy, exact match pooled over " + ", ".join(run["splits"]))
     elif isinstance(results.get("models"), dict) and "model_dir" in results:  # eval_multimodal
         for name, run in results["models"].items():
-            base = Path(results["model_dir"])
+            base = model_folder(results["model_dir"], path)
             model = _model_key(base / name if (base / name / "config.json").is_file() else base, folder)
             put(model, "alignment_error", run.get("alignment_error", {}).get("error"), "held-out, eval_multimodal")
     elif "factual_accuracy" in results:  # a retrieval / QA evaluation that states it

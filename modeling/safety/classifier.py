@@ -15,12 +15,18 @@ import torch
 from ..data.pretrained import minilm_path
 from .data import LABELS, Example, label_vector
 from .engine import CATEGORIES
+from .scoring import ProbabilityClassifier
 
 logger = logging.getLogger(__name__)
 
 
-class SafetyClassifier:
+MAX_LENGTH_FIELD = "safety_max_length"  # config.json field: the max_length the thresholds were chosen with
+
+
+class SafetyClassifier(ProbabilityClassifier):
     """A sequence classifier + tokenizer giving per-label sigmoid probabilities (what SafetyFilter calls)."""
+
+    return_tensors = "pt"
 
     def __init__(self, model, tokenizer, max_length: int = 128):
         self.model, self.tokenizer, self.max_length = model.eval(), tokenizer, max_length
@@ -39,29 +45,23 @@ class SafetyClassifier:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "SafetyClassifier":
-        """Load a classifier saved by `save_pretrained`."""
+        """Load a classifier saved by `save_pretrained`, with the max_length its thresholds were chosen at (folders
+        saved before it was recorded: 128)."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        return cls(AutoModelForSequenceClassification.from_pretrained(folder), AutoTokenizer.from_pretrained(folder))
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        return cls(model, AutoTokenizer.from_pretrained(folder), int(getattr(model.config, MAX_LENGTH_FIELD, 128)))
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """Model (safetensors + config with the labels) and tokenizer into `folder`."""
+        """Model (safetensors + config with the labels and max_length) and tokenizer into `folder`."""
+        setattr(self.model.config, MAX_LENGTH_FIELD, self.max_length)
         self.model.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
 
     @torch.no_grad()
-    def probabilities(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """Sigmoid probabilities, shape (len(texts), len(labels))."""
-        rows = []
-        for start in range(0, len(texts), batch_size):
-            batch = self.tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt")
-            rows.append(torch.sigmoid(self.model(**batch).logits).numpy())  # (b, labels)
-        return np.concatenate(rows) if rows else np.zeros((0, len(self.labels)))
-
-    def predict(self, texts: Sequence[str]) -> list[dict[str, float]]:
-        """One {label: probability} per text."""
-        return [dict(zip(self.labels, map(float, row))) for row in self.probabilities(texts)]
+    def batch_probabilities(self, encoded) -> np.ndarray:
+        """Sigmoid probabilities of one tokenized batch, (batch, len(labels))."""
+        return torch.sigmoid(self.model(**encoded).logits).numpy()
 
 
 def choose_thresholds(probabilities: np.ndarray, targets: np.ndarray, labels: Sequence[str] = LABELS,

@@ -1,5 +1,6 @@
 """Measuring a SafetyFilter on labelled prompts: block rate on harmful prompts, false refusals on benign look-alikes
-and on ordinary prompts, per-category precision / recall of the classifier, and the threshold curve."""
+and on ordinary prompts, per-category precision / recall / F1 of the classifier (all through the `safety_screening`
+evaluate metric), the threshold curve, and a count of blocks that do not say why."""
 
 from __future__ import annotations
 
@@ -7,63 +8,76 @@ from typing import Sequence
 
 import numpy as np
 
-from .data import LABELS, Example, label_vector
+from ..evaluation.metrics import load_metric
+from .data import LABELS, Example
 from .engine import CATEGORIES
 from .filter import SafetyFilter
 
 
-def _rate(flags: Sequence[bool]) -> float | None:
-    return float(np.mean(flags)) if len(flags) else None
+def screened_categories(verdict) -> list[str]:
+    """The categories a verdict blocked for (what `safety_screening` takes as a prediction): empty when allowed;
+    a block that names no category counts as "other", so it is still a block."""
+    if verdict.allowed:
+        return []
+    return sorted({v.category for v in verdict.violations} or {verdict.category or "other"})
+
+
+def unexplained(verdict) -> bool:
+    """A block without a one-line explanation, or without a deciding violation that names its source ("rule",
+    "classifier", ...) and its own explanation: every block must say why and who decided."""
+    if verdict.allowed:
+        return False
+    return (not verdict.explanation or "\n" in verdict.explanation or not verdict.violations
+            or any(not v.source or not v.explanation for v in verdict.violations))
 
 
 def evaluate_filter(safety: SafetyFilter, examples: Sequence[Example], curve_scales: Sequence[float] = (
-        0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75)) -> dict:
-    """Verdicts on every example (role "user"): rates by group, per-category classifier metrics, threshold curve.
+        0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75), strict: bool = True) -> dict:
+    """Verdicts on every example (role "user"): rates by group, per-category classifier metrics, threshold curve,
+    all computed by the `safety_screening` metric (`lightarch.evaluation.metrics`).
 
-    Every block must carry a one-line explanation: one without is an error (the promise of explained verdicts)."""
+    Every block must carry a one-line explanation and its source: the record counts the blocks without one
+    (`blocks_without_explanation`, of `blocks`); with `strict` (the default) one such block is an error."""
     if not examples:
         raise ValueError("examples is empty: pass the test split")
     verdicts = [safety.check(e.text) for e in examples]
-    for example, verdict in zip(examples, verdicts):
-        if not verdict.allowed and (not verdict.explanation or "\n" in verdict.explanation or not verdict.violations):
-            raise AssertionError(f"block without a one-line explanation: {example.text!r}")
-    harmful = [not v.allowed for e, v in zip(examples, verdicts) if e.categories]
-    lookalike = [not v.allowed for e, v in zip(examples, verdicts) if e.source == "lookalike"]
-    ordinary = [not v.allowed for e, v in zip(examples, verdicts) if e.source == "ordinary"]
-    by_source: dict[str, list[bool]] = {}
-    for e, v in zip(examples, verdicts):
-        if e.categories:
-            by_source.setdefault(e.source, []).append(not v.allowed)
+    missing = [e.text for e, v in zip(examples, verdicts) if unexplained(v)]
+    if missing and strict:
+        raise AssertionError(f"{len(missing)} block(s) without a one-line explanation and a source, e.g. "
+                             f"{missing[0]!r}")
+    sources = [e.source for e in examples]
+    screen = load_metric("safety_screening").compute(
+        predictions=[screened_categories(v) for v in verdicts], references=[list(e.categories) for e in examples],
+        sources=sources)
+    benign = screen["false_refusal_rate_by_source"]
     results = {
-        "examples": len(examples), "harmful": len(harmful), "lookalike": len(lookalike), "ordinary": len(ordinary),
-        "harmful_blocked": _rate(harmful), "false_refusal_lookalike": _rate(lookalike),
-        "false_refusal_ordinary": _rate(ordinary),
-        "blocked_by_source": {s: _rate(flags) for s, flags in sorted(by_source.items())},
+        "examples": len(examples), "harmful": screen["harmful"],
+        "lookalike": sources.count("lookalike"), "ordinary": sources.count("ordinary"),
+        "harmful_blocked": screen["block_rate"], "false_refusal_lookalike": benign.get("lookalike"),
+        "false_refusal_ordinary": benign.get("ordinary"), "false_refusal_benign": screen["false_refusal_rate"],
+        "blocked_by_source": screen["block_rate_by_source"],
         "rule_blocks": sum(any(x.source == "rule" for x in v.violations) for v in verdicts),
         "classifier_blocks": sum(any(x.source == "classifier" for x in v.violations) for v in verdicts),
+        "blocks": sum(not v.allowed for v in verdicts), "blocks_without_explanation": len(missing),
     }
     if safety.classifier is not None:
         probabilities = safety.classifier.probabilities([e.text for e in examples])  # (N, labels)
-        targets = np.array([label_vector(e) for e in examples]) > 0.5
-        per_category = {}
-        for j, label in enumerate(LABELS):
-            if label not in CATEGORIES:
-                continue
-            predicted = probabilities[:, j] >= safety.thresholds[label]
-            tp = int((predicted & targets[:, j]).sum())
-            per_category[label] = {"support": int(targets[:, j].sum()), "threshold": safety.thresholds[label],
-                                   "precision": tp / max(1, int(predicted.sum())),
-                                   "recall": tp / max(1, int(targets[:, j].sum()))}
-        results["per_category"] = per_category
-        is_harmful = np.array([bool(e.categories) for e in examples])
-        benign = np.array([e.source in ("lookalike", "ordinary") for e in examples])
         category_columns = [j for j, label in enumerate(LABELS) if label in CATEGORIES]
-        limits = np.array([safety.thresholds[LABELS[j]] for j in category_columns])
+        limits = np.array([safety.thresholds[LABELS[j]] for j in category_columns])  # (categories,)
+        flagged = probabilities[:, category_columns] >= limits  # (N, categories)
+        classifier = load_metric("safety_screening").compute(
+            predictions=[[LABELS[j] for j, hit in zip(category_columns, row) if hit] for row in flagged],
+            references=[[c for c in e.categories if c in CATEGORIES] for e in examples], sources=sources,
+            categories=[LABELS[j] for j in category_columns])
+        results["per_category"] = {label: {"threshold": safety.thresholds[label], **row}
+                                   for label, row in classifier["per_category"].items()}
+        is_harmful = np.array([bool(e.categories) for e in examples])
+        benign_rows = np.array([e.source in ("lookalike", "ordinary") for e in examples])
         curve = []
         for scale in curve_scales:  # the classifier alone, all thresholds scaled together
             flagged = (probabilities[:, category_columns] >= np.minimum(limits * scale, 0.99)).any(axis=1)
             curve.append({"scale": scale, "harmful_flagged": float(flagged[is_harmful].mean()),
-                          "benign_flagged": float(flagged[benign].mean()) if benign.any() else None})
+                          "benign_flagged": float(flagged[benign_rows].mean()) if benign_rows.any() else None})
         results["threshold_curve"] = curve
     return results
 

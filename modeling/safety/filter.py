@@ -31,6 +31,7 @@ CATEGORY_NAMES_ZH = {"violence": "暴力与武器", "self_harm": "自伤", "ille
                      "hate": "仇恨", "privacy": "隐私", "cybercrime": "网络犯罪", "medical": "医疗规范",
                      "sexual": "色情", "toxicity": "辱骂", "misinformation": "虚假信息", "other": "其他风险"}
 DEFAULT_THRESHOLD = 0.5
+CLASSIFIER_BACKENDS = ("auto", "torch", "onnx", "onnx_fp32", "onnx_int8")
 
 
 class SafetyClassifierLike(Protocol):
@@ -112,11 +113,20 @@ class SafetyFilter:
         """Decide on a prompt (`role="user"`) or an answer (`role="assistant"`) by the policy in the module doc."""
         if role not in ROLES:
             raise ValueError(f"role={role!r}: use one of {', '.join(ROLES)}")
-        language = text_language(text)
-        matches = self.engine.match(text, role)
         scores = None
         if use_classifier and self.classifier is not None:
-            scores = {c: float(s) for c, s in self.classifier.predict([text])[0].items() if c in CATEGORIES}
+            scores = self.classifier.predict([text])[0]
+        return self.decide(text, scores, role)
+
+    def decide(self, text: str, scores: dict[str, float] | None, role: str = "user") -> SafetyVerdict:
+        """`check` with the classifier's {label: probability} for `text` given (None: rules only), so that the
+        decisions of two classifiers (torch and ONNX) on the same texts can be compared without re-scoring."""
+        if role not in ROLES:
+            raise ValueError(f"role={role!r}: use one of {', '.join(ROLES)}")
+        language = text_language(text)
+        matches = self.engine.match(text, role)
+        if scores is not None:
+            scores = {c: float(s) for c, s in scores.items() if c in CATEGORIES}
         deciding, flags = [], []
         for match in matches:
             violation = _rule_violation(match)
@@ -171,8 +181,17 @@ class SafetyFilter:
         (folder / CONFIG_NAME).write_text(json.dumps(config, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, classifier: SafetyClassifierLike | None = None) -> "SafetyFilter":
-        """Load a folder written by `save_pretrained` (the classifier too, unless one is passed)."""
+    def from_pretrained(cls, folder: str | Path, classifier: SafetyClassifierLike | None = None,
+                        classifier_backend: str = "auto", num_threads: int = 0) -> "SafetyFilter":
+        """Load a folder written by `save_pretrained` (the classifier too, unless one is passed).
+
+        `classifier_backend`: "auto" runs the classifier in ONNX Runtime when its folder holds an ONNX export
+        (`lightarch.safety.onnx_classifier`; the variant the export chose on the validation split) and in torch
+        otherwise; "torch" forces torch; "onnx" / "onnx_fp32" / "onnx_int8" require the export (that variant).
+        The thresholds are the folder's whichever runs. `num_threads`: ONNX Runtime intra-op threads (0: its
+        default)."""
+        if classifier_backend not in CLASSIFIER_BACKENDS:
+            raise ValueError(f"classifier_backend={classifier_backend!r}: use one of {', '.join(CLASSIFIER_BACKENDS)}")
         folder = Path(folder)
         config_path = folder / CONFIG_NAME
         if not config_path.is_file():
@@ -181,9 +200,7 @@ class SafetyFilter:
         config = json.loads(config_path.read_text(encoding="utf-8"))
         engine = RuleEngine.from_files([folder / name for name in config["rule_files"]])
         if classifier is None and config.get("classifier"):
-            from .classifier import SafetyClassifier
-
-            classifier = SafetyClassifier.from_pretrained(folder / config["classifier"])
+            classifier = load_classifier(folder / config["classifier"], classifier_backend, num_threads)
         return cls(engine, classifier, config["thresholds"], config["agree_thresholds"],
                    low_severity_alone=config["low_severity_alone"])
 
@@ -191,3 +208,25 @@ class SafetyFilter:
     def builtin(cls, classifier: SafetyClassifierLike | None = None, **kwargs) -> "SafetyFilter":
         """The shipped rules (`builtin_rule_files`), optionally with a classifier."""
         return cls(RuleEngine.from_files(builtin_rule_files()), classifier, **kwargs)
+
+
+def load_classifier(folder: str | Path, backend: str = "auto", num_threads: int = 0) -> SafetyClassifierLike:
+    """The classifier saved in `folder` (a filter's classifier/), run by `backend` (see `SafetyFilter.from_pretrained`)."""
+    import logging
+
+    from . import onnx_classifier
+    from .onnx_classifier import OnnxSafetyClassifier, has_onnx_export
+
+    folder = Path(folder)
+    runtime = onnx_classifier.onnxruntime_available()
+    if backend == "auto" and has_onnx_export(folder) and not runtime:
+        logging.getLogger(__name__).warning("%s has an ONNX export but onnxruntime is not installed (pip install "
+                                            "'lightarch[deploy]'): the classifier runs in torch", folder)
+    if backend == "torch" or (backend == "auto" and not (has_onnx_export(folder) and runtime)):
+        from .classifier import SafetyClassifier
+
+        return SafetyClassifier.from_pretrained(folder)
+    if not runtime:
+        raise ImportError(f"classifier_backend={backend!r} needs onnxruntime: pip install 'lightarch[deploy]'")
+    variant = backend.partition("_")[2] or None  # "onnx_int8" -> "int8"; "onnx" / "auto": the export's choice
+    return OnnxSafetyClassifier.from_pretrained(folder, variant, num_threads)

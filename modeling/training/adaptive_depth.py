@@ -5,7 +5,8 @@ layers 2, 4, 6 and 8 and a complexity estimator. Training runs on `transformers.
 
 1. joint: every exit's LM loss (weights `config.exit_loss_weights`) plus the estimator's loss, whose target is the
    earliest exit that already answers right;
-2. estimator: the backbone frozen, the estimator retrained on the final exits' answers.
+2. estimator: the backbone frozen, the estimator retrained on the final exits' answers, on hard questions held out
+   of phase 1 (`SuiteSizes.estimator_hard`), so it learns where the exits fail on questions they have not seen.
 
 Then the thresholds of the `"estimator"` and `"confidence"` policies are calibrated on held-out calibration questions
 (the cheapest threshold whose accuracy stays within a tolerance of full depth) and stored in the saved config
@@ -41,7 +42,7 @@ from ..data.arithmetic import (
     split_heldout,
 )
 from ..evaluation.adaptive_depth import calibrate
-from ..evaluation.model_cards import format_seconds, model_card_template, render_model_card
+from ..evaluation.model_cards import format_seconds, hub_card, model_card_template, render_model_card
 from ..evaluation.plots import figure_to_png, pyplot
 from ..modeling_adaptive_depth import AdaptiveDepthForCausalLM
 from .callbacks import TimeBudgetCallback
@@ -68,17 +69,18 @@ class AdaptiveSchedule:
     - `estimator_steps` (0 skips phase 2), `estimator_learning_rate`, `estimator_batch_size`: phase 2;
     - `easy_tolerance`, `hard_tolerance`: the accuracy a calibrated threshold may lose against full depth per split;
     - `calibration_threshold_steps`: evenly spaced thresholds in [0, 1] tried (plus a few in (0.9, 1));
-    - `time_budget_minutes` (0: none): phase 1 stops early when going on would leave less than `reserve_minutes`
-      for phase 2, calibration and saving.
+    - `time_budget_minutes` (0, the default: none): phase 1 stops early when going on would leave less than
+      `reserve_minutes` for phase 2, calibration and saving. Off by default so that a run's result never depends on
+      the machine's load.
     """
 
-    estimator_steps: int = 200
-    estimator_learning_rate: float = 3e-3
+    estimator_steps: int = 600
+    estimator_learning_rate: float = 1e-2
     estimator_batch_size: int = 128
     easy_tolerance: float = 0.005
-    hard_tolerance: float = 0.0
+    hard_tolerance: float = 0.005
     calibration_threshold_steps: int = 41
-    time_budget_minutes: float = 15.0
+    time_budget_minutes: float = 0.0
     reserve_minutes: float = 2.5
 
     def __post_init__(self) -> None:
@@ -192,7 +194,7 @@ def train_adaptive(config: AdaptiveDepthConfig, training_args: TrainingArguments
     set_seed(training_args.seed)
 
     heldout = split_heldout(sizes, training_args.seed)
-    excluded = set(heldout["calibration"]["hard"]) | set(heldout["test"]["hard"])
+    excluded = set(heldout["calibration"]["hard"]) | set(heldout["test"]["hard"]) | set(heldout["estimator"]["hard"])
     train_problems = sample_problems(sizes.train_examples, sizes.hard_fraction, training_args.seed, excluded)
     calibration = problems_from_prompts(heldout["calibration"])
     logger.info("Training questions: %d (%d hard); %d hard questions held out", len(train_problems),
@@ -218,11 +220,14 @@ def train_adaptive(config: AdaptiveDepthConfig, training_args: TrainingArguments
                        training_args.max_steps)
     history = list(trainer.history)
 
-    # Phase 2: the estimator alone, on fresh questions (hard held-out ones still excluded).
+    # Phase 2: the estimator alone, on hard questions the backbone never saw (`estimator_hard`; without them, fresh
+    # draws of the training questions), calibration and test questions still excluded.
     phase2_seconds = 0.0
     if schedule.estimator_steps:
+        estimator_hard = heldout["estimator"]["hard"] or None
         estimator_problems = sample_problems(schedule.estimator_steps * schedule.estimator_batch_size,
-                                             sizes.hard_fraction, training_args.seed + 2, excluded)
+                                             sizes.hard_fraction, training_args.seed + 2,
+                                             excluded - set(estimator_hard or ()), hard_prompts=estimator_hard)
         phase2_history, phase2_seconds = _train_estimator(model, training_args, schedule, estimator_problems,
                                                           tokenizer, collator)
         history += [{**e, "step": e["step"] + trainer.state.global_step} for e in phase2_history]
@@ -245,6 +250,7 @@ def train_adaptive(config: AdaptiveDepthConfig, training_args: TrainingArguments
                     calibrated["confidence"][split]["accuracy"], calibrated["confidence"][split]["mean_layers"])
 
     results = {
+        "seed": training_args.seed,
         "num_parameters": num_parameters,
         "config": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "exit_layers",
                                                     "exit_loss_weights", "estimator_input_layer",
@@ -337,6 +343,11 @@ def render_card(results: dict, config: AdaptiveDepthConfig, model_path: str) -> 
         "first_exit": config.exit_layers[0],
         "exit_loss_weights": ", ".join(f"{w:g}" for w in config.exit_loss_weights),
         "estimator_input_layer": config.estimator_input_layer,
+        "estimator_objective": config.estimator_objective,
+        "estimator_features": ", ".join(config.estimator_features),
+        "estimator_hard": data.get("estimator_hard", 0),
+        "easy_tolerance": f"{100 * results['schedule']['easy_tolerance']:g} pt",
+        "hard_tolerance": f"{100 * results['schedule']['hard_tolerance']:g} pt",
         "ffn": "dense SwiGLU" if config.first_k_dense_layers == config.num_hidden_layers
         else f"mixture of {config.num_experts} experts",
         "train_examples": f"{results['train_examples']:,}",
@@ -364,7 +375,8 @@ def write_card_and_plot(folder: str | os.PathLike, results: dict, config: Adapti
     model folder; a failure is logged with the folder (the model in it is complete) and re-raised."""
     folder = Path(folder)
     with writing_beside_saved_model(folder, "the model card or the training plot"):
-        write_atomically(folder / "README.md", render_card(results, config, model_path or folder.as_posix()))
+        card = render_card(results, config, model_path or folder.as_posix())
+        write_atomically(folder / "README.md", hub_card(card, results, model_name=folder.name))
         write_atomically(folder / "training.png",
                          plot_training(results["history"], results["calibration"], list(config.exit_layers)))
 

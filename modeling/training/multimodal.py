@@ -42,7 +42,7 @@ from ..data.multimodal import (
     build_tokenizer,
     generate_questions,
 )
-from ..evaluation.model_cards import format_seconds, model_card_template, render_model_card
+from ..evaluation.model_cards import format_seconds, hub_card, model_card_template, render_model_card
 from ..evaluation.multimodal import comparison_table, evaluate_model
 from ..evaluation.plots import figure_to_png, pyplot
 from ..modeling_multimodal import MultiModalForConditionalGeneration
@@ -351,7 +351,8 @@ def write_card_and_plot(folder: str | os.PathLike, results: dict, config: MultiM
     variant folder; a failure is logged with the folder (the model in it is complete) and re-raised."""
     folder = Path(folder)
     with writing_beside_saved_model(folder, "the model card or the training plot"):
-        write_atomically(folder / "README.md", render_card(results, config, model_path or folder.as_posix()))
+        card = render_card(results, config, model_path or folder.as_posix())
+        write_atomically(folder / "README.md", hub_card(card, results, model_name=folder.name))
         write_atomically(folder / "training.png", plot_losses({results["variant"]: results["history"]}))
 
 

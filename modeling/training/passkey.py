@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, Trai
 
 from ..configuration import SparseMoeConfig
 from ..data.passkey import CurriculumDataset, PasskeyCurriculum, PasskeyTask, build_tokenizer, collate_whole_batch
-from ..evaluation.model_cards import model_card_template, render_model_card
+from ..evaluation.model_cards import hub_card, model_card_template, render_model_card
 from ..evaluation.passkey import accuracy_table, evaluate_passkey
 from ..evaluation.plots import figure_to_png, pyplot
 from ..modeling_sparse_moe import SparseMoeForCausalLM
@@ -269,7 +269,7 @@ def write_card_and_plot(folder: str | os.PathLike, results: dict, config: Sparse
     (the model in it is complete) and re-raised."""
     folder = Path(folder)
     with writing_beside_saved_model(folder, "the model card or the training plot"):
-        write_atomically(folder / "README.md", render_card(results, config))
+        write_atomically(folder / "README.md", hub_card(render_card(results, config), results, model_name=folder.name))
         if results["loss_history"]:
             write_atomically(folder / "training.png", plot_training(results["loss_history"]))
 

@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoTokenizer, Trainer, TrainingArguments, 
 
 from ..data.corpus import BlockDataset, TextCorpus, token_blocks, tokenize_documents
 from ..data.tokenizers import SPECIAL_TOKENS, train_bpe_tokenizer
-from ..evaluation.model_cards import code_fence, format_seconds, model_card_template, render_model_card
+from ..evaluation.model_cards import code_fence, format_seconds, hub_card, model_card_template, render_model_card
 from ..evaluation.parameters import parameter_counts
 from ..evaluation.perplexity import unigram_perplexity
 from ..evaluation.plots import plot_expert_load, plot_loss_curves
@@ -249,7 +249,7 @@ def train_sparse_moe(
             card = render_model_card(model_card_template("sparse_moe"), card_values(
                 results, config, data.corpus, data.block_size, training_args, output_dir, params,
                 time_budget_minutes))
-            write_atomically(output_dir / "README.md", card)
+            write_atomically(output_dir / "README.md", hub_card(card, results, model_name=output_dir.name))
     finally:
         stats.remove_hooks()
     logger.info("Saved the model, tokenizer, card and plots to %s (run took %s)", output_dir,

@@ -11,6 +11,10 @@ module (self-contained, so it can also be pushed to the Hub as a metric Space as
 - `retrieval_recall`: recall@k: the fraction of queries whose class is among the top-k retrieved classes.
 - `modality_alignment_error`: the mean over ordered modality pairs of the fraction of items nearer another class's
   centroid than their own class's (what `lightarch.evaluation.multimodal` reports).
+- `safety_screening`: block rate on harmful prompts, false-refusal rate on benign ones (overall and per source), and
+  per-category precision / recall / F1, from predicted and reference category sets (`lightarch.safety.evaluation`).
+- `distillation_retention`: student / teacher score per task, the mean and the worst task
+  (`lightarch.training.distillation.report`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 
 METRICS = ("perplexity", "exact_match", "passkey_accuracy", "vqa_accuracy", "retrieval_recall",
-           "modality_alignment_error")
+           "modality_alignment_error", "safety_screening", "distillation_retention")
 
 
 def metric_path(name: str) -> str:

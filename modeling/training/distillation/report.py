@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ...data.tasks import TaskData
+from ...evaluation.metrics import load_metric
 from .multitask import (
     RESULTS_FILE,
     TASKS_FILE,
@@ -31,8 +32,19 @@ def run_models(output_dir: str | Path) -> dict[str, Path]:
     return models
 
 
+def retention_figures(student: dict[str, float], teacher: dict[str, float]) -> dict:
+    """The student's retention of the teacher's score per task, its mean and worst task, computed by the
+    `distillation_retention` evaluate metric (`lightarch.evaluation.metrics`), so that eval.json and the Hub card
+    report the figure that metric defines."""
+    if set(student) != set(teacher):
+        raise ValueError(f"student and teacher were scored on different tasks: {sorted(student)} vs {sorted(teacher)}")
+    return load_metric("distillation_retention").compute(
+        predictions=[student[name] for name in teacher], references=list(teacher.values()), tasks=list(teacher))
+
+
 def evaluate_run(output_dir: str | Path, split: str = "test") -> dict:
-    """Per task: each model's score and the majority baseline; per model: mean; the student's retention."""
+    """Per task: each model's score and the majority baseline; per model: mean; the student's retention
+    (`retention_figures`)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     output = Path(output_dir)
@@ -49,17 +61,17 @@ def evaluate_run(output_dir: str | Path, split: str = "test") -> dict:
         scores[name] = score_tasks(model, MultiTaskCollator(tokenizer, tasks_record["max_length"]), tasks, split)
     scores["majority"] = {task.name: task.majority_baseline(split) for task in tasks}
     means = {name: sum(values.values()) / len(values) for name, values in scores.items()}
-    retention = {task.name: scores["student"][task.name] / scores["teacher"][task.name]
-                 if scores["teacher"][task.name] > 0 else 0.0 for task in tasks}
+    kept = retention_figures(scores["student"], scores["teacher"])
     return {
         "split": split,
         "tasks": [{"name": t.name, "metric": t.metric, "num_labels": t.num_labels,
                    "test_examples": len(t.splits[split])} for t in tasks],
         "scores": scores,
         "means": means,
-        "retention": retention,
-        "retention_mean": sum(retention.values()) / len(retention),
-        "retention_worst": min(retention.values()),
+        "retention": kept["retention"],
+        "retention_mean": kept["retention_mean"],
+        "retention_worst": kept["retention_worst"],
+        "retention_worst_task": kept["worst_task"],
         "distillation_gain_points": 100 * (means["student"] - means.get("baseline", float("nan"))),
         "training": train_record,
         "tasks_record": tasks_record,
@@ -131,6 +143,7 @@ def write_report(output_dir: str | Path, results: dict) -> None:
     """eval.json, eval.md, eval.png beside the run, and the student's README.md."""
     from transformers import AutoConfig
 
+    from ...evaluation.model_cards import hub_card
     from ..checkpoints import write_atomically, writing_beside_saved_model
 
     output = Path(output_dir)
@@ -139,4 +152,5 @@ def write_report(output_dir: str | Path, results: dict) -> None:
     write_atomically(output / "eval.png", results_plot(results))
     with writing_beside_saved_model(output / "student", "the model card"):
         config = AutoConfig.from_pretrained(output / "student")
-        write_atomically(output / "student" / "README.md", student_model_card(results, config))
+        card = hub_card(student_model_card(results, config), results, model_name="student", model="student")
+        write_atomically(output / "student" / "README.md", card)

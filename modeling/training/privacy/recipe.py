@@ -19,7 +19,7 @@ from pathlib import Path
 from transformers import AutoConfig, Trainer, TrainingArguments, default_data_collator
 
 from ...data.corpus import BlockDataset, token_blocks, tokenize_documents
-from ...evaluation.model_cards import format_seconds, model_card_template, render_model_card
+from ...evaluation.model_cards import format_seconds, hub_card, model_card_template, render_model_card
 from ...evaluation.parameters import parameter_counts
 from ...modeling_sparse_moe import SparseMoeForCausalLM
 from ..callbacks import TimeBudgetCallback
@@ -149,9 +149,8 @@ def train_private(config, training_args: TrainingArguments, privacy: PrivacyArgu
     atomic_save_pretrained(output_dir, model, tokenizer, extra_files={"results.json": json.dumps(results, indent=2)},
                            keep=KEEP_IN_OUTPUT_DIR, script=SCRIPT)
     with writing_beside_saved_model(output_dir, "the model card"):
-        template = model_card_template("private")
-        write_atomically(output_dir / "README.md", render_model_card(template, card_values(results, config,
-                                                                                          output_dir)))
+        card = render_model_card(model_card_template("private"), card_values(results, config, output_dir))
+        write_atomically(output_dir / "README.md", hub_card(card, results, model_name=output_dir.name))
     logger.info("Saved the model, tokenizer, results and card to %s (run took %s)", output_dir,
                 format_seconds(time.perf_counter() - started))
     return results
