@@ -340,9 +340,11 @@ class AdaptiveDepthModel(AdaptiveDepthPreTrainedModel):
         prompt_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
             The prompt among the tokens: the estimator routes on it, and under the `"confidence"` policy its tokens
             leave together with its last token (the only one whose prediction a generation uses; deeper layers get
-            the prompt's key/value by propagation). Default: every real token of this call, which in `generate` is
-            the prompt, then each new token on its own. When a forward also holds the answer (training,
-            teacher-forced evaluation), mark the prompt here so the model decides as it will in `generate`.
+            the prompt's key/value by propagation). Default: the real tokens of a call on an empty cache (in
+            `generate`, the prompt); after cached tokens, none (each token decides by itself: decoding steps,
+            assisted decoding's verification), while the estimator then reads this call's tokens. When a forward
+            also holds the answer (training, teacher-forced evaluation), mark the prompt here so the model decides
+            as it will in `generate`.
         estimator_mask:
             Deprecated name of `prompt_mask`.
         """
@@ -394,9 +396,13 @@ class AdaptiveDepthModel(AdaptiveDepthPreTrainedModel):
         token_mask = torch.ones(batch_size, length, dtype=torch.bool, device=inputs_embeds.device)
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -length:].to(device=inputs_embeds.device, dtype=torch.bool)
-        prompt_tokens = token_mask
         if prompt_mask is not None:
             prompt_tokens = token_mask & prompt_mask[:, -length:].to(device=token_mask.device, dtype=torch.bool)
+            estimator_tokens = prompt_tokens
+        else:  # the tokens of a call on an empty cache are the prompt; after cached tokens, each decides by itself
+            estimator_tokens = token_mask
+            prompt_tokens = token_mask if cache is None or cache.get_seq_length() == 0 else torch.zeros_like(
+                token_mask)
 
         layer_types = config.layer_types  # config attributes are slow to read (~1 us): read once per forward
 
@@ -451,7 +457,7 @@ class AdaptiveDepthModel(AdaptiveDepthPreTrainedModel):
                         estimates_here and confidence_feature)):
                     normed = self.exit_norm(exit_index[depth])(hidden_states)
                 if estimates_here:  # every row is still running here
-                    estimator_logits = self._estimate(hidden_states, normed, prompt_tokens, exit_head)
+                    estimator_logits = self._estimate(hidden_states, normed, estimator_tokens, exit_head)
                     if policy == "estimator":
                         route = route_from_estimate(estimator_logits, threshold, config.estimator_objective)
                 if stop is None and route is not None:
@@ -735,14 +741,14 @@ class AdaptiveDepthForCausalLM(AdaptiveDepthPreTrainedModel, GenerationMixin):
                                                                    num_new_tokens)
         if getattr(outputs, "exit_route", None) is not None:
             model_kwargs["exit_route"] = outputs.exit_route
-        attention_mask = model_kwargs.get("attention_mask")
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        exit_layer = getattr(outputs, "exit_layer", None)
+        # With a cache, forward's own rule (the tokens of a call on an empty cache are the prompt) already holds.
+        if model_kwargs.get("use_cache") is False and exit_layer is not None:
             prompt_mask = model_kwargs.get("prompt_mask")
-            if prompt_mask is None:  # after the prompt's forward: every position before the new tokens
-                prompt_mask = torch.ones(attention_mask.shape[0], attention_mask.shape[1] - num_new_tokens,
-                                         dtype=torch.bool, device=attention_mask.device)
-            new = attention_mask.shape[1] - prompt_mask.shape[1]
-            model_kwargs["prompt_mask"] = torch.cat([prompt_mask, prompt_mask.new_zeros(prompt_mask.shape[0], new)], 1)
+            if prompt_mask is None:  # after the prompt's forward, which covered exactly the prompt
+                prompt_mask = torch.ones(exit_layer.shape, dtype=torch.bool, device=exit_layer.device)
+            model_kwargs["prompt_mask"] = torch.cat(
+                [prompt_mask, prompt_mask.new_zeros(prompt_mask.shape[0], num_new_tokens)], 1)
         return model_kwargs
 
     def generate(self, *args, exit_policy: str | None = None, exit_threshold: float | None = None, **kwargs):

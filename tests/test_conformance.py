@@ -318,13 +318,25 @@ def test_rope_scaling_runs_past_max_position_embeddings(name, rope_type):
 
 
 # -- GenerationTesterMixin (causal LMs) --
+def prompt_kwargs(model, ids: torch.Tensor, prompt_length: int) -> dict:
+    """An adaptive-depth forward over a prompt and what followed it must be told which tokens are the prompt (they
+    decide together, as in generate's prefill); other models take no such argument."""
+    if not hasattr(model.config, "exit_layers"):
+        return {}
+    prompt_mask = torch.zeros_like(ids, dtype=torch.bool)
+    prompt_mask[:, :prompt_length] = True
+    return {"prompt_mask": prompt_mask}
+
+
 def greedy_reference(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """Greedy decoding by full forwards without a cache, stopping at eos (batch 1)."""
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
+    prompt_length = ids.shape[1]
     with torch.no_grad():
         for _ in range(new_tokens):
-            next_id = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            next_id = model(ids, use_cache=False, **prompt_kwargs(model, ids, prompt_length)).logits[:, -1].argmax(
+                -1, keepdim=True)
             ids = torch.cat([ids, next_id], dim=1)
             if int(next_id) in eos:
                 break
@@ -378,7 +390,7 @@ def test_cache_continuation_equals_one_pass(name):
     ids = inputs(2, 12)
     k = 9  # above the hybrid preset's prefill chunk of 8
     with torch.no_grad():
-        one_pass_output = model(ids, use_cache=False)
+        one_pass_output = model(ids, use_cache=False, **prompt_kwargs(model, ids, k))  # the first k: a prompt
         one_pass = one_pass_output.logits  # (2, 12, vocab)
         if name == "adaptive-confidence":  # the check is about early exits: tokens must leave before the last layer
             assert (one_pass_output.exit_layer < model.config.num_hidden_layers).float().mean() > 0.3
