@@ -73,11 +73,11 @@ class AdaptiveArguments:
     )
     hard_fraction: float = field(default=0.6, metadata={"help": "Fraction of training questions that are hard."})
     heldout_hard: int = field(
-        default=1500,
+        default=2000,
         metadata={"help": "Hard questions held out of training: the first --calibration_hard calibrate the "
                           "thresholds, the rest are the test set of bench_adaptive.py."},
     )
-    calibration_hard: int = field(default=500, metadata={"help": "Held-out hard questions used for calibration."})
+    calibration_hard: int = field(default=1000, metadata={"help": "Held-out hard questions used for calibration."})
     calibration_easy: int = field(
         default=150, metadata={"help": "Easy questions (of the 300) used for calibration; the rest are the test set."}
     )
