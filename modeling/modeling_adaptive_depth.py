@@ -599,9 +599,7 @@ def _last_real_token(input_ids: torch.Tensor | None, pad_token_id: int | None, b
     """Index of each row's rightmost non-padding token (left or right padding), as transformers' classifiers do."""
     if input_ids is None or pad_token_id is None:
         return torch.full((batch_size,), -1, dtype=torch.long, device=device)
-    non_pad = (input_ids != pad_token_id).to(device, torch.int32)
-    positions = torch.arange(input_ids.shape[-1], device=device, dtype=torch.int32)
-    return (positions * non_pad).argmax(-1)
+    return last_true_index((input_ids != pad_token_id).to(device))
 
 
 class AdaptiveDepthForCausalLM(AdaptiveDepthPreTrainedModel, GenerationMixin):
