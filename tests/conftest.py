@@ -61,6 +61,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tiny models (restored after it): they gain nothing from a second thread,
+    and spinning OpenMP threads are very slow on busy cores. Use with `pytestmark = pytest.mark.usefixtures(...)`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 _BLOCK_LIGHTARCH = """
 import importlib.abc, sys
 class BlockLightarch(importlib.abc.MetaPathFinder):

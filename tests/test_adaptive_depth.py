@@ -21,13 +21,7 @@ from lightarch import (
 from lightarch.modeling_adaptive_depth import earliest_sufficient_exit, route_from_estimate, softmax_margin
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread avoids oversubscribing a shared CPU (restored after this module)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def tiny_config(**overrides) -> AdaptiveDepthConfig:

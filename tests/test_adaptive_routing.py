@@ -17,12 +17,7 @@ from lightarch.modeling_adaptive_depth import (
 from test_adaptive_depth import confident_model, tiny_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 SUFFICIENCY = dict(estimator_objective="sufficiency", estimator_features=["mean", "max", "last", "exit_confidence"])
