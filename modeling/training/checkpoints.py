@@ -120,6 +120,16 @@ def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
     os.replace(tmp, path)
 
 
+def write_result_files(folder: str | os.PathLike, results: dict, markdown: str,
+                       images: Mapping[str, bytes] | None = None) -> None:
+    """A measurement's results.json, results.md and its PNGs (file name -> bytes) into `folder`, each atomically."""
+    folder = Path(folder)
+    write_atomically(folder / "results.json", json.dumps(results, indent=2) + "\n")
+    write_atomically(folder / "results.md", markdown)
+    for name, png in (images or {}).items():
+        write_atomically(folder / name, png)
+
+
 OUTPUT_MARKER = "lightarch_output.json"  # names the script whose output a folder is (`check_output_dir`)
 DEFAULT_KEEP = ("checkpoint-*", "runs")  # Trainer's checkpoints and logs, carried over when a folder is saved again
 

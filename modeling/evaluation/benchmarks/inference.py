@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
 import logging
 import os
 import statistics
@@ -46,7 +45,7 @@ from ...data.corpus import heldout_texts, heldout_token_stream
 from ...deploy.bitsandbytes import bnb_quantization_config, load_quantized, memory_report
 from ...deploy.onnx import OrtDecoder, export_onnx_decoder, quantize_onnx_int8
 from ...deploy.serving import cpu_continuous_batching_config, paged_cache_bytes
-from ...training.checkpoints import check_output_dir, prepare_output_dir, write_atomically
+from ...training.checkpoints import check_output_dir, prepare_output_dir, write_atomically, write_result_files
 from ...training.cli import available_cpus
 from ..plots import figure_to_png, pyplot
 from .machine import machine_info
@@ -893,8 +892,7 @@ def run_inference_benchmark(
         "environment": {**machine_info(threads), "load_average_start": load_average_start,
                         "load_average": [round(x, 2) for x in os.getloadavg()]},
     }
-    write_atomically(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
-    write_atomically(output_dir / "results.md", render_markdown(results))
+    write_result_files(output_dir, results, render_markdown(results))
     plot(latency, throughput, output_dir / "latency.png")
     if sharegpt is not None:
         plot_sharegpt(sharegpt, output_dir / "sharegpt.png")

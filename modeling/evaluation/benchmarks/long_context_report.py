@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ...training.checkpoints import prepare_output_dir, write_atomically
+from ...training.checkpoints import prepare_output_dir, write_result_files
 from ..plots import figure_to_png, pyplot
 
 
@@ -236,10 +236,7 @@ def write_results(output_dir: str | Path, results: dict, with_plot: bool = True)
     text = markdown(results)
     if not results.get("complete", True):
         text = "**Partial results: the benchmark is still running (or was interrupted).**\n\n" + text
-    write_atomically(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
-    write_atomically(output_dir / "results.md", text)
-    if with_plot:
-        write_atomically(output_dir / "results.png", plot(results))
+    write_result_files(output_dir, results, text, {"results.png": plot(results)} if with_plot else None)
     return text
 
 

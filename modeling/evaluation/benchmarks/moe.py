@@ -304,15 +304,10 @@ def prepare_moe_output_dir(output_dir: str | os.PathLike):
 
 def write_moe_results(output_dir: str | os.PathLike, results: dict) -> str:
     """results.json, results.md (the table, returned) and results.png into `output_dir`, atomically."""
-    import json
+    from ...training.checkpoints import write_result_files
 
-    from ...training.checkpoints import write_atomically
-
-    folder = prepare_moe_output_dir(output_dir)
     table = markdown_table(results)
-    write_atomically(folder / "results.json", json.dumps(results, indent=2) + "\n")
-    write_atomically(folder / "results.md", table)
-    write_atomically(folder / "results.png", plot_ratios(results))
+    write_result_files(prepare_moe_output_dir(output_dir), results, table, {"results.png": plot_ratios(results)})
     return table
 
 

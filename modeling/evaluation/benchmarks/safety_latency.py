@@ -199,15 +199,10 @@ def prepare_safety_output_dir(output_dir: str | os.PathLike, model_dir: str | os
 
 def write_safety_latency(output_dir: str | os.PathLike, results: dict, times: dict[str, list[float]]) -> str:
     """results.json, results.md (returned) and results.png into `output_dir`, atomically."""
-    import json
+    from ...training.checkpoints import write_result_files
 
-    from ...training.checkpoints import write_atomically
-
-    folder = Path(output_dir)
     table = markdown(results)
-    write_atomically(folder / "results.json", json.dumps(results, indent=2) + "\n")
-    write_atomically(folder / "results.md", table)
-    write_atomically(folder / "results.png", plot_latencies(times))
+    write_result_files(output_dir, results, table, {"results.png": plot_latencies(times)})
     return table
 
 
