@@ -156,6 +156,13 @@ def route_from_estimate(estimator_logits: torch.Tensor, threshold: float, object
         sufficient = estimator_logits.float().sigmoid() >= threshold
     else:
         sufficient = estimator_logits.float().softmax(-1).cumsum(-1) >= threshold
+    return first_sufficient_exit(sufficient)
+
+
+def first_sufficient_exit(sufficient: torch.Tensor) -> torch.LongTensor:
+    """Index of the first True per row, the last exit when there is none: the routing rule and the estimator's
+    "earliest exit" target both read exits this way. (..., num_exits) bool -> (...)."""
+    sufficient = sufficient.clone()
     sufficient[..., -1] = True
     return sufficient.int().argmax(-1)
 
@@ -197,9 +204,7 @@ def earliest_sufficient_exit(
 ) -> torch.LongTensor:
     """The estimator's training target under `estimator_objective="earliest"`: per input, the first exit that
     suffices (`exit_sufficiency`); the last exit when none does. (batch, num_exits) -> (batch,)."""
-    sufficient = exit_sufficiency(exit_correct, exit_losses, target, tolerance)
-    sufficient[:, -1] = True
-    return sufficient.int().argmax(-1)
+    return first_sufficient_exit(exit_sufficiency(exit_correct, exit_losses, target, tolerance))
 
 
 class AdaptiveDepthEstimator(nn.Module):
@@ -813,8 +818,7 @@ def _estimator_objective(config, estimator_logits, exit_correct, exit_losses, we
     `config.estimator_objective`: cross-entropy against that exit, or binary cross-entropy of every exit's logit
     against whether that exit suffices. Inputs without any label (`weight_mask` False) do not count."""
     sufficient = exit_sufficiency(exit_correct, exit_losses, config.estimator_target, config.estimator_loss_tolerance)
-    targets = earliest_sufficient_exit(exit_correct, exit_losses, config.estimator_target,
-                                       config.estimator_loss_tolerance)
+    targets = first_sufficient_exit(sufficient)
     if not bool(weight_mask.any()):
         return targets, estimator_logits.sum() * 0.0
     logits = estimator_logits[weight_mask].float()
@@ -942,6 +946,7 @@ __all__ = [
     "earliest_sufficient_exit",
     "exit_confidence",
     "exit_sufficiency",
+    "first_sufficient_exit",
     "last_true_index",
     "route_from_estimate",
     "softmax_margin",
