@@ -219,10 +219,11 @@ def load_classifier(folder: str | Path, backend: str = "auto", num_threads: int 
 
     folder = Path(folder)
     runtime = onnx_classifier.onnxruntime_available()
-    if backend == "auto" and has_onnx_export(folder) and not runtime:
+    exported = has_onnx_export(folder)
+    if backend == "auto" and exported and not runtime:
         logging.getLogger(__name__).warning("%s has an ONNX export but onnxruntime is not installed (pip install "
                                             "'lightarch[deploy]'): the classifier runs in torch", folder)
-    if backend == "torch" or (backend == "auto" and not (has_onnx_export(folder) and runtime)):
+    if backend == "torch" or (backend == "auto" and not (exported and runtime)):
         from .classifier import SafetyClassifier
 
         return SafetyClassifier.from_pretrained(folder)
