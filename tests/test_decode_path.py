@@ -10,8 +10,10 @@ import lightarch.modeling_sparse_moe as sparse_module
 from conftest import tiny_sparse_moe_config
 from lightarch import SparseMoeForCausalLM
 from lightarch.layers import update_router_biases
-from test_adaptive_depth import _one_thread, confident_model  # noqa: F401  (the one-thread fixture applies here too)
+from test_adaptive_depth import confident_model
 from transformers import DynamicCache
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def build(kind: str):
