@@ -44,7 +44,9 @@ class EvalArguments:
     temperatures: str = field(default="auto", metadata={"help": "Comma-separated temperatures, or auto (0.1x, 0.3x, "
                                                                 "1x, 3x the median nearest squared distance)."})
     lambda_modes: str = field(default="fixed,distance,entropy", metadata={"help": "Comma-separated lambda modes."})
-    index_kinds: str = field(default="flat,hnsw,ivf", metadata={"help": "Indexes compared ('' = skip; a timing)."})
+    index_kinds: str = field(default="flat,hnsw,ivf", metadata={"help": "Indexes compared ('' = skip; a timing): "
+                                                                       "faiss's flat / hnsw / ivf, and hnswlib / "
+                                                                       "usearch (their HNSW, same M and ef)."})
     index_k: int = field(default=8, metadata={"help": "k of the index comparison's recall@k."})
     max_index_queries: int = field(default=2000, metadata={"help": "Held-out queries of the index comparison."})
     latency_tokens: int = field(default=64, metadata={"help": "Tokens generated per latency run (0 = skip; a "

@@ -23,6 +23,7 @@ from lightarch.retrieval import (
     KnnLMConfig,
     RalmConfig,
     build_datastore,
+    build_comparison_index,
     build_index,
     compare_indexes,
     generate_with_context,
@@ -148,6 +149,30 @@ def test_approximate_indexes_reach_exact_recall_on_clustered_keys():
     # the metric itself: a search that returns other ids scores 0
     _, exact = build_index(keys, "flat").search(queries, 8)
     assert recall_at_k(exact[:, ::-1], exact) == 1.0 and recall_at_k(exact + 10_000, exact) == 0.0
+
+
+@pytest.mark.parametrize("library", ["hnswlib", "usearch"])
+def test_other_libraries_hnsw_is_measured_on_the_same_keys(library):
+    pytest.importorskip(library)
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(30, 12))
+    keys = (centres[rng.integers(0, 30, 3000)] + 0.3 * rng.normal(size=(3000, 12))).astype(np.float16)
+    queries = (centres[rng.integers(0, 30, 100)] + 0.3 * rng.normal(size=(100, 12))).astype(np.float32)
+    rows = {row["index"]: row for row in compare_indexes(keys, queries, kinds=("flat", library), k=8, threads=1)}
+    assert rows[library]["recall_at_8"] >= 0.95 and rows[library]["bytes"] > 0
+    assert rows[library]["factory"] == f"{library} HNSW M=32" and rows[library]["threads"] == 1
+    # its ids are the datastore's row numbers: the nearest key of a key is itself
+    index = build_comparison_index(keys, library, threads=1)
+    distances, ids = index.search(keys[:5].astype(np.float32), 3)
+    assert ids[:, 0].tolist() == [0, 1, 2, 3, 4] and np.allclose(distances[:, 0], 0.0, atol=1e-5)
+
+
+def test_a_missing_comparison_library_names_the_kind_and_the_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "hnswlib", None)  # import hnswlib -> ImportError
+    with pytest.raises(ValueError, match=r"index kind 'hnswlib' needs the hnswlib package: pip install hnswlib"):
+        build_comparison_index(np.zeros((4, 3), dtype=np.float16), "hnswlib", threads=1)
 
 
 def test_bad_datastore_arguments_name_the_field(tmp_path):

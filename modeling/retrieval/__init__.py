@@ -24,7 +24,15 @@ from .datastore import (
     window_plan,
 )
 from .hooks import KEY_SITES, capture_keys, decoder_layers, key_module
-from .index import INDEX_KINDS, build_index, compare_indexes, index_nbytes, recall_at_k
+from .index import (
+    INDEX_KINDS,
+    LIBRARY_KINDS,
+    build_comparison_index,
+    build_index,
+    compare_indexes,
+    index_nbytes,
+    recall_at_k,
+)
 from .knn_lm import (
     KnnLM,
     KnnLMConfig,
@@ -37,8 +45,8 @@ from .overlap import Prefetcher
 
 __all__ = [
     "BM25Retriever", "Datastore", "DatastoreConfig", "DatastoreIntegrityError", "DenseRetriever", "INDEX_KINDS",
-    "KEY_SITES", "KnnLM", "KnnLMConfig", "KnnLogitsProcessor", "Prefetcher", "RalmConfig", "RalmOutput",
-    "build_datastore", "build_index", "capture_keys", "compare_indexes", "decoder_layers", "generate_with_context",
+    "KEY_SITES", "KnnLM", "KnnLMConfig", "KnnLogitsProcessor", "LIBRARY_KINDS", "Prefetcher", "RalmConfig",
+    "RalmOutput", "build_comparison_index", "build_datastore", "build_index", "capture_keys", "compare_indexes", "decoder_layers", "generate_with_context",
     "index_nbytes", "interpolate", "interpolation_weight", "key_module", "knn_log_probs", "recall_at_k",
     "window_plan",
 ]

@@ -3,17 +3,21 @@ keys on disk, and their comparison against exact search (build time, memory, que
 
 Why faiss: it is installed with the project's retrieval extra, releases the GIL in `search` (so a worker thread
 overlaps with the decoder's forward), writes its own non-pickle format (`faiss.write_index`), and covers exact, graph
-(HNSW) and inverted-file (IVF) search with one API (`faiss.index_factory`). hnswlib / usearch offer HNSW only.
+(HNSW) and inverted-file (IVF) search with one API (`faiss.index_factory`). hnswlib / usearch offer HNSW only; they
+are measured beside faiss on the same keys and queries ("hnswlib" and "usearch" kinds of `compare_indexes`, same M,
+efConstruction and efSearch) but never used by a datastore.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import numpy as np
 
 INDEX_KINDS = ("flat", "hnsw", "ivf")
+LIBRARY_KINDS = ("hnswlib", "usearch")  # HNSW from other libraries: in the comparison only
 ADD_CHUNK = 65_536  # keys converted to float32 and added at a time (the memory bound while building)
 
 
@@ -67,10 +71,89 @@ def build_index(keys: np.ndarray, kind: str = "hnsw", *, hnsw_m: int = 32, ef_co
 
 
 def index_nbytes(index) -> int:
-    """Bytes of the index as faiss serializes it (vectors, graph links, lists): its memory, give or take buffers."""
+    """Bytes of the index as its library serializes it (vectors, graph links, lists): its memory, give or take
+    buffers."""
+    if isinstance(index, (HnswlibIndex, UsearchIndex)):
+        return index.nbytes()
     import faiss
 
     return int(faiss.serialize_index(index).nbytes)
+
+
+def _import_library(name: str):
+    try:
+        return __import__(name)
+    except ImportError:
+        raise ValueError(f"index kind {name!r} needs the {name} package: pip install {name} (it is in the dev extra), "
+                         "or leave it out of the compared kinds.") from None
+
+
+class HnswlibIndex:
+    """hnswlib's HNSW over `keys` behind faiss's `search(queries, k) -> (distances, ids)`, for the comparison."""
+
+    def __init__(self, keys: np.ndarray, hnsw_m: int = 32, ef_construction: int = 80, ef_search: int = 128,
+                 threads: int = 1, seed: int = 0) -> None:
+        hnswlib = _import_library("hnswlib")
+        self.index = hnswlib.Index(space="l2", dim=int(keys.shape[1]))
+        self.index.init_index(max_elements=int(keys.shape[0]), ef_construction=ef_construction, M=hnsw_m,
+                              random_seed=seed)
+        for start in range(0, keys.shape[0], ADD_CHUNK):
+            chunk = np.ascontiguousarray(keys[start : start + ADD_CHUNK], dtype=np.float32)
+            self.index.add_items(chunk, np.arange(start, start + len(chunk)), num_threads=threads)
+        self.index.set_ef(ef_search)
+        self.threads = threads
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        ids, distances = self.index.knn_query(np.atleast_2d(queries), k=k, num_threads=self.threads)
+        return distances, ids.astype(np.int64)
+
+    def nbytes(self) -> int:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = f"{folder}/index.bin"
+            self.index.save_index(path)
+            return os.path.getsize(path)
+
+
+class UsearchIndex:
+    """usearch's HNSW (float32 vectors, squared L2) behind faiss's `search` signature, for the comparison."""
+
+    def __init__(self, keys: np.ndarray, hnsw_m: int = 32, ef_construction: int = 80, ef_search: int = 128,
+                 threads: int = 1) -> None:
+        _import_library("usearch")
+        from usearch.index import Index
+
+        self.index = Index(ndim=int(keys.shape[1]), metric="l2sq", dtype="f32", connectivity=hnsw_m,
+                           expansion_add=ef_construction, expansion_search=ef_search)
+        for start in range(0, keys.shape[0], ADD_CHUNK):
+            chunk = np.ascontiguousarray(keys[start : start + ADD_CHUNK], dtype=np.float32)
+            self.index.add(np.arange(start, start + len(chunk)), chunk, threads=threads)
+        self.threads = threads
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.atleast_2d(queries)
+        matches = self.index.search(queries, k, threads=self.threads)
+        if queries.shape[0] == 1:  # one query gives `Matches` (1-D, only what was found), not `BatchMatches`
+            ids, distances = np.full((1, k), -1, dtype=np.int64), np.full((1, k), np.inf, dtype=np.float32)
+            ids[0, : len(matches.keys)], distances[0, : len(matches.keys)] = matches.keys, matches.distances
+            return distances, ids
+        found = np.arange(k)[None, :] < matches.counts[:, None]  # (Q, k); entries past `counts` are padding
+        return (np.where(found, matches.distances, np.inf).astype(np.float32),
+                np.where(found, matches.keys.astype(np.int64), -1))
+
+    def nbytes(self) -> int:
+        return len(self.index.save())
+
+
+def build_comparison_index(keys: np.ndarray, kind: str, threads: int, **build_options):
+    """A faiss index (`build_index`) or, for a `LIBRARY_KINDS` name, that library's HNSW with the same M,
+    efConstruction and efSearch."""
+    if kind in LIBRARY_KINDS:
+        options = {name: build_options[name] for name in ("hnsw_m", "ef_construction", "ef_search")
+                   if name in build_options}
+        return (HnswlibIndex if kind == "hnswlib" else UsearchIndex)(keys, threads=threads, **options)
+    return build_index(keys, kind, **build_options)
 
 
 def recall_at_k(approximate_ids: np.ndarray, exact_ids: np.ndarray) -> float:
@@ -81,34 +164,50 @@ def recall_at_k(approximate_ids: np.ndarray, exact_ids: np.ndarray) -> float:
     return float(np.mean(hits) / exact_ids.shape[1]) if len(hits) else float("nan")
 
 
+def _measure_index(keys: np.ndarray, queries: np.ndarray, kind: str, k: int, threads: int,
+                   build_options: dict) -> tuple[dict, np.ndarray]:
+    """One row of `compare_indexes` (without recall) and the ids the batched search found `(Q, k)`."""
+    started = time.perf_counter()
+    index = build_comparison_index(keys, kind, threads, **build_options)
+    build_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    _, ids = index.search(queries, k)
+    batch_seconds = time.perf_counter() - started
+    single = queries[: min(len(queries), 256)]
+    started = time.perf_counter()
+    for row in single:
+        index.search(row[None], k)
+    single_seconds = time.perf_counter() - started
+    hnsw_m = build_options.get("hnsw_m", 32)
+    return {
+        "index": kind, "threads": threads,
+        "factory": f"{kind} HNSW M={hnsw_m}" if kind in LIBRARY_KINDS else index_factory_string(kind, len(keys), hnsw_m),
+        "num_keys": int(len(keys)), "dim": int(keys.shape[1]), "num_queries": int(len(queries)), "k": k,
+        "build_seconds": build_seconds, "bytes": index_nbytes(index),
+        "queries_per_second_batched": len(queries) / max(batch_seconds, 1e-9),
+        "queries_per_second_single": len(single) / max(single_seconds, 1e-9),
+    }, ids
+
+
 def compare_indexes(keys: np.ndarray, queries: np.ndarray, kinds=("flat", "hnsw", "ivf"), k: int = 8,
-                    **build_options) -> list[dict]:
+                    threads: int | None = None, **build_options) -> list[dict]:
     """Build each index kind over the same `keys`, search the same `queries` `(Q, d)`, and report per kind: build
     seconds, bytes, queries per second (one batch of all queries, then one query at a time as a decoder asks) and
-    recall@k against exact search (IndexFlatL2). A timing measurement: run it on a quiet machine."""
+    recall@k against exact search (IndexFlatL2). Kinds: faiss's ("flat", "hnsw", "ivf", a factory string) and
+    `LIBRARY_KINDS`; every library builds and searches with `threads` threads (default: faiss's OpenMP count).
+    A timing measurement: run it on a quiet machine."""
+    import faiss
+
+    threads = threads or faiss.omp_get_max_threads()
+    previous_threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    exact_ids = None
-    rows = []
-    for kind in ("flat", *[k_ for k_ in kinds if k_ != "flat"]):
-        started = time.perf_counter()
-        index = build_index(keys, kind, **build_options)
-        build_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        _, ids = index.search(queries, k)
-        batch_seconds = time.perf_counter() - started
-        single = queries[: min(len(queries), 256)]
-        started = time.perf_counter()
-        for row in single:
-            index.search(row[None], k)
-        single_seconds = time.perf_counter() - started
-        if kind == "flat":
-            exact_ids = ids
-        rows.append({
-            "index": kind, "factory": index_factory_string(kind, len(keys), build_options.get("hnsw_m", 32)),
-            "num_keys": int(len(keys)), "dim": int(keys.shape[1]), "num_queries": int(len(queries)), "k": k,
-            "build_seconds": build_seconds, "bytes": index_nbytes(index),
-            "queries_per_second_batched": len(queries) / max(batch_seconds, 1e-9),
-            "queries_per_second_single": len(single) / max(single_seconds, 1e-9),
-            f"recall_at_{k}": recall_at_k(ids, exact_ids),
-        })
+    rows, exact_ids = [], None
+    try:
+        for kind in ("flat", *[k_ for k_ in kinds if k_ != "flat"]):
+            row, ids = _measure_index(keys, queries, kind, k, threads, build_options)
+            exact_ids = ids if kind == "flat" else exact_ids
+            rows.append({**row, f"recall_at_{k}": recall_at_k(ids, exact_ids)})
+    finally:
+        faiss.omp_set_num_threads(previous_threads)
     return [r for r in rows if r["index"] in kinds]

@@ -81,18 +81,25 @@ def interpolation_weight(config: KnnLMConfig, lm_log_probs: torch.Tensor, distan
 
 
 def interpolate(lm_logits: torch.Tensor, distances: torch.Tensor, tokens: torch.Tensor,
-                config: KnnLMConfig) -> torch.Tensor:
+                config: KnnLMConfig, knn: torch.Tensor | None = None) -> torch.Tensor:
     """log(lambda * p_kNN + (1 - lambda) * p_LM) `(N, V)` from LM logits `(N, V)` and neighbours `(N, k)`, in log
-    space (logaddexp), so lambda = 0 gives exactly log_softmax(lm_logits)."""
+    space (logaddexp), so lambda = 0 gives exactly log_softmax(lm_logits). `knn` is log p_kNN when already computed
+    (`knn_log_probs` of the same neighbours, e.g. on the retrieval worker)."""
     lm_log_probs = torch.log_softmax(lm_logits.float(), dim=-1)
     if distances.shape[0] != lm_logits.shape[0]:
         raise ValueError(f"{distances.shape[0]} neighbour rows for {lm_logits.shape[0]} logit rows.")
-    if tokens.numel() and int(tokens.max()) >= lm_logits.shape[-1]:
-        raise ValueError(f"the datastore holds token id {int(tokens.max())}, outside the model's vocabulary of "
-                         f"{lm_logits.shape[-1]}: it was built with another tokenizer.")
+    if knn is None:
+        check_token_ids(tokens, lm_logits.shape[-1])
+        knn = knn_log_probs(distances, tokens, lm_logits.shape[-1], config.temperature)
     lam = interpolation_weight(config, lm_log_probs, distances)
-    knn = knn_log_probs(distances, tokens, lm_logits.shape[-1], config.temperature)
     return torch.logaddexp(torch.log(lam) + knn, torch.log1p(-lam) + lm_log_probs)
+
+
+def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
+    """ValueError when a neighbour's next token is outside the model's vocabulary (another tokenizer's datastore)."""
+    if tokens.numel() and int(tokens.max()) >= vocab_size:
+        raise ValueError(f"the datastore holds token id {int(tokens.max())}, outside the model's vocabulary of "
+                         f"{vocab_size}: it was built with another tokenizer.")
 
 
 class KnnLM(nn.Module):
@@ -141,9 +148,17 @@ class KnnLM(nn.Module):
                                           ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=mixed)
 
+    def _search_step(self, query: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decoding step's retrieval: neighbours' distances and tokens `(B, k)`, and log p_kNN `(B, V)` (on the
+        worker when overlapped, so only the mixing itself is left for the logits processor)."""
+        distances, tokens = (torch.from_numpy(array) for array in self.search(query))
+        vocab_size = int(self.model.config.vocab_size)
+        check_token_ids(tokens, vocab_size)
+        return distances, tokens, knn_log_probs(distances, tokens, vocab_size, self.knn_config.temperature)
+
     def _start_step_search(self, hidden: torch.Tensor) -> None:
         query = hidden[:, -1].float().cpu().numpy().copy()  # (B, d): the position whose next token is chosen
-        self.prefetcher.start(self.search, query)
+        self.prefetcher.start(self._search_step, query)
 
     @contextlib.contextmanager
     def attached(self) -> Iterator["KnnLogitsProcessor"]:
@@ -180,7 +195,7 @@ class KnnLogitsProcessor(LogitsProcessor):
         if not self.knn_lm.prefetcher.pending:
             raise RuntimeError("KnnLogitsProcessor: no retrieval for this step; use it inside KnnLM.attached() "
                                "(or call KnnLM.generate).")
-        distances, tokens = self.knn_lm.prefetcher.result()
-        mixed = interpolate(scores, torch.from_numpy(distances).to(scores.device),
-                            torch.from_numpy(tokens).to(scores.device), self.knn_lm.knn_config)
-        return mixed.to(scores.dtype)
+        distances, tokens, knn = (tensor.to(scores.device) for tensor in self.knn_lm.prefetcher.result())
+        if knn.shape[-1] != scores.shape[-1]:  # logits wider or narrower than config.vocab_size: weigh them here
+            knn = None
+        return interpolate(scores, distances, tokens, self.knn_lm.knn_config, knn=knn).to(scores.dtype)
