@@ -241,12 +241,15 @@ def test_sharegpt_sampling_applies_vllms_filter_the_cap_and_the_budget():
              ("w " * 1100, "w " * 10),   # prompt > 1024: filtered
              ("w " * 1000, "w " * 1100),  # sum > 2048: filtered
              ("w " * 90, "w " * 300),    # kept: answer capped at 20, prompt cut to 100 - 20
+             # kept: prompt cut to 100 - 20 too, not 100 - 10: a static batch pads it to its longest prompt and
+             # runs to its longest answer, which may be 20
+             ("w " * 95, "w " * 10),
              ("w " * 5, "w " * 6)]       # kept as it is
-    prompts, answers, summary = sample_sharegpt_requests(WordTokenizer(), 2, seed=3, max_request_tokens=100,
+    prompts, answers, summary = sample_sharegpt_requests(WordTokenizer(), 3, seed=3, max_request_tokens=100,
                                                          max_answer_tokens=20, pairs=pairs)
-    assert sorted(zip(map(len, prompts), answers)) == [(5, 6), (80, 20)]
-    assert summary["kept"] == 2 and summary["prompts_truncated"] == 1 and summary["answers_capped"] == 1
-    again = sample_sharegpt_requests(WordTokenizer(), 2, seed=3, max_request_tokens=100, max_answer_tokens=20,
+    assert sorted(zip(map(len, prompts), answers)) == [(5, 6), (80, 10), (80, 20)]
+    assert summary["kept"] == 3 and summary["prompts_truncated"] == 2 and summary["answers_capped"] == 1
+    again = sample_sharegpt_requests(WordTokenizer(), 3, seed=3, max_request_tokens=100, max_answer_tokens=20,
                                      pairs=pairs)
     assert again[1] == answers  # the seed fixes the sample
     # words x 1.5 instead of the tokenizer: 3 prompt words -> 4 tokens (the prompt's 3 tokens repeated), 8 answer
@@ -256,8 +259,8 @@ def test_sharegpt_sampling_applies_vllms_filter_the_cap_and_the_budget():
                                                          tokens_per_word=1.5)
     assert (prompts, answers) == ([[2, 1, 1, 2]], [12])
     assert summary["length_source"] == "1.5 tokens per word"
-    with pytest.raises(ValueError, match="--requests 3: only 2 ShareGPT conversations pass vLLM's filter"):
-        sample_sharegpt_requests(WordTokenizer(), 3, 0, 100, 20, pairs=pairs)
+    with pytest.raises(ValueError, match="--requests 4: only 3 ShareGPT conversations pass vLLM's filter"):
+        sample_sharegpt_requests(WordTokenizer(), 4, 0, 100, 20, pairs=pairs)
     with pytest.raises(ValueError, match="--max_answer_tokens"):
         sample_sharegpt_requests(WordTokenizer(), 1, 0, 100, 100, pairs=pairs)
 

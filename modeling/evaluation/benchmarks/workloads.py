@@ -86,8 +86,9 @@ def sample_sharegpt_requests(tokenizer, requests: int, seed: int, max_request_to
                              tokens_per_word: float = 0.0) -> tuple[list[list[int]], list[int], dict]:
     """`requests` (prompt ids, answer length) pairs sampled with `seed` as vLLM does (shuffle the first turns, keep
     those passing its filter, in the model's tokens), then fitted to the model: answers capped at
-    `max_answer_tokens`, prompts cut to `max_request_tokens` - answer (the position budget). Returns the prompts,
-    the answer lengths, and a summary of the sampling (how many were read, filtered, cut).
+    `max_answer_tokens`, prompts cut to `max_request_tokens` - `max_answer_tokens` (the position budget of a static
+    batch, which pads every prompt to its longest and runs to its longest answer). Returns the prompts, the answer
+    lengths, and a summary of the sampling (how many were read, filtered, cut).
 
     `tokens_per_word` > 0 measures lengths as round(words x factor) instead of the model's tokens (1.3 gives
     Llama-like chat lengths: a small code-trained tokenizer splits English into about twice as many tokens); the
@@ -116,7 +117,7 @@ def sample_sharegpt_requests(tokenizer, requests: int, seed: int, max_request_to
             continue  # vLLM's filter
         raw_answers.append(answer_len)
         answer_len = min(answer_len, max_answer_tokens)
-        budget = max_request_tokens - answer_len
+        budget = max_request_tokens - max_answer_tokens
         truncated += len(prompt_ids) > budget
         prompts.append(prompt_ids[:budget])
         answers.append(answer_len)
