@@ -128,36 +128,48 @@ def predict_answers(model, processor, pool: ModalityPool, questions: Sequence[Qu
     return [a.strip() for a in answers]
 
 
+EMBEDDED_MODALITIES = ("image", "audio", "text")
+
+
+def embed_items(model, processor, items: Sequence, modality: str, sampling_rate: int | None = None,
+                batch_size: int = 128, show_progress: bool = False) -> np.ndarray:
+    """(N, D) float32 aligned embeddings (the model's `get_{modality}_features` pooler output) of `items` of one
+    `modality`: images (arrays the processor takes), audio clips (waveforms at `sampling_rate`) or texts (str)."""
+    import torch
+
+    if modality not in EMBEDDED_MODALITIES:
+        raise ValueError(f"modality must be one of {EMBEDDED_MODALITIES}, got {modality!r}.")
+    parts = []
+    model.eval()
+    with torch.inference_mode():
+        for chunk in _batches(list(items), batch_size, f"Embedding {modality}", show_progress):
+            if modality == "image":
+                inputs = processor.alignment_batch(images=chunk)
+                output = model.get_image_features(pixel_values=inputs["pixel_values"])
+            elif modality == "audio":
+                inputs = processor.alignment_batch(audio=chunk, sampling_rate=sampling_rate)
+                output = model.get_audio_features(input_features=inputs["input_features"],
+                                                  input_features_mask=inputs["input_features_mask"])
+            else:
+                inputs = processor.alignment_batch(text=list(chunk))
+                output = model.get_text_features(input_ids=inputs["input_ids"],
+                                                 attention_mask=inputs["attention_mask"])
+            parts.append(output.pooler_output.float())  # (B, D)
+    return torch.cat(parts).numpy() if parts else np.zeros((0, 0), dtype=np.float32)
+
+
 def embed_pool(model, processor, pool: ModalityPool, batch_size: int = 128, show_progress: bool = True
                ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Aligned embeddings of every image, every clip and every class text of `pool`:
     modality -> (embeddings (N, D) float32, class labels (N,))."""
-    import torch
-
     texts = [(text, label) for label in range(len(CLASS_NAMES)) for text in class_texts(label)]
-    image_embeds, audio_embeds, text_embeds = [], [], []
-    model.eval()
-    with torch.inference_mode():
-        for chunk in _batches(list(range(len(pool.images))), batch_size, "Embedding images", show_progress):
-            inputs = processor.alignment_batch(images=[pool.images[i] for i in chunk])
-            image_embeds.append(model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
-        for chunk in _batches(list(range(len(pool.clips))), batch_size, "Embedding clips", show_progress):
-            inputs = processor.alignment_batch(audio=[pool.clips[i] for i in chunk], sampling_rate=pool.sampling_rate)
-            audio_embeds.append(model.get_audio_features(input_features=inputs["input_features"],
-                                                         input_features_mask=inputs["input_features_mask"]
-                                                         ).pooler_output)
-        for chunk in _batches(texts, batch_size, "Embedding texts", show_progress):
-            inputs = processor.alignment_batch(text=[t for t, _ in chunk])
-            text_embeds.append(model.get_text_features(input_ids=inputs["input_ids"],
-                                                       attention_mask=inputs["attention_mask"]).pooler_output)
-
-    def stack(parts) -> np.ndarray:
-        return torch.cat(parts).float().numpy()
-
     return {
-        "image": (stack(image_embeds), pool.image_labels.copy()),
-        "audio": (stack(audio_embeds), pool.clip_labels.copy()),
-        "text": (stack(text_embeds), np.array([label for _, label in texts], dtype=np.int64)),
+        "image": (embed_items(model, processor, list(pool.images), "image", batch_size=batch_size,
+                              show_progress=show_progress), pool.image_labels.copy()),
+        "audio": (embed_items(model, processor, pool.clips, "audio", pool.sampling_rate, batch_size, show_progress),
+                  pool.clip_labels.copy()),
+        "text": (embed_items(model, processor, [t for t, _ in texts], "text", batch_size=batch_size,
+                             show_progress=show_progress), np.array([label for _, label in texts], dtype=np.int64)),
     }
 
 

@@ -7,6 +7,7 @@ RALM), each with its retrieval overlapped with the decoder's forward on a worker
     datastore.save_pretrained("datastore")                      # numpy + faiss formats, no pickle, sha256 manifest
     knn = KnnLM(model, Datastore.from_pretrained("datastore"), KnnLMConfig(k=8, lambda_=0.25))
     knn.generate(input_ids, max_new_tokens=32)                  # or perplexity(knn, blocks)
+    CrossModalIndex.build(model, processor, images, "image").search(["a sneaker"], "text", k=5)  # multimodal
 """
 
 from .context import (
@@ -15,6 +16,12 @@ from .context import (
     RalmConfig,
     RalmOutput,
     generate_with_context,
+)
+from .crossmodal import (
+    CrossModalIndex,
+    CrossModalIndexConfig,
+    CrossModalIndexIntegrityError,
+    model_fingerprint,
 )
 from .datastore import (
     Datastore,
@@ -41,12 +48,14 @@ from .knn_lm import (
     interpolation_weight,
     knn_log_probs,
 )
+from .manifest import FolderIntegrityError
 from .overlap import Prefetcher
 
 __all__ = [
-    "BM25Retriever", "Datastore", "DatastoreConfig", "DatastoreIntegrityError", "DenseRetriever", "INDEX_KINDS",
-    "KEY_SITES", "KnnLM", "KnnLMConfig", "KnnLogitsProcessor", "LIBRARY_KINDS", "Prefetcher", "RalmConfig",
-    "RalmOutput", "build_comparison_index", "build_datastore", "build_index", "capture_keys", "compare_indexes", "decoder_layers", "generate_with_context",
-    "index_nbytes", "interpolate", "interpolation_weight", "key_module", "knn_log_probs", "recall_at_k",
-    "window_plan",
+    "BM25Retriever", "build_comparison_index", "build_datastore", "build_index", "capture_keys", "compare_indexes",
+    "CrossModalIndex", "CrossModalIndexConfig", "CrossModalIndexIntegrityError", "Datastore", "DatastoreConfig",
+    "DatastoreIntegrityError", "decoder_layers", "DenseRetriever", "FolderIntegrityError", "generate_with_context",
+    "INDEX_KINDS", "index_nbytes", "interpolate", "interpolation_weight", "key_module", "KEY_SITES", "knn_log_probs",
+    "KnnLM", "KnnLMConfig", "KnnLogitsProcessor", "LIBRARY_KINDS", "model_fingerprint", "Prefetcher", "RalmConfig",
+    "RalmOutput", "recall_at_k", "window_plan"
 ]

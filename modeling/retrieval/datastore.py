@@ -17,7 +17,6 @@ single files; it is not a signature (whoever can rewrite the folder can rewrite 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,17 +30,17 @@ from torch import nn
 
 from .hooks import KEY_SITES, capture_keys
 from .index import build_index, set_search_parameters
+from .manifest import FolderIntegrityError, verify_manifest, write_manifest
 
 CONFIG_NAME = "datastore_config.json"
 KEYS_NAME = "keys.npy"
 VALUES_NAME = "values.npy"
 INDEX_NAME = "index.faiss"
-MANIFEST_NAME = "manifest.json"
 FORMAT = "lightarch-knn-datastore"
 DATA_FILES = (CONFIG_NAME, KEYS_NAME, VALUES_NAME, INDEX_NAME)
 
 
-class DatastoreIntegrityError(ValueError):
+class DatastoreIntegrityError(FolderIntegrityError):
     """A datastore file does not match its manifest (or is missing): the folder is refused, nothing is loaded."""
 
 
@@ -71,14 +70,6 @@ class DatastoreConfig:
             raise ValueError(f"block_size must be >= 2 (a context and a next token), got {self.block_size}.")
         if not 1 <= self.stride <= self.block_size:
             raise ValueError(f"stride must be in [1, block_size={self.block_size}], got {self.stride}.")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def window_plan(num_tokens: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
@@ -149,8 +140,7 @@ class Datastore:
         faiss.write_index(self.index, str(folder / INDEX_NAME))
         self.config.num_keys, self.config.hidden_size = int(self.keys.shape[0]), int(self.keys.shape[1])
         (folder / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n", encoding="utf-8")
-        manifest = {"format": FORMAT, "version": 1, "files": {name: _sha256(folder / name) for name in DATA_FILES}}
-        (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        write_manifest(folder, DATA_FILES, FORMAT)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, verify: bool = True) -> "Datastore":
@@ -161,25 +151,8 @@ class Datastore:
         folder = Path(folder)
         if not folder.is_dir():
             raise ValueError(f"datastore folder {folder}: no such folder (build one with scripts/build_datastore.py).")
-        manifest_path = folder / MANIFEST_NAME
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            files = manifest["files"]
-            assert manifest.get("format") == FORMAT and isinstance(files, dict)
-        except (OSError, ValueError, KeyError, TypeError, AssertionError) as error:
-            raise DatastoreIntegrityError(
-                f"{manifest_path}: missing or not a {FORMAT} manifest ({type(error).__name__}); "
-                "the folder was not written by Datastore.save_pretrained, refusing to load it.") from None
-        for name in DATA_FILES:
-            path = folder / name
-            if name not in files:
-                raise DatastoreIntegrityError(f"{path}: not listed in {MANIFEST_NAME}; refusing to load the datastore.")
-            if not path.is_file():
-                raise DatastoreIntegrityError(f"{path}: missing (listed in {MANIFEST_NAME}); the datastore is "
-                                              "incomplete.")
-            if verify and _sha256(path) != files[name]:
-                raise DatastoreIntegrityError(f"{path}: sha256 does not match {MANIFEST_NAME} (the file was changed or "
-                                              "is corrupt); refusing to load the datastore. Rebuild it.")
+        verify_manifest(folder, DATA_FILES, FORMAT, what="the datastore", writer="Datastore.save_pretrained",
+                        error=DatastoreIntegrityError, verify=verify)
         raw = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
         known = DatastoreConfig.__dataclass_fields__
         config = DatastoreConfig(**{k: v for k, v in raw.items() if k in known})
