@@ -1,18 +1,23 @@
 """Data-parallel parity with one process: the worker that `tests/test_parallel_parity.py` launches under torchrun.
 
     OMP_NUM_THREADS=1 python -m torch.distributed.run --nproc_per_node 2 --master_addr 127.0.0.1 \
-        --master_port 29511 -m lightarch.training.parallel.parity OUT_DIR [--steps 10]
+        --master_port 29511 -m lightarch.training.parallel.parity OUT_DIR [--steps 10] \
+        [--engines ddp,fsdp2,zero3] [--kinds sparse_moe_top_k,sparse_moe_top_p] [--resume_at 5]
 
 Every rank first trains one-process references (the full global batch, `model(**batch).loss`, AdamW fp32, the
-router-bias hook), then the same models under DDP and under FSDP2 (`apply_fsdp2`: each decoder layer, then the
-root) on its half of each global batch with `data_parallel_moe_loss`, comparing at every step the global loss and
-every parameter's full gradient with the reference. Cases: SparseMoe with top-k routing and the aux-loss-free bias
-update, SparseMoe with top-p routing, AdaptiveDepth (MoE layers, three exits, estimator); plus a negative control
-(DDP backpropagating each rank's own `outputs.loss`) that measures the local-balance-loss error. Rank 1's inputs
-repeat one token, so its tokens share one hidden state per layer and route to the same experts: the other experts
-receive no token on rank 1 at every step (recorded, to prove the case is exercised). Collectives time out after
-60 s (`init_process_group(timeout=...)`), so a hang fails instead of blocking. Each rank writes
-`OUT_DIR/parity-rank{r}.json`.
+router-bias hook), then the same models under DDP, under FSDP2 (`apply_fsdp2`: each decoder layer, then the
+root) and under DeepSpeed ZeRO-3 (`deepspeed.initialize` with the shipped `zero3_cpu.json`, MoE blocks as leaf
+modules, the torch AdamW) on its half of each global batch with `data_parallel_moe_loss`, comparing at every step
+the global loss and every parameter's full gradient with the reference. With `--resume_at k` each FSDP2 / ZeRO-3
+case also writes a sharded checkpoint after k steps (`sharded_checkpoints.save_sharded`, plus the sharded model's
+logits and, for FSDP2, a consolidated `save_pretrained` folder) and a second run resumes from it; `--cases
+KIND/trainer_zero3` trains through `transformers.Trainer` with DeepSpeed ZeRO-3 (`zero3_trainer`). Cases: SparseMoe
+with top-k routing and the aux-loss-free bias update, SparseMoe with top-p routing, AdaptiveDepth (MoE layers,
+three exits, estimator); plus a negative control (DDP backpropagating each rank's own `outputs.loss`) that
+measures the local-balance-loss error. Rank 1's inputs repeat one token, so its tokens share one hidden state per
+layer and route to the same experts: the other experts receive no token on rank 1 at every step (recorded, to prove
+the case is exercised). Collectives time out after 60 s (`init_process_group(timeout=...)`), so a hang fails
+instead of blocking. Each rank writes `OUT_DIR/parity-rank{r}.json`.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ from ...modeling_adaptive_depth import AdaptiveDepthForCausalLM
 from ...modeling_sparse_moe import SparseMoeForCausalLM
 from ..router_bias import register_router_bias_hook
 from .moe_loss import data_parallel_moe_loss, record_routers
+from .sharded_checkpoints import load_sharded, save_consolidated, save_sharded
 from .sharding import apply_ddp, apply_fsdp2, full_gradient
+from .zero3 import deepspeed_config
 
 GLOBAL_BATCH, SEQUENCE_LENGTH, VOCAB = 4, 12, 97
 COLLECTIVE_TIMEOUT_SECONDS = 60
@@ -110,10 +117,26 @@ def _held_fractions(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
     }
 
 
-def train_reference(kind: str, batches, lr: float) -> dict:
+def _zero3_held_fractions(model: nn.Module) -> dict[str, float]:
+    """`_held_fractions` for a ZeRO-3 model: its fp32 partitions; call between `backward` and `step`."""
+    from deepspeed.utils import safe_get_local_grad, safe_get_local_optimizer_state
+
+    parameters = list(model.parameters())
+    total = sum(p.ds_numel for p in parameters)
+    state = [(safe_get_local_optimizer_state(p, "exp_avg"), safe_get_local_optimizer_state(p, "exp_avg_sq"))
+             for p in parameters]
+    grads = [safe_get_local_grad(p) for p in parameters]
+    return {
+        "held_parameters": sum(p.ds_tensor.numel() for p in parameters) / total,
+        "held_gradients": sum(g.numel() for g in grads if g is not None) / total,
+        "held_optimizer_state": sum(a.numel() + b.numel() for a, b in state if a is not None) / (2 * total),
+    }
+
+
+def train_reference(kind: str, batches, lr: float, weight_decay: float = 0.01) -> dict:
     """One process over the full global batches: the losses, the gradients at every step, the final biases."""
     model = build_model(kind)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     register_router_bias_hook(optimizer, model)
     losses, grads = [], []
     for batch in batches:
@@ -126,18 +149,49 @@ def train_reference(kind: str, batches, lr: float) -> dict:
     return {"losses": losses, "grads": grads, "biases": router_biases(model), "state": model.state_dict()}
 
 
-def train_parallel(kind: str, engine: str, batches, lr: float, reference: dict, loss_mode: str = "global") -> dict:
-    """The same training under `engine` ("ddp" / "fsdp2") on this rank's shard; differences from `reference`."""
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    inner = build_model(kind)
-    config = inner.config
+def _wrap(inner: nn.Module, engine: str, lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """`(model to call, optimizer)` under `engine`; the router-bias hook sits on the (base) torch optimizer."""
+    if engine == "zero3":  # deepspeed.initialize with the shipped config (its leaf_module flags the MoE blocks)
+        import deepspeed
+
+        optimizer = torch.optim.AdamW(inner.parameters(), lr=lr)
+        register_router_bias_hook(optimizer, inner)  # ZeRO-3's step calls this optimizer's step on the partitions
+        config = deepspeed_config("zero3_cpu", micro_batch_size=GLOBAL_BATCH // dist.get_world_size())
+        wrapped, _, _, _ = deepspeed.initialize(model=inner, optimizer=optimizer, config=config)
+        return wrapped, optimizer
+    if engine not in ("ddp", "fsdp2"):
+        raise ValueError(f"unknown engine {engine!r}: use ddp, fsdp2 or zero3.")
     wrapped = apply_ddp(inner) if engine == "ddp" else apply_fsdp2(inner)
     optimizer = torch.optim.AdamW(wrapped.parameters(), lr=lr)
     register_router_bias_hook(optimizer, inner)
+    return wrapped, optimizer
+
+
+def train_parallel(kind: str, engine: str, batches, lr: float, reference: dict, loss_mode: str = "global",
+                   save_at: int | None = None, checkpoint_dir: str | None = None,
+                   resume_at: int | None = None) -> dict:
+    """The same training under `engine` ("ddp" / "fsdp2" / "zero3") on this rank's shard; differences from
+    `reference`. `save_at=k`: after step k-1, write a sharded checkpoint to `checkpoint_dir` (and, for FSDP2, a
+    consolidated `save_pretrained` folder beside it); `resume_at=k`: load that checkpoint and train steps k.. only."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    inner = build_model(kind)
+    config = inner.config
+    wrapped, optimizer = _wrap(inner, engine, lr)
+    zero3 = engine == "zero3"
+    leaf_modules = sum(int(getattr(m, "_z3_leaf", False)) for m in inner.modules())
+    if resume_at is not None:
+        load_sharded(wrapped, optimizer, checkpoint_dir)
     loss_diffs, grad_rel, grad_abs, zero_token_layers, local_update_differs, losses = [], [], [], 0, 0, []
+    held = {}
     for step, batch in enumerate(batches):
+        if resume_at is not None and step < resume_at:
+            continue
+        if step == save_at:
+            save_sharded(wrapped, optimizer, checkpoint_dir)
+            _save_outputs(wrapped, inner, engine, batch, checkpoint_dir)
         shard = {key: value.chunk(world_size)[rank] for key, value in batch.items()}  # (B / world, T)
-        optimizer.zero_grad()
+        if not zero3:  # DeepSpeed's engine zeroes its gradients in step()
+            optimizer.zero_grad()
         if loss_mode == "global":
             loss, global_loss, records = data_parallel_moe_loss(wrapped, config, shard)
         else:  # negative control: each rank's own loss, as a plain Trainer would backpropagate it
@@ -146,7 +200,10 @@ def train_parallel(kind: str, engine: str, batches, lr: float, reference: dict, 
             global_loss = loss.detach().clone()
             dist.all_reduce(global_loss)
             global_loss = global_loss / world_size
-        loss.backward()
+        if zero3:
+            wrapped.backward(loss)  # reduce-scatters the gradients into each rank's partition
+        else:
+            loss.backward()
         losses.append(global_loss.item())
         loss_diffs.append(abs(global_loss.item() - reference["losses"][step]))
         for name, parameter in inner.named_parameters():
@@ -164,30 +221,81 @@ def train_parallel(kind: str, engine: str, batches, lr: float, reference: dict, 
         total = sum(all_counts)
         zero_token_layers += int(((all_counts[-1] == 0) & (total > 0)).any(dim=-1).sum())
         local_update_differs += _local_update_would_differ(inner)
-        optimizer.step()  # the router-bias hook all-reduces the loads here
+        if step == len(batches) - 1:  # gradients and AdamW state both exist here, under every engine
+            held = _zero3_held_fractions(inner) if zero3 else _held_fractions(inner, optimizer)
+        if zero3:
+            wrapped.step()  # steps `optimizer` on the fp32 partitions
+        else:
+            optimizer.step()  # the router-bias hook all-reduces the loads here (under every engine)
+    if zero3:
+        wrapped.destroy()  # removes its hooks from `inner`
     biases = router_biases(inner)
-    held = _held_fractions(inner, optimizer)
     bias_diff = max([(a - b).abs().max().item() for a, b in zip(biases, reference["biases"])], default=0.0)
     return {"loss_max_diff": max(loss_diffs), "grad_max_rel": max(grad_rel), "grad_max_abs": max(grad_abs),
             "bias_max_diff": bias_diff, "biases_moved": any(b.abs().sum() > 0 for b in biases),
             "zero_token_layer_steps": zero_token_layers, "local_update_would_differ": local_update_differs,
-            "losses": losses, "reference_losses": reference["losses"], **held}
+            "leaf_modules": leaf_modules, "losses": losses, "reference_losses": reference["losses"], **held}
 
 
-def run(out_dir: str, steps: int = 10, lr: float = 1e-3) -> dict:
-    """Every case on this rank (see the module docstring); writes and returns this rank's results."""
+def _save_outputs(wrapped: nn.Module, inner: nn.Module, engine: str, batch, checkpoint_dir: str) -> None:
+    """At the checkpoint: the sharded model's logits on `batch` (every rank runs the forward), and for FSDP2 the
+    consolidated folder, so that a single process can check that `from_pretrained` gives the same outputs."""
+    with torch.no_grad():
+        inner.eval()
+        logits = wrapped(input_ids=batch["input_ids"]).logits  # (B, T, V): the full model on every rank
+        inner.train()
+    if engine == "fsdp2":
+        save_consolidated(inner, Path(checkpoint_dir).with_name(Path(checkpoint_dir).name + "-consolidated"))
+    if dist.get_rank() == 0:
+        torch.save({"input_ids": batch["input_ids"], "logits": logits, "kind": engine},
+                   Path(checkpoint_dir).with_name(Path(checkpoint_dir).name + "-outputs.pt"))
+    dist.barrier()
+
+
+def run(out_dir: str, steps: int = 10, lr: float = 1e-3, engines: tuple[str, ...] = ("ddp", "fsdp2"),
+        kinds: tuple[str, ...] = ("sparse_moe_top_k", "sparse_moe_top_p", "adaptive_depth"),
+        resume_at: int | None = None, cases: tuple[str, ...] | None = None) -> dict:
+    """Every case on this rank (see the module docstring); writes and returns this rank's results.
+
+    `cases` ("kind/engine", engine one of ddp, fsdp2, zero3, trainer_zero3, trainer_zero3_local) replaces the
+    `kinds` x `engines` product. `trainer_zero3` trains through `DataParallelMoeTrainer` with DeepSpeed ZeRO-3
+    (`zero3_trainer`); `trainer_zero3_local` through a plain `Trainer` (each rank's own loss: negative control).
+    `resume_at=k` adds, per FSDP2 / ZeRO-3 case, a run that writes sharded checkpoints after step k-1 (under
+    `OUT_DIR/checkpoints/`) and a run that resumes from them (`<case>/resumed`, steps k..)."""
     world_size = int(os.environ["WORLD_SIZE"])
     batches = global_batches(steps, world_size)
-    kinds = ["sparse_moe_top_k", "sparse_moe_top_p", "adaptive_depth"]
-    references = {kind: train_reference(kind, batches, lr) for kind in kinds}  # before any process group exists
+    if cases is None:
+        cases = tuple(f"{kind}/{engine}" for kind in kinds for engine in engines)
+    pairs = [tuple(case.split("/")) for case in cases]
+    # before any process group exists (the bias update all-reduces once one does); the Trainer's AdamW decays no
+    # norm weight, so its reference has no weight decay
+    trainer_engines = ("trainer_zero3", "trainer_zero3_local")
+    references = {kind: train_reference(kind, batches, lr) for kind, engine in pairs if engine not in trainer_engines}
+    trainer_references = {kind: train_reference(kind, batches, lr, weight_decay=0.0)
+                          for kind, engine in pairs if engine in trainer_engines}
     dist.init_process_group("gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_SECONDS))
     results = {"rank": dist.get_rank(), "world_size": dist.get_world_size(), "cases": {}}
     try:
-        for kind in kinds:
-            for engine in ("ddp", "fsdp2"):
-                results["cases"][f"{kind}/{engine}"] = train_parallel(kind, engine, batches, lr, references[kind])
-        results["cases"]["sparse_moe_top_k/ddp/local_loss"] = train_parallel(
-            "sparse_moe_top_k", "ddp", batches, lr, references["sparse_moe_top_k"], loss_mode="local")
+        for kind, engine in pairs:
+            if engine in trainer_engines:
+                from .zero3_trainer import train_with_trainer
+
+                local = engine == "trainer_zero3_local"  # negative control: a plain Trainer, no resume
+                results["cases"][f"{kind}/{engine}"] = train_with_trainer(
+                    str(Path(out_dir, f"{engine}-{kind}")), kind, batches, lr, trainer_references[kind],
+                    None if local else resume_at, local_loss=local)
+                continue
+            sharded = engine in ("fsdp2", "zero3") and resume_at is not None
+            checkpoint_dir = str(Path(out_dir, "checkpoints", f"{kind}-{engine}")) if sharded else None
+            results["cases"][f"{kind}/{engine}"] = train_parallel(
+                kind, engine, batches, lr, references[kind],
+                save_at=resume_at if sharded else None, checkpoint_dir=checkpoint_dir)
+            if sharded:
+                results["cases"][f"{kind}/{engine}/resumed"] = train_parallel(
+                    kind, engine, batches, lr, references[kind], checkpoint_dir=checkpoint_dir, resume_at=resume_at)
+        if ("sparse_moe_top_k", "ddp") in pairs:
+            results["cases"]["sparse_moe_top_k/ddp/local_loss"] = train_parallel(
+                "sparse_moe_top_k", "ddp", batches, lr, references["sparse_moe_top_k"], loss_mode="local")
     finally:
         Path(out_dir, f"parity-rank{dist.get_rank()}.json").write_text(json.dumps(results, indent=1))
         dist.destroy_process_group()
@@ -199,9 +307,17 @@ def main() -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--engines", default="ddp,fsdp2", help="comma-separated: ddp, fsdp2, zero3")
+    parser.add_argument("--kinds", default="sparse_moe_top_k,sparse_moe_top_p,adaptive_depth")
+    parser.add_argument("--resume_at", type=int, default=None,
+                        help="also checkpoint FSDP2 / ZeRO-3 runs after this many steps and resume from there")
+    parser.add_argument("--cases", default=None,
+                        help="comma-separated kind/engine pairs instead of kinds x engines; engines: ddp, fsdp2, "
+                             "zero3, trainer_zero3 (Trainer with DeepSpeed ZeRO-3), trainer_zero3_local")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    run(args.out_dir, args.steps, args.lr)
+    run(args.out_dir, args.steps, args.lr, tuple(args.engines.split(",")), tuple(args.kinds.split(",")),
+        args.resume_at, tuple(args.cases.split(",")) if args.cases else None)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,12 @@ def apply_ddp(model: nn.Module, **ddp_kwargs) -> nn.Module:
 
 
 def full_gradient(parameter: nn.Parameter) -> torch.Tensor | None:
-    """The whole gradient of a (possibly FSDP2-sharded) parameter; a collective for DTensors: call on every rank."""
+    """The whole gradient of a (possibly FSDP2- or ZeRO-3-sharded) parameter; a collective for sharded ones (call
+    on every rank, in the same order). Under ZeRO-3, call it between `engine.backward` and `engine.step`."""
+    if hasattr(parameter, "ds_id"):  # a DeepSpeed ZeRO-3 partitioned parameter
+        from deepspeed.utils import safe_get_full_grad
+
+        return safe_get_full_grad(parameter)
     grad = parameter.grad
     if grad is None:
         return None
