@@ -398,6 +398,12 @@ SPARSE_MOE_PRESETS: dict[str, dict] = {
     # parameters (~0.9M, embeddings included)
     "distill-student": dict(_MAIN_JOB, router_mode="top_p", router_top_p=0.5, max_experts_per_token=3,
                             moe_intermediate_size=64),
+    # the language-model student of scripts/distill.py --task lm: the `tiny` preset narrowed to 153K parameters
+    # (with the main job's 2048-token vocabulary, tied embeddings), 1/11 of the main job's 1.69M-parameter teacher
+    "distill-lm-student": dict(_MAIN_JOB, router_mode="top_p", router_top_p=0.5, max_experts_per_token=3,
+                               hidden_size=40, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"],
+                               num_attention_heads=2, num_key_value_heads=1, num_experts=4, moe_intermediate_size=64,
+                               intermediate_size=128, tie_word_embeddings=True),
 }
 
 

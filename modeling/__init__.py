@@ -101,11 +101,14 @@ __all__ = [
     "SparseMoeModel",
     "SparseMoeModelOutputWithPast",
     "SparseMoePreTrainedModel",
+    "TeacherTopK",
+    "compute_teacher_topk",
     "distillation_divergence",
     "from_transformers",
     "loss_parts",
     "router_statistics",
     "to_transformers",
+    "topk_distillation_divergence",
 ]
 
 # Training recipes that pull in Trainer (and Opacus) load on first use, so that `import lightarch` stays light.
@@ -113,6 +116,9 @@ _LAZY_EXPORTS = {
     "DistillationConfig": "lightarch.training.distillation",
     "DistillationTrainer": "lightarch.training.distillation",
     "distillation_divergence": "lightarch.training.distillation",
+    "TeacherTopK": "lightarch.training.distillation",
+    "compute_teacher_topk": "lightarch.training.distillation",
+    "topk_distillation_divergence": "lightarch.training.distillation",
     "PrivacyArguments": "lightarch.training.privacy",
     "PrivateTrainer": "lightarch.training.privacy",
 }

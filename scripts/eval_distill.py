@@ -4,7 +4,8 @@ lightarch.training.distillation.report): the teacher, the distilled student(s), 
 distillation, and the majority class.
 
 Writes into --output_dir (the run's folder): eval.json, eval.md (the table), eval.png (per-task bars), and the
-student's model card student/README.md.
+student's model card student/README.md. For a `distill.py --task lm` run: the held-out perplexity of the teacher, the
+distilled and the plain student, recomputed from the saved folders, in eval.json / eval.md / eval.png.
 
     python scripts/eval_distill.py --output_dir outputs/distilled
 """
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
     from lightarch.training.cli import available_cpus, other_running_processes
+    from lightarch.training.distillation.language_model import (
+        evaluate_lm_run,
+        is_lm_run,
+    )
     from lightarch.training.distillation.report import (
         evaluate_run,
         results_table,
@@ -48,6 +53,13 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     torch.set_num_threads(args.num_threads or max(1, available_cpus() - other_running_processes()))
+    if is_lm_run(args.output_dir):
+        try:
+            results = evaluate_lm_run(args.output_dir)
+        except (FileNotFoundError, ValueError) as error:
+            parser.error(str(error))
+        print(results["table"], end="")
+        return
     try:
         results = evaluate_run(args.output_dir, args.split)
     except FileNotFoundError as error:

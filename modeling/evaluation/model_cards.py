@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from importlib import resources
 
 MODEL_CARD_TEMPLATES = (
-    "adaptive_depth", "distilled", "multimodal", "passkey", "private", "retrieval", "safety", "sparse_moe",
+    "adaptive_depth", "distilled", "distilled_lm", "multimodal", "passkey", "private", "retrieval", "safety",
+    "sparse_moe",
 )
 
 
@@ -45,12 +46,14 @@ def code_fence(text: str, language: str = "") -> str:
 # What a lightarch folder is, told by its results.json (the recipes write different records): kind -> a key only
 # that recipe's record has. Checked in order: the private record also has `heldout_perplexity` (sparse_moe's key)
 # and the retrieval record `heldout` (multimodal's), so their own keys come first.
-RESULT_KINDS = {"private": "independent_epsilon", "retrieval": "datastore_config", "distilled": "retention_mean",
+RESULT_KINDS = {"distilled_lm": "perplexity_reduction", "private": "independent_epsilon",
+                "retrieval": "datastore_config", "distilled": "retention_mean",
                 "safety": "harmful_blocked", "sparse_moe": "heldout_perplexity",
                 "passkey": "accuracy_at_max_length", "adaptive_depth": "calibration", "multimodal": "heldout"}
 # The card's `pipeline_tag` when its template has none (the retrieval template is a section of a language model's
 # card): distilled students and the safety filter classify text; the others generate it.
-PIPELINE_TAGS = {"private": "text-generation", "retrieval": "text-generation", "distilled": "text-classification",
+PIPELINE_TAGS = {"distilled_lm": "text-generation", "private": "text-generation", "retrieval": "text-generation",
+                 "distilled": "text-classification",
                  "safety": "text-classification", "sparse_moe": "text-generation", "passkey": "text-generation",
                  "adaptive_depth": "text-generation", "multimodal": "image-text-to-text"}
 # Hub data sets the recipes train on (model-card `datasets:` takes Hub ids only; generated data has none).
@@ -101,6 +104,8 @@ def measured_results(results: dict, dataset: tuple[str, str] | None = None, mode
                         f"Epsilon at delta {privacy['delta']:.3g} ({results['independent_accountant']})")]
     if kind == "retrieval":
         return _retrieval_results(results, dataset)
+    if kind == "distilled_lm":
+        return _distilled_lm_results(results, dataset, model)
     if kind == "distilled":
         return _distilled_results(results, dataset, model)
     if kind == "safety":
@@ -208,6 +213,26 @@ def _distilled_results(results: dict, dataset: tuple[str, str] | None, model: st
     return out
 
 
+def _distilled_lm_results(results: dict, dataset: tuple[str, str] | None, model: str) -> list:
+    """Language-model distillation (`lightarch.training.distillation.language_model`: the run's results.json, or
+    eval_distill's eval.json with its `perplexity` per model): `model`'s held-out perplexity and, for the distilled
+    student, its relative reduction against the plain student."""
+    scores = results.get("perplexity")
+    if not isinstance(scores, dict):
+        scores = {name: results[name]["heldout_perplexity"] for name in ("teacher", "student", "baseline")
+                  if isinstance(results.get(name), dict)}
+    if model not in scores:
+        raise ValueError(f"model={model!r}: the LM distillation record scores only {', '.join(scores)}; pass one of "
+                         "those.")
+    lm = ("text-generation", "Causal language modeling")
+    data = (*(dataset or ("python-stdlib", "Python standard library source (held-out files)")), "held-out")
+    out = [_result(lm, data, "perplexity", scores[model], "Held-out perplexity")]
+    if model == "student":
+        out.append(_result(lm, data, "relative_perplexity_reduction", results["perplexity_reduction"],
+                           "Perplexity reduction vs the same student without distillation"))
+    return out
+
+
 def _safety_results(results: dict, dataset: tuple[str, str] | None) -> list:
     """Safety filter on the test split (`lightarch.safety.evaluation.evaluate_filter`): block rate on harmful
     prompts (all and per source), false refusals on benign prompts, the classifier's per-category precision and
@@ -308,6 +333,8 @@ def hub_model_card(folder, base_model: str | None = None, datasets: list[str] | 
     path = folder / "results.json"
     if not path.is_file() and (folder.parent / "eval.json").is_file():
         path = folder.parent / "eval.json"  # a distill.py run: the evaluation scores each model folder of it
+    elif not path.is_file() and (folder.parent / "results.json").is_file():
+        path = folder.parent / "results.json"  # a distill.py --task lm run not yet re-evaluated: its own record
     if not path.is_file():
         raise ValueError(f"folder {folder}: no results.json, so no measured result for the card's model-index.")
     results = json.loads(path.read_text(encoding="utf-8"))
@@ -318,5 +345,5 @@ def hub_model_card(folder, base_model: str | None = None, datasets: list[str] | 
     base_model = base_model or (json.loads(adapter.read_text()).get("base_model_name_or_path")
                                 if adapter.is_file() else None)
     return hub_card((folder / "README.md").read_text(encoding="utf-8"), results, model_name=folder.resolve().name,
-                    model=folder.resolve().name if path.name == "eval.json" else "student", extra_results=extra,
+                    model=folder.resolve().name if path.parent != folder else "student", extra_results=extra,
                     base_model=base_model, datasets=datasets)

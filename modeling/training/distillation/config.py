@@ -42,7 +42,10 @@ class DistillationConfig(TrainingArguments):
                 "student; checkpoints always hold them (resume)."})
     task_weighting: str = field(default="sum", metadata={"help": f"One of {TASK_WEIGHTINGS}: 'fixed' uses "
                                                                   "--task_weights, 'uncertainty' learns them "
-                                                                  "(Kendall et al. 2018)."})
+                                                                  "(Kendall et al. 2018), 'gradnorm' balances "
+                                                                  "their gradients (Chen et al. 2018)."})
+    gradnorm_alpha: float = field(default=1.5, metadata={"help": "GradNorm's asymmetry alpha (task_weighting="
+                                                                  "'gradnorm'): larger pulls slow tasks harder."})
     task_weights: list[float] | None = field(default=None, metadata={"help": "One weight per task, for "
                                                                               "task_weighting='fixed'."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the teacher's inputs and "
@@ -62,6 +65,7 @@ class DistillationConfig(TrainingArguments):
             (self.task_weighting in TASK_WEIGHTINGS,
              f"task_weighting must be one of {TASK_WEIGHTINGS}, got {self.task_weighting!r}"),
             (self.task_weighting != "fixed" or self.task_weights, "task_weighting='fixed' needs task_weights"),
+            (self.gradnorm_alpha >= 0, f"gradnorm_alpha must be >= 0, got {self.gradnorm_alpha}"),
         ]
         for ok, message in checks:
             if not ok:

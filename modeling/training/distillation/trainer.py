@@ -8,6 +8,12 @@ Batches may carry, beside the student's `input_ids` / `attention_mask` / `labels
 - `teacher_logits` [B, ...] and `teacher_features` [B, pairs, teacher_width] (pooled, one per layer pair):
   precomputed teacher outputs (offline distillation); with what the loss needs precomputed, the teacher is not run.
 
+Offline from disk: `teacher_topk=TeacherTopK.load(folder)` (`lightarch.training.distillation.topk`, the teacher's
+top-k logits stored as safetensors) with `teacher_model=None`: the trainer checks that they belong to `train_dataset`
+and the student, adds them to each row and computes the loss with the tail as one bucket
+(`topk_distillation_divergence`). The student's evaluation loss then has no teacher: evaluate the student alone
+(perplexity, accuracy) rather than with `trainer.evaluate()` at alpha > 0.
+
 Everything Trainer does keeps working (gradient accumulation, checkpoints, resume, report_to); the projections and
 task weights this trainer owns are optimized with the student, saved in each checkpoint and restored on resume.
 """
@@ -26,7 +32,9 @@ from transformers import PreTrainedModel, Trainer
 from .config import DistillationConfig
 from .features import FeatureProjector, layer_map, select_layer
 from .losses import distillation_divergence, feature_alignment_loss, masked_mean_pool
-from .weighting import TaskWeighting
+from .topk import BATCH_KEYS as TOPK_KEYS
+from .topk import TeacherTopK, TopKCollator, TopKDataset, topk_distillation_divergence
+from .weighting import LEARNED_WEIGHTINGS, TaskWeighting
 
 MODULES_FILE = "distillation_modules.safetensors"
 PRECOMPUTED_KEYS = ("teacher_logits", "teacher_features")
@@ -51,6 +59,18 @@ def _is_token_level(model: nn.Module) -> bool:
     """A language model head (logits over a vocabulary per position), not a classification head."""
     getter = getattr(model, "get_output_embeddings", None)
     return getter is not None and getter() is not None
+
+
+def last_shared_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """GradNorm's W, the last parameters every task's loss goes through: the student's final norm (`base_model.norm`,
+    the layer before the head), else its last decoder layer. ValueError when the model has neither."""
+    base = getattr(model, "base_model", model)
+    for module in (getattr(base, "norm", None), (getattr(base, "layers", None) or [None])[-1]):
+        params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
+        if params:
+            return params
+    raise ValueError(f"task_weighting='gradnorm' needs the student's last shared layer (base_model.norm or "
+                     f"base_model.layers), which {type(model).__name__} lacks: use task_weighting='uncertainty'.")
 
 
 def check_distillation_pair(student: nn.Module, teacher: nn.Module, args: DistillationConfig,
@@ -79,30 +99,41 @@ def check_distillation_pair(student: nn.Module, teacher: nn.Module, args: Distil
 class DistillationTrainer(Trainer):
     """Trainer for knowledge distillation; see the module docstring for the batch layout."""
 
-    def __init__(self, model: PreTrainedModel, teacher_model: nn.Module, args: DistillationConfig,
-                 tasks: Sequence[tuple[str, int]] | None = None, **kwargs) -> None:
+    def __init__(self, model: PreTrainedModel, teacher_model: nn.Module | None = None,
+                 args: DistillationConfig | None = None, tasks: Sequence[tuple[str, int]] | None = None,
+                 teacher_topk: TeacherTopK | None = None, **kwargs) -> None:
         if not isinstance(args, DistillationConfig):
             raise TypeError(f"args must be a DistillationConfig, got {type(args).__name__}.")
-        if teacher_model is None:
-            raise ValueError("teacher_model is required: the frozen model the student learns from.")
-        check_distillation_pair(model, teacher_model, args, tasks)
+        if teacher_model is None and teacher_topk is None and (args.alpha > 0 or args.feature_weight > 0):
+            raise ValueError("teacher_model is required (the frozen model the student learns from), unless "
+                             "teacher_topk= gives its stored logits, or alpha=0 and feature_weight=0 (no teacher).")
+        if teacher_model is not None:
+            check_distillation_pair(model, teacher_model, args, tasks)
+        if teacher_topk is not None:
+            kwargs = self._attach_topk(model, teacher_topk, args, tasks, kwargs)
+        self.teacher_topk = teacher_topk
         super().__init__(model=model, args=args, **kwargs)
         # A micro-batch loss is a mean: Trainer divides it by the accumulation steps (one big batch's mean).
         self.model_accepts_loss_kwargs = False
-        self.teacher_model = teacher_model.to(self.args.device)
-        self.teacher_model.eval()
-        self.teacher_model.requires_grad_(False)
+        self.teacher_model = teacher_model.to(self.args.device) if teacher_model is not None else None
+        if self.teacher_model is not None:
+            self.teacher_model.eval()
+            self.teacher_model.requires_grad_(False)
         self.tasks = list(tasks) if tasks is not None else [("task", getattr(_text_config(model), "num_labels", 1))]
         modules = nn.ModuleDict({"task_weighting": TaskWeighting(len(self.tasks), args.task_weighting,
                                                                  args.task_weights)})
         self.feature_pairs: list[tuple[int, int]] = []
         if args.feature_weight > 0:
+            if teacher_model is None:
+                raise ValueError("feature_weight > 0 needs teacher_model (stored top-k logits hold no features): "
+                                 "pass the teacher, or set feature_weight=0.")
             student_config, teacher_config = _text_config(model), _text_config(teacher_model)
             self.feature_pairs = layer_map(args.feature_layer_map, student_config.num_hidden_layers,
                                            teacher_config.num_hidden_layers)
             modules["projector"] = FeatureProjector(self.feature_pairs, student_config.hidden_size,
                                                     teacher_config.hidden_size, args.feature_projection)
         self.distillation_modules = modules.to(self.args.device)
+        self._shared_parameters = last_shared_parameters(model) if args.task_weighting == "gradnorm" else []
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._router_records: list = []
         base = getattr(model, "base_model", None)
@@ -110,6 +141,31 @@ class DistillationTrainer(Trainer):
         if hasattr(_text_config(model), "router_aux_loss_coef") and not _is_token_level(model) and base is not None:
             # The classification head drops the router records; catch them at the base model to keep the aux loss.
             self._router_hook = base.register_forward_hook(self._catch_router_records)
+
+    @staticmethod
+    def _attach_topk(model: nn.Module, topk: TeacherTopK, args: DistillationConfig,
+                     tasks: Sequence[tuple[str, int]] | None, kwargs: dict) -> dict:
+        """Check the stored logits against the student and `train_dataset`; rows get their entries, the collator
+        stacks them."""
+        from transformers import default_data_collator
+
+        token_level = _is_token_level(model)
+        config = _text_config(model)
+        topk.check(kwargs.get("train_dataset"), config.vocab_size if token_level else config.num_labels,
+                   args.temperature)
+        if topk.manifest["token_level"] != token_level:
+            stored_kind = "per token" if topk.manifest["token_level"] else "per row"
+            student_kind = "language model" if token_level else "classifier"
+            raise ValueError(f"The stored teacher logits are {stored_kind}, but the student is a {student_kind}: "
+                             "store the logits of a teacher of the student's kind.")
+        if not token_level and topk.k != config.num_labels:
+            raise ValueError(f"For a classifier, store every logit (k = num_labels = {config.num_labels}, got k = "
+                             f"{topk.k}): classification heads are small, and task slices need all of them.")
+        kwargs = dict(kwargs)
+        if kwargs.get("train_dataset") is not None:
+            kwargs["train_dataset"] = TopKDataset(kwargs["train_dataset"], topk)
+        kwargs["data_collator"] = TopKCollator(kwargs.get("data_collator") or default_data_collator)
+        return kwargs
 
     # -- optimizer, checkpoints ---------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -119,9 +175,13 @@ class DistillationTrainer(Trainer):
         if extra:
             optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
             # Trainer zeroes only the model's gradients (`model.zero_grad()`): clear ours after every step, or they
-            # would add up across steps.
-            optimizer.register_step_post_hook(lambda *_: self.distillation_modules.zero_grad(set_to_none=True))
+            # would add up across steps; GradNorm's weights are renormalized first.
+            optimizer.register_step_post_hook(self._after_optimizer_step)
         return optimizer
+
+    def _after_optimizer_step(self, *_) -> None:
+        self.distillation_modules["task_weighting"].renormalize()
+        self.distillation_modules.zero_grad(set_to_none=True)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The student; and the projections / task weights in checkpoints (for resume), or when asked for."""
@@ -199,6 +259,7 @@ class DistillationTrainer(Trainer):
         labels = inputs.pop("labels", None)
         task_ids = inputs.pop("task_ids", None)
         precomputed = {key: inputs.pop(key) for key in PRECOMPUTED_KEYS if key in inputs}
+        stored = {key: inputs.pop(key) for key in TOPK_KEYS if key in inputs}  # [B, L, k] / [B, L], or [B, k] / [B]
         teacher_inputs = {key[len("teacher_"):]: inputs.pop(key) for key in list(inputs) if key.startswith("teacher_")}
         shared_inputs = not teacher_inputs
         if shared_inputs:
@@ -211,9 +272,19 @@ class DistillationTrainer(Trainer):
             student_kwargs.update(output_router_logits=True, output_router_indices=True)
         outputs = model(**student_kwargs)
         student_logits = outputs.logits
+        if stored and student_logits.dim() == 2:  # a classifier stores every logit: back to [B, C]
+            precomputed["teacher_logits"] = torch.zeros_like(student_logits, dtype=torch.float32).scatter(
+                -1, stored["teacher_topk_indices"].long(), stored["teacher_topk_values"].float())
+            stored = {}
+        elif stored:  # trim the dataset-length padding to this batch's length T
+            length = student_logits.shape[1]
+            stored = {key: value[:, :length] for key, value in stored.items()}
         teacher_outputs = None
-        need_logits = args.alpha > 0 and "teacher_logits" not in precomputed
+        need_logits = args.alpha > 0 and "teacher_logits" not in precomputed and not stored
         need_features = want_features and "teacher_features" not in precomputed
+        if (need_logits or need_features) and self.teacher_model is None:
+            raise ValueError("This batch carries no teacher logits and there is no teacher_model: pass "
+                             "teacher_model, or teacher_topk for the training data (evaluate the student alone).")
         if need_logits or need_features:
             self.teacher_model.eval()
             with torch.no_grad():
@@ -232,8 +303,16 @@ class DistillationTrainer(Trainer):
             mask = (shifted != -100) if shifted is not None else inputs.get("attention_mask")[:, 1:].bool()
             ce = (F.cross_entropy(student_logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=-100)
                   if shifted is not None else torch.zeros((), device=device))
-            kd = (distillation_divergence(student_logits[:, :-1], teacher_logits[:, :-1], args.beta,
-                                          args.temperature, mask) if args.alpha > 0 else torch.zeros((), device=device))
+            if args.alpha == 0:
+                kd = torch.zeros((), device=device)
+            elif stored:
+                kd = topk_distillation_divergence(
+                    student_logits[:, :-1], stored["teacher_topk_values"][:, :-1],
+                    stored["teacher_topk_indices"][:, :-1], stored["teacher_logsumexp"][:, :-1],
+                    stored["teacher_tail_log_mass"][:, :-1], args.beta, args.temperature, mask)
+            else:
+                kd = distillation_divergence(student_logits[:, :-1], teacher_logits[:, :-1], args.beta,
+                                             args.temperature, mask)
             per_task[0] = (1 - args.alpha) * ce + args.alpha * kd
             present[0] = True
             ce_sum, kd_sum = ce, kd
@@ -252,7 +331,13 @@ class DistillationTrainer(Trainer):
                 share = rows.float().mean()
                 ce_sum, kd_sum = ce_sum + share * ce, kd_sum + share * kd
                 self._metrics[mode][f"task_loss/{name}"].append(float(per_task[k].detach()))
-        loss = self.distillation_modules["task_weighting"](torch.stack(per_task), present)
+        weighting = self.distillation_modules["task_weighting"]
+        if weighting.mode == "gradnorm" and model.training and torch.is_grad_enabled():
+            gradnorm_loss = weighting.gradnorm_update(torch.stack(per_task), present, self._shared_parameters,
+                                                      args.gradnorm_alpha)
+            if gradnorm_loss is not None:
+                parts["loss_gradnorm"] = gradnorm_loss
+        loss = weighting(torch.stack(per_task), present)
         parts["loss_ce"], parts["loss_kd"] = ce_sum, kd_sum
         if want_features:
             feature = self._feature_loss(outputs, teacher_outputs, inputs.get("attention_mask"),
@@ -266,7 +351,7 @@ class DistillationTrainer(Trainer):
             parts["loss_router_aux"] = aux
         for key, value in parts.items():
             self._metrics[mode][key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
-        if self.distillation_modules["task_weighting"].mode == "uncertainty":
+        if weighting.mode in LEARNED_WEIGHTINGS:
             for (name, _), weight in zip(self.tasks, self.distillation_modules["task_weighting"].effective_weights()):
                 self._metrics[mode][f"task_weight/{name}"].append(float(weight))
         return (loss, outputs) if return_outputs else loss
