@@ -19,6 +19,7 @@ Examples:
     python scripts/train_private.py --target_epsilon 3 --max_steps 400
     python scripts/train_private.py --noise_multiplier 1.0 --max_grad_norm 0.5
     python scripts/train_private.py --per_device_train_batch_size 256 --max_physical_batch_size 32
+    python scripts/train_private.py --grad_sample_mode ghost
 """
 
 from __future__ import annotations
@@ -102,6 +103,10 @@ class PrivacyOptions:
         default=None, metadata={"help": "Run each Poisson batch in chunks of at most this many blocks (memory)."}
     )
     accountant: str = field(default="rdp", metadata={"help": "Opacus accountant: rdp, prv or gdp."})
+    grad_sample_mode: str = field(
+        default="hooks", metadata={"help": "hooks (per-sample gradients) or ghost (ghost / fast gradient clipping: "
+                                   "per-example norms only, less memory; the same step, noise and epsilon)."}
+    )
 
 
 @dataclass

@@ -25,7 +25,7 @@ gradient of the jittered input is not reproducible in the backward pass.
 from __future__ import annotations
 
 import torch
-from opacus.grad_sample import register_grad_sampler
+from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from opacus.grad_sample.grad_sample_module import (
     create_or_accumulate_grad_sample,
     promote_current_grad_sample,
@@ -55,27 +55,46 @@ def compute_rms_norm_grad_sample(layer: RMSNorm, activations: list[torch.Tensor]
     return {layer.weight: grad}
 
 
-@register_grad_sampler(Experts)
-def compute_experts_grad_sample(layer: Experts, activations: list[torch.Tensor], backprops: torch.Tensor
-                                ) -> dict[nn.Parameter, torch.Tensor]:
-    """gate_up_proj (E, 2I, H), down_proj (E, H, I): each example's rows through the experts' forward, alone."""
+def _experts_example_grads(layer: Experts, activations: list[torch.Tensor], backprops: torch.Tensor):
+    """Yield (example, params, grads): each example's gradient of the experts' weights from its rows alone."""
     hidden, index, weights = activations  # (N, H), (N, k), (N, k): N tokens (top-k) or selected pairs (top-p)
     row_example = layer._dp_row_examples.pop()  # (N,) the example of every input row
-    batch = layer.max_batch_len
     params = [p for p in (layer.gate_up_proj, layer.down_proj) if p.requires_grad]
-    samples = {p: torch.zeros((batch, *p.shape), dtype=p.dtype, device=p.device) for p in params}
     forward = type(layer).forward  # unbound: no module hooks (Opacus's would record this recomputation)
     with torch.enable_grad():
-        for example in range(batch):
+        for example in range(layer.max_batch_len):
             rows = (row_example == example).nonzero().squeeze(-1)
             if rows.numel() == 0:
                 continue
             output = forward(layer, hidden[rows], index[rows], weights[rows])  # (rows, H)
-            grads = torch.autograd.grad(output, params, backprops[rows], allow_unused=True)
-            for param, grad in zip(params, grads):
-                if grad is not None:
-                    samples[param][example] = grad
+            yield example, params, torch.autograd.grad(output, params, backprops[rows], allow_unused=True)
+
+
+@register_grad_sampler(Experts)
+def compute_experts_grad_sample(layer: Experts, activations: list[torch.Tensor], backprops: torch.Tensor
+                                ) -> dict[nn.Parameter, torch.Tensor]:
+    """gate_up_proj (E, 2I, H), down_proj (E, H, I): each example's rows through the experts' forward, alone."""
+    params = [p for p in (layer.gate_up_proj, layer.down_proj) if p.requires_grad]
+    samples = {p: torch.zeros((layer.max_batch_len, *p.shape), dtype=p.dtype, device=p.device) for p in params}
+    for example, params, grads in _experts_example_grads(layer, activations, backprops):
+        for param, grad in zip(params, grads):
+            if grad is not None:
+                samples[param][example] = grad
     return samples
+
+
+@register_norm_sampler(Experts)
+def compute_experts_norm_sample(layer: Experts, activations: list[torch.Tensor], backprops: torch.Tensor
+                                ) -> dict[nn.Parameter, torch.Tensor]:
+    """Ghost clipping: each example's gradient norm of gate_up_proj and down_proj, (B,) each, from one example's
+    gradient at a time (1/B of the per-sample gradient's memory; an example without tokens has norm 0)."""
+    params = [p for p in (layer.gate_up_proj, layer.down_proj) if p.requires_grad]
+    norms = {p: torch.zeros(layer.max_batch_len, dtype=p.dtype, device=p.device) for p in params}
+    for example, params, grads in _experts_example_grads(layer, activations, backprops):
+        for param, grad in zip(params, grads):
+            if grad is not None:
+                norms[param][example] = grad.norm(2)
+    return norms
 
 
 def _router_grad_sample(router: Router, args, output) -> None:
@@ -89,9 +108,14 @@ def _router_grad_sample(router: Router, args, output) -> None:
     scale = float(batch) if router._dp_loss_reduction == "mean" else 1.0  # as Opacus scales its backprops
 
     def per_sample(grad: torch.Tensor) -> None:
+        if not router._dp_hooks_enabled():  # ghost clipping's second (clipped) backward: no per-sample work
+            return
         grad = grad.detach().reshape(batch, length, -1).to(x.dtype) * scale  # (B, T, E)
-        create_or_accumulate_grad_sample(param=router.weight, grad_sample=torch.einsum("bte,bth->beh", grad, x),
-                                         max_batch_len=batch)
+        grad_sample = torch.einsum("bte,bth->beh", grad, x)  # (B, E, H)
+        if router._dp_ghost:  # ghost clipping keeps only each example's norm, (B,)
+            router.weight._norm_sample = grad_sample.reshape(batch, -1).norm(2, dim=-1)
+            return
+        create_or_accumulate_grad_sample(param=router.weight, grad_sample=grad_sample, max_batch_len=batch)
         promote_current_grad_sample(router.weight)
 
     logits.register_hook(per_sample)
@@ -148,10 +172,15 @@ def prepare_per_sample_gradients(model: nn.Module, loss_reduction: str = "mean")
 
     Call it AFTER wrapping the model with Opacus (`GradSampleModule(model)`, `PrivacyEngine.make_private`), on the
     wrapper or the model, with the wrapper's `loss_reduction`. Raises a ValueError for a router with
-    `router_jitter_noise > 0`.
+    `router_jitter_noise > 0`. Under ghost clipping (a `GradSampleModuleFastGradientClipping` wrapper) the routers
+    store each example's gradient norm (`_norm_sample`) instead of the per-sample gradient.
     """
     if loss_reduction not in ("mean", "sum"):
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.")
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    wrapper = model if hasattr(model, "hooks_enabled") else None  # Opacus's GradSampleModule, if given
+    ghost = isinstance(model, GradSampleModuleFastGradientClipping)
     model = getattr(model, "_module", model)  # the model inside Opacus's GradSampleModule
     _remove_opacus_router_hooks(model)
     handles: list[RemovableHandle] = []
@@ -163,6 +192,8 @@ def prepare_per_sample_gradients(model: nn.Module, loss_reduction: str = "mean")
                     "that the per-sample gradient cannot reproduce; set router_jitter_noise=0 for DP training."
                 )
             module._dp_loss_reduction = loss_reduction
+            module._dp_ghost = ghost
+            module._dp_hooks_enabled = (lambda: wrapper.hooks_enabled) if wrapper is not None else (lambda: True)
             handles.append(module.register_forward_hook(_router_grad_sample))
         if isinstance(module, SparseMoeBlock):
             handles.append(module.register_forward_pre_hook(_record_batch_shape))
@@ -197,6 +228,7 @@ def finish_per_sample_gradients(model: nn.Module) -> None:
 
 __all__ = [
     "compute_experts_grad_sample",
+    "compute_experts_norm_sample",
     "compute_rms_norm_grad_sample",
     "finish_per_sample_gradients",
     "prepare_per_sample_gradients",

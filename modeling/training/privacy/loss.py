@@ -46,6 +46,12 @@ def per_sequence_aux_loss(config, router_outputs: list[tuple[torch.Tensor, torch
 
     router_outputs: per MoE layer, (logits (B*T, E), selected experts (B*T, slots)) as the router returned them.
     """
+    return per_sequence_aux_losses(config, router_outputs, batch_size, attention_mask).mean()
+
+
+def per_sequence_aux_losses(config, router_outputs: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int,
+                            attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sequence's own auxiliary router loss, (B,): the per-example terms ghost clipping needs."""
     losses = []
     for example in range(batch_size):
         logits = tuple(layer_logits.reshape(batch_size, -1, layer_logits.shape[-1])[example]
@@ -54,16 +60,11 @@ def per_sequence_aux_loss(config, router_outputs: list[tuple[torch.Tensor, torch
                         for _, selected in router_outputs)  # (T, slots) per layer
         mask = attention_mask[example:example + 1] if isinstance(attention_mask, torch.Tensor) else None
         losses.append(router_aux_loss(config, router_statistics(logits, indices, config.num_experts, mask)))
-    return torch.stack(losses).mean()
+    return torch.stack(losses)  # (B,)
 
 
-def private_loss(model: nn.Module, inputs: dict, return_outputs: bool = False):
-    """The model's loss on `inputs` with every term a mean over examples (see the module docstring).
-
-    `model` is the lightarch model (or a wrapper whose `modules()` reach its routers). Returns the loss, or
-    `(loss, outputs)` with `return_outputs=True`.
-    """
-    check_equal_label_counts(inputs.get("labels"))
+def forward_with_router_outputs(model: nn.Module, inputs: dict) -> tuple:
+    """`model(**inputs)` and, per router call, (logits (B*T, E), selected experts (B*T, slots)) as returned."""
     routers = [module for module in model.modules() if isinstance(module, Router)]
     router_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
     handles = [router.register_forward_hook(lambda module, args, output: router_outputs.append((output[0], output[2])))
@@ -73,6 +74,17 @@ def private_loss(model: nn.Module, inputs: dict, return_outputs: bool = False):
     finally:
         for handle in handles:
             handle.remove()
+    return outputs, router_outputs
+
+
+def private_loss(model: nn.Module, inputs: dict, return_outputs: bool = False):
+    """The model's loss on `inputs` with every term a mean over examples (see the module docstring).
+
+    `model` is the lightarch model (or a wrapper whose `modules()` reach its routers). Returns the loss, or
+    `(loss, outputs)` with `return_outputs=True`.
+    """
+    check_equal_label_counts(inputs.get("labels"))
+    outputs, router_outputs = forward_with_router_outputs(model, inputs)
     loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
     aux_loss = outputs.get("aux_loss") if isinstance(outputs, dict) else None
     if aux_loss is not None and router_outputs:
@@ -83,4 +95,10 @@ def private_loss(model: nn.Module, inputs: dict, return_outputs: bool = False):
     return (loss, outputs) if return_outputs else loss
 
 
-__all__ = ["check_equal_label_counts", "per_sequence_aux_loss", "private_loss"]
+__all__ = [
+    "check_equal_label_counts",
+    "forward_with_router_outputs",
+    "per_sequence_aux_loss",
+    "per_sequence_aux_losses",
+    "private_loss",
+]

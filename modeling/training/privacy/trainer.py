@@ -12,6 +12,9 @@ What makes a Trainer run differentially private, and what this trainer does for 
 - Noise calibrated to (`target_epsilon`, `target_delta`) for the run's steps, or a given `noise_multiplier`;
   epsilon logged with every log line; the accountant's history saved in every checkpoint and restored on resume,
   so a resumed run reports the epsilon of an uninterrupted one.
+- Ghost / fast gradient clipping (`grad_sample_mode="ghost"`): per-example gradient norms instead of per-sample
+  gradients, then a second backward of the clipping-weighted per-example losses (Opacus's machinery; see
+  `lightarch.training.privacy.ghost` for what happens to each lightarch layer). Same step, noise and accounting.
 - Logical batches larger than memory: each Poisson batch runs in chunks of at most `max_physical_batch_size`
   examples whose clipped gradients are summed before the one noisy step (as Opacus's `BatchMemoryManager`).
 
@@ -50,6 +53,13 @@ from .accounting import (
     load_accountant,
     save_accountant,
 )
+from .ghost import (
+    GRAD_SAMPLE_MODES,
+    check_ghost_supported,
+    ghost_backward,
+    make_private_ghost,
+    per_example_private_losses,
+)
 from .grad_samplers import finish_per_sample_gradients, prepare_per_sample_gradients
 from .loss import private_loss
 
@@ -83,11 +93,20 @@ class PrivacyArguments:
     poisson_sampling: bool = field(
         default=True, metadata={"help": "Must stay True: the accountant assumes Poisson sampling."}
     )
+    grad_sample_mode: str = field(
+        default="hooks",
+        metadata={"help": "'hooks': every parameter's per-sample gradient is kept until clipping; 'ghost': ghost / "
+                  "fast gradient clipping (Opacus): only per-example gradient norms, then a second backward gives "
+                  "the clipped sum (same step, noise and epsilon; less memory). See lightarch.training.privacy.ghost."},
+    )
 
 
 def check_privacy_arguments(privacy: PrivacyArguments) -> None:
     """The checks of `PrivacyArguments` alone (before any data is prepared); a ValueError names the field."""
     check_accountant(privacy.accountant)
+    if privacy.grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, got "
+                         f"{privacy.grad_sample_mode!r}.")
     if not privacy.poisson_sampling:
         raise ValueError("poisson_sampling=False: the accountant's epsilon assumes Poisson sampling (every example "
                          "joins every batch independently); keep poisson_sampling=True.")
@@ -120,6 +139,8 @@ def check_privacy_setup(privacy: PrivacyArguments, args, model: torch.nn.Module,
     if args.gradient_checkpointing:
         raise ValueError("gradient_checkpointing=True runs layers twice per backward, which the per-sample "
                          "gradient hooks do not support; set gradient_checkpointing=False.")
+    if privacy.grad_sample_mode == "ghost":
+        check_ghost_supported(model)
     for name, module in model.named_modules():
         if isinstance(module, Router) and module.bias_update_rate > 0:
             raise ValueError(
@@ -179,12 +200,17 @@ class PrivateTrainer(Trainer):
         if self.optimizer is None:
             self.create_optimizer()
         engine = PrivacyEngine(accountant=self.privacy.accountant)
-        wrapped, self.optimizer, self._private_loader = engine.make_private(
-            module=self.model, optimizer=self.optimizer, data_loader=base, noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.privacy.per_sample_max_grad_norm, poisson_sampling=True, loss_reduction="mean",
-            grad_sample_mode="hooks",
-        )
+        if self.privacy.grad_sample_mode == "ghost":
+            wrapped, self.optimizer, self._private_loader = make_private_ghost(
+                engine, self.model, self.optimizer, base, self.noise_multiplier, self.privacy.per_sample_max_grad_norm)
+        else:
+            wrapped, self.optimizer, self._private_loader = engine.make_private(
+                module=self.model, optimizer=self.optimizer, data_loader=base, noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.privacy.per_sample_max_grad_norm, poisson_sampling=True, loss_reduction="mean",
+                grad_sample_mode="hooks",
+            )
         prepare_per_sample_gradients(wrapped, loss_reduction="mean")
+        self._dp_module = wrapped
         self._dp_optimizer = self.optimizer
         engine.accountant.history = [tuple(entry) for entry in self._resumed_history]
         self.privacy_engine = engine
@@ -205,19 +231,29 @@ class PrivateTrainer(Trainer):
         model.train()
         inputs = self._prepare_inputs(inputs)
         batch_size = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
+        ghost = self.privacy.grad_sample_mode == "ghost"
         if batch_size == 0:  # an empty Poisson batch: the step still adds noise and is accounted for
             for param in optimizer.params:
-                param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype, device=param.device)
+                if ghost:  # the fast-clipping optimizer sums .grad
+                    param.grad = torch.zeros_like(param)
+                else:
+                    param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype, device=param.device)
             return torch.zeros((), device=self.args.device)
         chunk = self.privacy.max_physical_batch_size or batch_size
         total = torch.zeros((), device=self.args.device)
         for start in range(0, batch_size, chunk):
             part = {key: value[start:start + chunk] if isinstance(value, torch.Tensor) else value
                     for key, value in inputs.items()}
-            with self.compute_loss_context_manager():
-                loss = private_loss(model, part)
-            self.accelerator.backward(loss)
-            finish_per_sample_gradients(model)
+            if ghost:  # per-example losses (b,); two backward passes leave the clipped sum in .grad
+                with self.compute_loss_context_manager():
+                    losses, _ = per_example_private_losses(model, part)
+                ghost_backward(self._dp_module, optimizer, losses)
+                loss = losses.detach().mean()
+            else:
+                with self.compute_loss_context_manager():
+                    loss = private_loss(model, part)
+                self.accelerator.backward(loss)
+                finish_per_sample_gradients(model)
             total = total + loss.detach() * min(chunk, batch_size - start)
             if start + chunk < batch_size:  # clip and sum this chunk now; the noisy step comes with the last one
                 optimizer.signal_skip_step(do_skip=True)
@@ -251,6 +287,7 @@ class PrivateTrainer(Trainer):
             "per_sample_max_grad_norm": self.privacy.per_sample_max_grad_norm,
             "target_epsilon": None if self.privacy.noise_multiplier is not None else self.privacy.target_epsilon,
             "poisson_sampling": True,
+            "grad_sample_mode": self.privacy.grad_sample_mode,
         }
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
