@@ -9,7 +9,10 @@ lightarch models, and a paper scaling model (`planner`) for ZeRO / FSDP / TP / P
 - `save_sharded` / `load_sharded` / `save_consolidated` / `consolidate_zero3_checkpoint`: sharded checkpoints of
   FSDP2 (torch.distributed.checkpoint) and ZeRO-3 (DeepSpeed, `zero_to_fp32`) runs, resumed or consolidated.
 - `python -m lightarch.training.parallel.parity OUT` under torchrun: parity with one process
-  (`--engines ddp,fsdp2,zero3`, `--cases KIND/trainer_zero3`, `--resume_at K`).
+  (`--engines ddp,fsdp2,zero3,tp,ep`, `--cases KIND/trainer_zero3`, `--resume_at K`; `tp` / `ep`: the models' own
+  tensor- / expert-parallel plans through `from_pretrained(distributed_config=...)`), also over several nodes.
+- `accelerate launch --config_file configs/accelerate_cpu.yaml -m lightarch.training.parallel.accelerate_trainer OUT`:
+  a Trainer run launched by accelerate on CPU (DDP over gloo; `configs/accelerate_cpu_multinode.yaml` for 2 nodes).
 - `lightarch.training.parallel.planner`: memory, compute and communication per step; `scripts/plan_parallel.py`.
 """
 

@@ -2,7 +2,11 @@
 
     OMP_NUM_THREADS=1 python -m torch.distributed.run --nproc_per_node 2 --master_addr 127.0.0.1 \
         --master_port 29511 -m lightarch.training.parallel.parity OUT_DIR [--steps 10] \
-        [--engines ddp,fsdp2,zero3] [--kinds sparse_moe_top_k,sparse_moe_top_p] [--resume_at 5]
+        [--engines ddp,fsdp2,zero3,tp,ep] [--kinds sparse_moe_top_k,sparse_moe_top_p] [--resume_at 5]
+
+Several machines (here two simulated nodes of two processes on 127.0.0.1; static rendezvous, so node 0 holds global
+ranks 0-1), one command per node: `python -m torch.distributed.run --nnodes 2 --nproc_per_node 2 --node_rank N
+--master_addr HOST0 --master_port 29511 -m lightarch.training.parallel.parity OUT --cases sparse_moe_top_k/fsdp2`.
 
 Every rank first trains one-process references (the full global batch, `model(**batch).loss`, AdamW fp32, the
 router-bias hook), then the same models under DDP, under FSDP2 (`apply_fsdp2`: each decoder layer, then the
@@ -11,13 +15,17 @@ modules, the torch AdamW) on its half of each global batch with `data_parallel_m
 the global loss and every parameter's full gradient with the reference. With `--resume_at k` each FSDP2 / ZeRO-3
 case also writes a sharded checkpoint after k steps (`sharded_checkpoints.save_sharded`, plus the sharded model's
 logits and, for FSDP2, a consolidated `save_pretrained` folder) and a second run resumes from it; `--cases
-KIND/trainer_zero3` trains through `transformers.Trainer` with DeepSpeed ZeRO-3 (`zero3_trainer`). Cases: SparseMoe
-with top-k routing and the aux-loss-free bias update, SparseMoe with top-p routing, AdaptiveDepth (MoE layers,
-three exits, estimator); plus a negative control (DDP backpropagating each rank's own `outputs.loss`) that
-measures the local-balance-loss error. Rank 1's inputs repeat one token, so its tokens share one hidden state per
-layer and route to the same experts: the other experts receive no token on rank 1 at every step (recorded, to prove
-the case is exercised). Collectives time out after 60 s (`init_process_group(timeout=...)`), so a hang fails
-instead of blocking. Each rank writes `OUT_DIR/parity-rank{r}.json`.
+KIND/trainer_zero3` trains through `transformers.Trainer` with DeepSpeed ZeRO-3 (`zero3_trainer`). Engines `tp` /
+`ep` train the model loaded with `from_pretrained(..., distributed_config=DistributedConfig(tp_plan="auto",
+tp_size=N[, ep_size=N]))` from the reference's initial weights (the model's tensor-parallel plan, plus its expert-
+parallel plan), every rank on the whole global batch, with the same comparison. Cases: SparseMoe with top-k routing
+and the aux-loss-free bias update, SparseMoe with top-p routing, `sparse_moe_shared_qk_norm` (top-k plus a shared
+expert and QK norms: every entry of the SparseMoe TP plan), AdaptiveDepth (MoE layers, three exits, estimator); plus
+a negative control (DDP backpropagating each rank's own `outputs.loss`) that measures the local-balance-loss error.
+The last rank's inputs repeat one token, so its tokens share one hidden state per layer and route to the same
+experts: the other experts receive no token on that rank at every step (recorded, to prove the case is exercised).
+Collectives time out after 60 s (`init_process_group(timeout=...)`), so a hang fails instead of blocking. Each rank
+writes `OUT_DIR/parity-rank{r}.json` (with its torchrun node rank and local rank).
 """
 
 from __future__ import annotations
@@ -57,11 +65,14 @@ def tiny_config(kind: str) -> SparseMoeConfig:
         return SparseMoeConfig(**values, router_bias_update_rate=0.01)
     if kind == "sparse_moe_top_p":
         return SparseMoeConfig(**values, router_mode="top_p", router_top_p=0.6)
+    if kind == "sparse_moe_shared_qk_norm":  # top-k plus a shared expert and QK norms: every entry of the TP plan
+        return SparseMoeConfig(**values, router_bias_update_rate=0.01, num_shared_experts=1, use_qk_norm=True)
     if kind == "adaptive_depth":
         values.update(num_hidden_layers=4, exit_layers=[1, 2, 4], estimator_input_layer=1,
                       layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
         return AdaptiveDepthConfig(**values)
-    raise ValueError(f"unknown model kind {kind!r}: use sparse_moe_top_k, sparse_moe_top_p or adaptive_depth.")
+    raise ValueError(f"unknown model kind {kind!r}: use sparse_moe_top_k, sparse_moe_top_p, "
+                     "sparse_moe_shared_qk_norm or adaptive_depth.")
 
 
 def global_batches(steps: int, world_size: int) -> list[dict[str, torch.Tensor]]:
@@ -149,6 +160,23 @@ def train_reference(kind: str, batches, lr: float, weight_decay: float = 0.01) -
     return {"losses": losses, "grads": grads, "biases": router_biases(model), "state": model.state_dict()}
 
 
+PLAN_ENGINES = ("tp", "ep")  # the model's own plans, through from_pretrained: every rank trains on the full batch
+
+
+def load_with_plan(folder: str | os.PathLike, engine: str) -> nn.Module:
+    """`from_pretrained(folder)` under the model's tensor-parallel plan ("tp") or with its expert-parallel plan on top
+    ("ep"), over all ranks of the initialized process group (transformers' `DistributedConfig(tp_plan="auto")`)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    if engine not in PLAN_ENGINES:
+        raise ValueError(f"unknown plan engine {engine!r}: use tp or ep.")
+    world_size = dist.get_world_size()
+    expert_parallel = {"ep_size": world_size} if engine == "ep" else {}
+    config = DistributedConfig(tp_plan="auto", tp_size=world_size, **expert_parallel)
+    return AutoModelForCausalLM.from_pretrained(folder, distributed_config=config).train()
+
+
 def _wrap(inner: nn.Module, engine: str, lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
     """`(model to call, optimizer)` under `engine`; the router-bias hook sits on the (base) torch optimizer."""
     if engine == "zero3":  # deepspeed.initialize with the shipped config (its leaf_module flags the MoE blocks)
@@ -159,9 +187,9 @@ def _wrap(inner: nn.Module, engine: str, lr: float) -> tuple[nn.Module, torch.op
         config = deepspeed_config("zero3_cpu", micro_batch_size=GLOBAL_BATCH // dist.get_world_size())
         wrapped, _, _, _ = deepspeed.initialize(model=inner, optimizer=optimizer, config=config)
         return wrapped, optimizer
-    if engine not in ("ddp", "fsdp2"):
-        raise ValueError(f"unknown engine {engine!r}: use ddp, fsdp2 or zero3.")
-    wrapped = apply_ddp(inner) if engine == "ddp" else apply_fsdp2(inner)
+    if engine not in ("ddp", "fsdp2", *PLAN_ENGINES):
+        raise ValueError(f"unknown engine {engine!r}: use ddp, fsdp2, zero3, tp or ep.")
+    wrapped = inner if engine in PLAN_ENGINES else apply_ddp(inner) if engine == "ddp" else apply_fsdp2(inner)
     optimizer = torch.optim.AdamW(wrapped.parameters(), lr=lr)
     register_router_bias_hook(optimizer, inner)
     return wrapped, optimizer
@@ -169,12 +197,14 @@ def _wrap(inner: nn.Module, engine: str, lr: float) -> tuple[nn.Module, torch.op
 
 def train_parallel(kind: str, engine: str, batches, lr: float, reference: dict, loss_mode: str = "global",
                    save_at: int | None = None, checkpoint_dir: str | None = None,
-                   resume_at: int | None = None) -> dict:
-    """The same training under `engine` ("ddp" / "fsdp2" / "zero3") on this rank's shard; differences from
-    `reference`. `save_at=k`: after step k-1, write a sharded checkpoint to `checkpoint_dir` (and, for FSDP2, a
+                   resume_at: int | None = None, plan_folder: str | None = None) -> dict:
+    """The same training under `engine` ("ddp" / "fsdp2" / "zero3" on this rank's shard, "tp" / "ep" on the full
+    batch: `load_with_plan(plan_folder, engine)`, the reference's initial weights); differences from `reference`.
+    `save_at=k`: after step k-1, write a sharded checkpoint to `checkpoint_dir` (and, for FSDP2, a
     consolidated `save_pretrained` folder beside it); `resume_at=k`: load that checkpoint and train steps k.. only."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    inner = build_model(kind)
+    plan = engine in PLAN_ENGINES
+    inner = load_with_plan(plan_folder, engine) if plan else build_model(kind)
     config = inner.config
     wrapped, optimizer = _wrap(inner, engine, lr)
     zero3 = engine == "zero3"
@@ -192,7 +222,11 @@ def train_parallel(kind: str, engine: str, batches, lr: float, reference: dict, 
         shard = {key: value.chunk(world_size)[rank] for key, value in batch.items()}  # (B / world, T)
         if not zero3:  # DeepSpeed's engine zeroes its gradients in step()
             optimizer.zero_grad()
-        if loss_mode == "global":
+        if plan:  # tensor / expert parallel: one model over all ranks, every rank feeds the whole batch (B, T)
+            with record_routers(inner) as records:
+                loss = wrapped(**batch).loss
+            global_loss = loss.detach().clone()
+        elif loss_mode == "global":
             loss, global_loss, records = data_parallel_moe_loss(wrapped, config, shard)
         else:  # negative control: each rank's own loss, as a plain Trainer would backpropagate it
             with record_routers(inner) as records:
@@ -234,7 +268,10 @@ def train_parallel(kind: str, engine: str, batches, lr: float, reference: dict, 
     return {"loss_max_diff": max(loss_diffs), "grad_max_rel": max(grad_rel), "grad_max_abs": max(grad_abs),
             "bias_max_diff": bias_diff, "biases_moved": any(b.abs().sum() > 0 for b in biases),
             "zero_token_layer_steps": zero_token_layers, "local_update_would_differ": local_update_differs,
-            "leaf_modules": leaf_modules, "losses": losses, "reference_losses": reference["losses"], **held}
+            "leaf_modules": leaf_modules, "losses": losses, "reference_losses": reference["losses"],
+            "unchecked_parameters": sorted(set(reference["grads"][0]) - {name for name, _ in inner.named_parameters()}),
+            "experts_local_shape": next((list(_local(p).shape) for name, p in inner.named_parameters()
+                                         if name.endswith("experts.gate_up_proj")), None), **held}
 
 
 def _save_outputs(wrapped: nn.Module, inner: nn.Module, engine: str, batch, checkpoint_dir: str) -> None:
@@ -274,7 +311,14 @@ def run(out_dir: str, steps: int = 10, lr: float = 1e-3, engines: tuple[str, ...
     trainer_references = {kind: train_reference(kind, batches, lr, weight_decay=0.0)
                           for kind, engine in pairs if engine in trainer_engines}
     dist.init_process_group("gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_SECONDS))
-    results = {"rank": dist.get_rank(), "world_size": dist.get_world_size(), "cases": {}}
+    results = {"rank": dist.get_rank(), "world_size": dist.get_world_size(), "cases": {},
+               "node_rank": int(os.environ.get("GROUP_RANK", "0")),  # torchrun's node (group) rank
+               "local_rank": int(os.environ.get("LOCAL_RANK", "0"))}
+    plan_folders = {kind: str(Path(out_dir, "initial", kind)) for kind, engine in pairs if engine in PLAN_ENGINES}
+    if dist.get_rank() == 0:  # the reference's initial weights, for from_pretrained under the models' plans
+        for kind, folder in plan_folders.items():
+            build_model(kind).save_pretrained(folder)
+    dist.barrier()
     try:
         for kind, engine in pairs:
             if engine in trainer_engines:
@@ -289,7 +333,8 @@ def run(out_dir: str, steps: int = 10, lr: float = 1e-3, engines: tuple[str, ...
             checkpoint_dir = str(Path(out_dir, "checkpoints", f"{kind}-{engine}")) if sharded else None
             results["cases"][f"{kind}/{engine}"] = train_parallel(
                 kind, engine, batches, lr, references[kind],
-                save_at=resume_at if sharded else None, checkpoint_dir=checkpoint_dir)
+                save_at=resume_at if sharded else None, checkpoint_dir=checkpoint_dir,
+                plan_folder=plan_folders.get(kind))
             if sharded:
                 results["cases"][f"{kind}/{engine}/resumed"] = train_parallel(
                     kind, engine, batches, lr, references[kind], checkpoint_dir=checkpoint_dir, resume_at=resume_at)
@@ -307,13 +352,13 @@ def main() -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--engines", default="ddp,fsdp2", help="comma-separated: ddp, fsdp2, zero3")
+    parser.add_argument("--engines", default="ddp,fsdp2", help="comma-separated: ddp, fsdp2, zero3, tp, ep")
     parser.add_argument("--kinds", default="sparse_moe_top_k,sparse_moe_top_p,adaptive_depth")
     parser.add_argument("--resume_at", type=int, default=None,
                         help="also checkpoint FSDP2 / ZeRO-3 runs after this many steps and resume from there")
     parser.add_argument("--cases", default=None,
                         help="comma-separated kind/engine pairs instead of kinds x engines; engines: ddp, fsdp2, "
-                             "zero3, trainer_zero3 (Trainer with DeepSpeed ZeRO-3), trainer_zero3_local")
+                             "zero3, tp, ep, trainer_zero3 (Trainer with DeepSpeed ZeRO-3), trainer_zero3_local")
     args = parser.parse_args()
     torch.set_num_threads(1)
     run(args.out_dir, args.steps, args.lr, tuple(args.engines.split(",")), tuple(args.kinds.split(",")),
