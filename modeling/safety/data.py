@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +144,45 @@ def benign_examples(stdlib_limit: int = 400) -> list[Example]:
                 for template, fills in LOOK_ALIKE_TEMPLATES.items() for x in fills]
     examples += [Example(text, (), "ordinary") for text in ORDINARY_PROMPTS + stdlib_questions(stdlib_limit)]
     return examples
+
+
+def context_sentences(limit: int = 2000, seed: int = 0) -> list[str]:
+    """Neutral English sentences to put around training prompts: WordNet's usage examples of 6-20 words that no
+    built-in rule matches (`with_context`)."""
+    from ..data.tasks import wordnet_synsets
+    from .engine import RuleEngine
+
+    engine = RuleEngine.builtin()
+    pool = sorted({e for synset in wordnet_synsets() for e in synset["examples"] if 6 <= len(e.split()) <= 20})
+    random.Random(seed).shuffle(pool)
+    sentences = []
+    for sentence in pool:
+        if len(sentences) == limit:
+            break
+        if not engine.match(sentence, "user"):
+            sentences.append(sentence[0].upper() + sentence[1:] + ("" if sentence[-1] in ".?!" else "."))
+    return sentences
+
+
+def with_context(examples: Sequence[Example], sentences: Sequence[str], rate: float, seed: int = 0) -> list[Example]:
+    """`examples` plus, for a `rate` share of them, a copy with one or two neutral `sentences` before, after or on
+    both sides, same label (source "<source>+context"). Why: a harmful request inside longer text (a role-play
+    preamble, an instruction to reply in some way) must score as harmful as the request alone; trained on bare
+    prompts only, the classifier's score is diluted by the text around it. The sentences are ordinary English,
+    not attack templates, so the red-team's wrappers stay unseen."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"context augmentation rate must be in [0, 1], got {rate}.")
+    if rate and not sentences:
+        raise ValueError("context augmentation needs sentences (context_sentences()), got none.")
+    rng, out = random.Random(seed), list(examples)
+    for example in examples:
+        if rng.random() >= rate:
+            continue
+        before = " ".join(rng.sample(list(sentences), rng.choice((0, 1, 2))))
+        after = " ".join(rng.sample(list(sentences), rng.choice((0, 1) if before else (1, 2))))
+        text = " ".join(part for part in (before, example.text, after) if part)
+        out.append(Example(text, example.categories, f"{example.source}+context"))
+    return out
 
 
 def split_examples(examples: list[Example], validation: float = 0.15, test: float = 0.15, seed: int = 0

@@ -15,11 +15,12 @@ A block of the medical category is a "refer" decision: the safe response points 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from .engine import CATEGORIES, ROLES, RuleEngine, RuleMatch, builtin_rule_files, text_language
+from .engine import CATEGORIES, CJK, ROLES, RuleEngine, RuleMatch, builtin_rule_files, text_language
 from .responses import safe_response
 
 CONFIG_NAME = "safety_config.json"
@@ -31,6 +32,19 @@ CATEGORY_NAMES_ZH = {"violence": "暴力与武器", "self_harm": "自伤", "ille
                      "hate": "仇恨", "privacy": "隐私", "cybercrime": "网络犯罪", "medical": "医疗规范",
                      "sexual": "色情", "toxicity": "辱骂", "misinformation": "虚假信息", "other": "其他风险"}
 DEFAULT_THRESHOLD = 0.5
+# Chinese characters and CJK / full-width punctuation: what the Latin-script view of a mixed text leaves out
+CJK_AND_PUNCTUATION = re.compile(r"[\u3000-\u303f\u3400-\u9fff\uf900-\ufaff\uff00-\uffef]+")
+MIN_LATIN_WORDS = 3  # a mixed text gets its Latin-script view scored too when it has at least this many Latin words
+
+
+def classifier_views(text: str) -> list[str]:
+    """The texts the classifier scores for `text` (its scores are the maximum over them): `text`, and when it mixes
+    Chinese with at least `MIN_LATIN_WORDS` Latin-script words, its Latin-script part alone. The classifier is an
+    English model: an English request inside Chinese text is otherwise scored diluted by characters it never
+    learned, and gets through (measured on the validation split: 98% of harmful requests in a Chinese wrapper)."""
+    if not CJK.search(text) or len(re.findall(r"[A-Za-z]+", text)) < MIN_LATIN_WORDS:
+        return [text]
+    return [text, re.sub(r"\s+", " ", CJK_AND_PUNCTUATION.sub(" ", text)).strip()]
 CLASSIFIER_BACKENDS = ("auto", "torch", "onnx", "onnx_fp32", "onnx_int8")
 
 
@@ -115,7 +129,8 @@ class SafetyFilter:
             raise ValueError(f"role={role!r}: use one of {', '.join(ROLES)}")
         scores = None
         if use_classifier and self.classifier is not None:
-            scores = self.classifier.predict([text])[0]
+            rows = self.classifier.predict(classifier_views(text))
+            scores = {label: max(row[label] for row in rows) for label in rows[0]}
         return self.decide(text, scores, role)
 
     def decide(self, text: str, scores: dict[str, float] | None, role: str = "user") -> SafetyVerdict:

