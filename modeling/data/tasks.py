@@ -124,8 +124,10 @@ def _clean(text: str) -> str:
 
 @functools.lru_cache(maxsize=2)
 def wordnet_synsets(wordnet_dir: str = WORDNET_DIR) -> tuple[dict, ...]:
-    """Every synset of WordNet's data files: {"offset", "pos", "lexname", "lemmas", "gloss", "examples"} (cached:
-    several tasks read them; do not modify)."""
+    """Every synset of WordNet's data files: {"offset", "pos", "lexname", "lemmas", "gloss", "examples",
+    "hypernyms"} (cached: several tasks read them; do not modify). `hypernyms` lists the (offset, pos) of the
+    synset's `@` pointers (not instance hypernyms), as the data files spell them (pos "n" / "v"), for
+    `lightarch.data.wordnet_qa`'s "a kind of" passages."""
     synsets = []
     for part in ("noun", "verb", "adj", "adv"):
         path = Path(wordnet_dir) / f"data.{part}"
@@ -138,11 +140,14 @@ def wordnet_synsets(wordnet_dir: str = WORDNET_DIR) -> tuple[dict, ...]:
             fields = head.split()
             word_count = int(fields[3], 16)
             lemmas = [fields[4 + 2 * i].replace("_", " ") for i in range(word_count)]
+            pointers = fields[4 + 2 * word_count :]  # p_cnt, then (symbol, offset, pos, source/target) each
+            hypernyms = [(pointers[1 + 4 * i + 1], pointers[1 + 4 * i + 2]) for i in range(int(pointers[0]))
+                         if pointers[1 + 4 * i] == "@"]
             examples = [_clean(e) for e in re.findall(r'"([^"]+)"', gloss)]
             definition = _clean(gloss.split('"')[0].strip().rstrip(";"))
             synsets.append({"offset": fields[0], "pos": {"s": "a"}.get(fields[2], fields[2]),
                             "lexname": WORDNET_LEXNAMES[int(fields[1])], "lemmas": lemmas, "gloss": definition,
-                            "examples": examples})
+                            "examples": examples, "hypernyms": hypernyms})
     return tuple(synsets)
 
 

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from importlib import resources
 
 MODEL_CARD_TEMPLATES = (
-    "adaptive_depth", "distilled", "distilled_lm", "multimodal", "passkey", "private", "retrieval", "safety",
-    "sparse_moe",
+    "adaptive_depth", "distilled", "distilled_lm", "multimodal", "passkey", "private", "retrieval", "retrieval_qa",
+    "safety", "sparse_moe",
 )
 
 
@@ -46,13 +46,14 @@ def code_fence(text: str, language: str = "") -> str:
 # What a lightarch folder is, told by its results.json (the recipes write different records): kind -> a key only
 # that recipe's record has. Checked in order: the private record also has `heldout_perplexity` (sparse_moe's key)
 # and the retrieval record `heldout` (multimodal's), so their own keys come first.
-RESULT_KINDS = {"distilled_lm": "perplexity_reduction", "private": "independent_epsilon",
+RESULT_KINDS = {"retrieval_qa": "qa_settings", "distilled_lm": "perplexity_reduction", "private": "independent_epsilon",
                 "retrieval": "datastore_config", "distilled": "retention_mean",
                 "safety": "harmful_blocked", "sparse_moe": "heldout_perplexity",
                 "passkey": "accuracy_at_max_length", "adaptive_depth": "calibration", "multimodal": "heldout"}
 # The card's `pipeline_tag` when its template has none (the retrieval template is a section of a language model's
 # card): distilled students and the safety filter classify text; the others generate it.
-PIPELINE_TAGS = {"distilled_lm": "text-generation", "private": "text-generation", "retrieval": "text-generation",
+PIPELINE_TAGS = {"retrieval_qa": "text-generation", "distilled_lm": "text-generation",
+                 "private": "text-generation", "retrieval": "text-generation",
                  "distilled": "text-classification",
                  "safety": "text-classification", "sparse_moe": "text-generation", "passkey": "text-generation",
                  "adaptive_depth": "text-generation", "multimodal": "image-text-to-text"}
@@ -106,6 +107,10 @@ def measured_results(results: dict, dataset: tuple[str, str] | None = None, mode
         return _retrieval_results(results, dataset)
     if kind == "distilled_lm":
         return _distilled_lm_results(results, dataset, model)
+    if kind == "retrieval_qa":
+        from ..retrieval.qa import qa_measured_results
+
+        return qa_measured_results(results)
     if kind == "distilled":
         return _distilled_results(results, dataset, model)
     if kind == "safety":
