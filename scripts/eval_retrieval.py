@@ -17,6 +17,7 @@ The index comparison and the latency are timings: run them on a quiet machine (-
     python scripts/build_datastore.py --model_dir outputs/sparse_moe
     python scripts/eval_retrieval.py --model_dir outputs/sparse_moe
     python scripts/eval_retrieval.py --model_dir outputs/sparse_moe --index_kinds '' --latency_tokens 0 --max_blocks 16
+    python scripts/eval_retrieval.py --model_dir outputs/sparse_moe --qa_model_dir outputs/retrieval_qa   # + factual QA
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ class EvalArguments:
     latency_tokens: int = field(default=64, metadata={"help": "Tokens generated per latency run (0 = skip; a "
                                                               "timing)."})
     latency_repeats: int = field(default=3, metadata={"help": "Latency runs per path (median reported)."})
+    qa_model_dir: str = field(default="", metadata={"help": "Also measure factual QA: a reader saved by "
+                                                            "scripts/train_retrieval_qa.py, re-evaluated (exact "
+                                                            "match with and without retrieved passages, written to "
+                                                            "<qa_model_dir>/qa_eval) and summarised here; '' = skip."})
+    qa_eval_per_kind: int = field(default=500, metadata={"help": "Held-out QA questions per kind (0 = all)."})
     num_threads: int = field(default=0, metadata={"help": "torch threads; 0 = torch's default."})
 
 
@@ -95,6 +101,12 @@ def main(argv: list[str] | None = None) -> None:
             index_k=args.index_k, max_index_queries=args.max_index_queries, latency_tokens=args.latency_tokens,
             latency_repeats=args.latency_repeats,
         )
+        if args.qa_model_dir:
+            from lightarch.retrieval.evaluation import qa_summary
+            from lightarch.training.retrieval_qa import evaluate_saved_reader
+
+            results["qa"] = qa_summary(evaluate_saved_reader(args.qa_model_dir,
+                                                             eval_per_kind=args.qa_eval_per_kind or None))
     except ValueError as error:
         parser.error(str(error))
     print(save_results(results, args.output_dir or None))

@@ -205,3 +205,11 @@ def test_the_script_trains_evaluates_saves_and_re_evaluates(small_wordnet, tmp_p
     redone = json.loads((out / "qa_eval" / "results.json").read_text())
     assert redone["factual_accuracy"] == results["factual_accuracy"]  # same questions, same greedy answers
     assert redone["qa"]["overall"] == results["qa"]["overall"]
+    # eval_retrieval.py --qa_model_dir keeps this summary and prints the same table
+    from lightarch.retrieval.evaluation import qa_summary, qa_table
+    from lightarch.retrieval.qa import qa_markdown
+
+    summary = qa_summary(redone)
+    assert summary["factual_accuracy"] == redone["factual_accuracy"] and summary["model_dir"] == out.as_posix()
+    assert qa_markdown(redone["qa"], summary["num_passages"]).strip() in "\n".join(qa_table({"qa": summary}))
+    assert qa_table({}) == []

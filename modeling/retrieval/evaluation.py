@@ -285,15 +285,33 @@ def timing_tables(results: dict) -> list[str]:
     return lines
 
 
+def qa_summary(qa_results: dict) -> dict:
+    """What eval_retrieval keeps of a reader's QA evaluation (`lightarch.training.retrieval_qa.evaluate_saved_reader`,
+    whose full record is in `<reader>/qa_eval`): exact match with and without retrieval, overall and per kind."""
+    return {"model_dir": qa_results["model_dir"], "factual_accuracy": qa_results["factual_accuracy"],
+            "num_passages": qa_results["qa_settings"]["num_passages"], "evaluation": qa_results["qa"]}
+
+
+def qa_table(results: dict) -> list[str]:
+    """Markdown lines: the factual-QA exact match, where measured."""
+    if not results.get("qa"):
+        return []
+    from .qa import qa_markdown
+
+    qa = results["qa"]
+    return [f"Factual QA (reader `{qa['model_dir']}`, {qa['num_passages']} BM25 passages):", "",
+            qa_markdown(qa["evaluation"], qa["num_passages"]).strip(), ""]
+
+
 def markdown(results: dict) -> str:
-    """The results as markdown tables (perplexity, index comparison, latency)."""
+    """The results as markdown tables (perplexity, index comparison, latency, factual QA)."""
     ppl, config = results["perplexity"], results["datastore_config"]
     return "\n".join([
         f"# Retrieval evaluation: {results['model']}", "",
         f"Datastore `{results['datastore']}`: {results['num_keys']:,} keys (layer {config['layer']}, {config['site']}, "
         f"index {config['index']}); held-out text: {results['heldout']}; blocks of {results['block_size']} tokens, "
         f"lambda / temperature chosen on {ppl['tune_blocks']} blocks, reported on the other {ppl['test_blocks']}.",
-        "", *perplexity_table(results), *timing_tables(results)])
+        "", *perplexity_table(results), *timing_tables(results), *qa_table(results)])
 
 
 def plots(results: dict) -> dict[str, bytes]:
