@@ -95,3 +95,21 @@ def test_a_bench_of_several_seeds_gives_each_model_its_own_accuracy(repo, monkey
     accuracy = {Path(k).name: v["factual_accuracy"]["value"] for k, v in models.items() if "factual_accuracy" in v}
     assert accuracy == {"adaptive_depth": pytest.approx((288 * 0.99 + 12 * 0.75) / 300),
                         "adaptive_seed1": pytest.approx(0.9)}
+
+
+def test_a_qa_readers_own_record_describes_its_folder_even_after_a_move(repo, monkeypatch):
+    """A reader trained into /tmp/x and moved to outputs/retrieval_qa: its results.json still names /tmp/x, and its
+    re-evaluation (qa_eval/) names the new place; both are the one model in outputs/retrieval_qa."""
+    out = repo / "outputs"
+    reader = out / "retrieval_qa"
+    reader.mkdir()
+    (reader / "config.json").write_text("{}")
+    _write(reader / "results.json", {"factual_accuracy": 0.92, "model_dir": "/tmp/trained_elsewhere",
+                                     "num_parameters": 1687392})
+    _write(reader / "qa_eval" / "results.json", {"factual_accuracy": 0.92, "model_dir": "outputs/retrieval_qa"})
+    monkeypatch.chdir(repo.parent / "elsewhere")
+    models = collect_measurements([out])
+    names = {Path(k).name: v for k, v in models.items() if "factual_accuracy" in v}
+    assert set(names) == {"adaptive_depth", "retrieval_qa"}  # no phantom /tmp/trained_elsewhere, no qa_eval
+    measures = names["retrieval_qa"]
+    assert measures["factual_accuracy"]["value"] == 0.92 and measures["parameters"]["value"] == 1687392

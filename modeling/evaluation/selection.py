@@ -137,8 +137,10 @@ def measurements_from_results(results: dict, path: Path) -> dict[str, dict]:
             model = _model_key(base / name if (base / name / "config.json").is_file() else base, folder)
             put(model, "alignment_error", run.get("alignment_error", {}).get("error"), "held-out, eval_multimodal")
     elif "factual_accuracy" in results:  # a retrieval / QA evaluation that states it
-        put(_model_key(results.get("model") or results.get("model_dir"), folder), "factual_accuracy",
-            results["factual_accuracy"])
+        # a record inside a model folder (a QA reader's own results.json) is that folder's, wherever it was moved
+        named = None if (folder / "config.json").is_file() else results.get("model") or results.get("model_dir")
+        put(_model_key(named, folder), "factual_accuracy", results["factual_accuracy"])
+        put(_model_key(named, folder), "parameters", results.get("num_parameters"))
     elif isinstance(results.get("heldout"), dict) and "alignment_error" in results["heldout"]:  # train_multimodal
         put(_model_key(None, folder), "alignment_error", results["heldout"]["alignment_error"].get("error"),
             "held-out, at training")
