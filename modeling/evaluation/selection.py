@@ -139,8 +139,9 @@ def measurements_from_results(results: dict, path: Path) -> dict[str, dict]:
     elif "factual_accuracy" in results:  # a retrieval / QA evaluation that states it
         # a record inside a model folder (a QA reader's own results.json) is that folder's, wherever it was moved
         named = None if (folder / "config.json").is_file() else results.get("model") or results.get("model_dir")
-        put(_model_key(named, folder), "factual_accuracy", results["factual_accuracy"])
-        put(_model_key(named, folder), "parameters", results.get("num_parameters"))
+        model = _model_key(named, folder)
+        put(model, "factual_accuracy", results["factual_accuracy"])
+        put(model, "parameters", results.get("num_parameters"))
     elif isinstance(results.get("heldout"), dict) and "alignment_error" in results["heldout"]:  # train_multimodal
         put(_model_key(None, folder), "alignment_error", results["heldout"]["alignment_error"].get("error"),
             "held-out, at training")

@@ -152,7 +152,7 @@ class KnnLM(nn.Module):
         """One decoding step's retrieval: neighbours' distances and tokens `(B, k)`, and log p_kNN `(B, V)` (on the
         worker when overlapped, so only the mixing itself is left for the logits processor)."""
         distances, tokens = (torch.from_numpy(array) for array in self.search(query))
-        vocab_size = int(self.model.config.vocab_size)
+        vocab_size = int(self.model.config.get_text_config().vocab_size)  # a composite model's text config
         check_token_ids(tokens, vocab_size)
         return distances, tokens, knn_log_probs(distances, tokens, vocab_size, self.knn_config.temperature)
 

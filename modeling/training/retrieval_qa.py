@@ -1,6 +1,7 @@
 """A reader for retrieved context, trained from scratch: a small SparseMoe causal LM learns to answer WordNet
 questions (`lightarch.data.wordnet_qa`) from the BM25 passages prepended to them (In-Context RALM's layout,
-`lightarch.retrieval.qa.context_input_ids`), loss on the answer tokens only.
+`lightarch.retrieval.qa.context_input_ids`), loss on the answer tokens and, by default, the question's (never on
+the passages; `ReaderDataset`).
 
 - Training questions and their contexts come from synsets that are not held out: contexts are retrieved (when an
   example is drawn) from the training passages only, so no held-out gloss is ever in training text; distractors are
@@ -28,6 +29,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set
 
 from ..data.tokenizers import SPECIAL_TOKENS, train_bpe_tokenizer
 from ..data.wordnet_qa import (
+    QUESTION_KINDS,
     QAExample,
     WordnetQA,
     build_wordnet_qa,
@@ -187,7 +189,7 @@ def train_retrieval_qa(config, training_args: TrainingArguments, settings: QARea
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = (tokenizer.pad_token_id,
                                                                                  tokenizer.eos_token_id)
     counts = parameter_counts(model)
-    logger.info("Reader: %s parameters", f"{sum(p.numel() for p in model.parameters()):,}")
+    logger.info("Reader: %s parameters", f"{counts['total']:,}")
 
     budget = TimeBudgetCallback(started + 60 * options.time_budget_minutes if options.time_budget_minutes else None,
                                 reserve_seconds=60 * options.reserve_minutes)
@@ -209,7 +211,7 @@ def train_retrieval_qa(config, training_args: TrainingArguments, settings: QARea
     evaluation = evaluate_qa(model, tokenizer, qa, settings, questions, qa_retriever(qa), show_progress=show)
     results = qa_results(evaluation, settings, Path(training_args.output_dir).as_posix(), qa)
     results.update({
-        "num_parameters": sum(p.numel() for p in model.parameters()), "parameter_counts": counts,
+        "num_parameters": counts["total"], "parameter_counts": counts,
         "training": {**asdict(options), "steps": trainer.state.global_step, "max_steps": training_args.max_steps,
                      "stopped_by_time_budget": budget.stopped_at_step is not None,
                      "batch_size": training_args.per_device_train_batch_size,
@@ -239,7 +241,7 @@ def qa_results(evaluation: dict, settings: QAReaderSettings, model_dir: str, qa:
             "qa_settings": settings.to_dict(),
             "knowledge_base": {"passages": len(qa.passages), "heldout_synsets": len(qa.heldout),
                                "heldout_questions": {kind: sum(q.kind == kind for q in qa.questions["heldout"])
-                                                     for kind in ("definition", "hypernym")},
+                                                     for kind in QUESTION_KINDS},
                                "train_questions": len(qa.questions["train"])}}
 
 

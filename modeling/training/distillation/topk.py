@@ -233,8 +233,8 @@ def topk_distillation_divergence(
     student_logits [B, (T,) V]; topk_values / topk_indices [B, (T,) k] (raw teacher logits and their ids);
     teacher_logsumexp [B, (T,)], the log-sum-exp of the teacher's full logits / `temperature`;
     teacher_tail_log_mass [B, (T,)], the log of the teacher's probability outside the top k (None: log(1 - the top
-    k's mass), which float32 rounding makes a noise tail of ~1e-7 when k = V); mask as in `distillation_divergence`. Exact at k = V, a lower bound below it. Returns a scalar (x temperature^2).
-    """
+    k's mass), which float32 rounding makes a noise tail of ~1e-7 when k = V); mask as in `distillation_divergence`.
+    Exact at k = V, a lower bound below it. Returns a scalar (x temperature^2)."""
     if topk_values.shape != topk_indices.shape or topk_values.shape[:-1] != student_logits.shape[:-1]:
         raise ValueError(f"topk_values {tuple(topk_values.shape)} and topk_indices {tuple(topk_indices.shape)} must "
                          f"be the student's logits {tuple(student_logits.shape)} with k in the last dimension.")

@@ -38,16 +38,9 @@ from .trainer import DataParallelMoeTrainer
 
 def trainer_arguments(output_dir: str, steps: int, lr: float, world_size: int) -> TrainingArguments:
     """CPU `TrainingArguments` whose N-process run is the one-process AdamW loop of `parity.train_reference`
-    (constant lr, no weight decay, no clipping, one `parity.GLOBAL_BATCH // N`-row micro-batch per rank and step)."""
-    if parity.GLOBAL_BATCH % world_size:
-        raise ValueError(f"WORLD_SIZE={world_size} does not divide the global batch of {parity.GLOBAL_BATCH} rows: "
-                         "launch 1, 2 or 4 processes.")
-    return TrainingArguments(
-        output_dir=output_dir, use_cpu=True, ddp_backend="gloo",
-        per_device_train_batch_size=parity.GLOBAL_BATCH // world_size, max_steps=steps, learning_rate=lr,
-        lr_scheduler_type="constant", weight_decay=0.0, optim="adamw_torch", max_grad_norm=0.0, logging_steps=1,
-        report_to=[], save_strategy="no", train_sampling_strategy="sequential", dataloader_drop_last=True,
-        disable_tqdm=True, ddp_timeout=parity.COLLECTIVE_TIMEOUT_SECONDS)
+    (`parity.trainer_settings`), over gloo, saving nothing."""
+    return TrainingArguments(**parity.trainer_settings(output_dir, steps, lr, world_size), use_cpu=True,
+                             ddp_backend="gloo", save_strategy="no")
 
 
 def run(out_dir: str, kind: str = "sparse_moe_top_k", steps: int = 10, lr: float = 1e-3,
@@ -56,7 +49,7 @@ def run(out_dir: str, kind: str = "sparse_moe_top_k", steps: int = 10, lr: float
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     batches = parity.global_batches(steps, world_size)
     reference = parity.train_reference(kind, batches, lr, weight_decay=0.0)  # before any process group exists
-    rows = [{"input_ids": ids, "labels": ids.clone()} for batch in batches for ids in batch["input_ids"]]
+    rows = parity.trainer_rows(batches)
     distributed = world_size > 1
     if distributed:  # our own group (accelerate reuses it), destroyed below, not at the interpreter's exit
         torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=parity.COLLECTIVE_TIMEOUT_SECONDS))
@@ -68,7 +61,6 @@ def run(out_dir: str, kind: str = "sparse_moe_top_k", steps: int = 10, lr: float
         trainer.train()
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         state = trainer.accelerator.state
-        biases = parity.router_biases(trainer.model)
         result = {
             "rank": trainer.args.process_index, "world_size": trainer.args.world_size,
             "node_rank": int(os.environ.get("GROUP_RANK", "0")), "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
@@ -78,9 +70,7 @@ def run(out_dir: str, kind: str = "sparse_moe_top_k", steps: int = 10, lr: float
             "trainer": trainer_class.__name__, "kind": kind,
             "losses": losses, "reference_losses": reference["losses"],
             "loss_max_diff": max(abs(a - b) for a, b in zip(losses, reference["losses"])),
-            "bias_max_diff": max([(a - b).abs().max().item() for a, b in zip(biases, reference["biases"])],
-                                 default=0.0),
-            "biases_moved": any(b.abs().sum() > 0 for b in biases),
+            **parity.bias_comparison(trainer.model, reference),
         }
         Path(out_dir, f"accelerate-rank{result['rank']}.json").write_text(json.dumps(result, indent=1))
     finally:

@@ -99,6 +99,33 @@ def router_biases(model: nn.Module) -> list[torch.Tensor]:
             if hasattr(m, "e_score_correction_bias")]
 
 
+def bias_comparison(model: nn.Module, reference: dict) -> dict:
+    """`bias_max_diff` (the router biases against `reference["biases"]`) and `biases_moved` (the update ran)."""
+    biases = router_biases(model)
+    return {"bias_max_diff": max([(a - b).abs().max().item() for a, b in zip(biases, reference["biases"])],
+                                 default=0.0),
+            "biases_moved": any(b.abs().sum() > 0 for b in biases)}
+
+
+def trainer_rows(batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """The global batches as a Trainer's dataset, one row per sequence: with sequential sampling and
+    `GLOBAL_BATCH // N` rows per rank, rank r's micro-batch of step k is the r-th chunk of global batch k."""
+    return [{"input_ids": ids, "labels": ids.clone()} for batch in batches for ids in batch["input_ids"]]
+
+
+def trainer_settings(output_dir: str, steps: int, lr: float, world_size: int) -> dict:
+    """`TrainingArguments` fields whose N-process Trainer run is `train_reference`'s one-process AdamW loop (constant
+    lr, no weight decay, no clipping, sequential sampling, one micro-batch per rank and step, a loss logged at every
+    step); the engine's fields (DeepSpeed, backend, saving) are added by the caller."""
+    if GLOBAL_BATCH % world_size:
+        raise ValueError(f"WORLD_SIZE={world_size} does not divide the global batch of {GLOBAL_BATCH} rows: "
+                         "launch 1, 2 or 4 processes.")
+    return {"output_dir": output_dir, "per_device_train_batch_size": GLOBAL_BATCH // world_size, "max_steps": steps,
+            "learning_rate": lr, "lr_scheduler_type": "constant", "weight_decay": 0.0, "optim": "adamw_torch",
+            "max_grad_norm": 0.0, "logging_steps": 1, "report_to": [], "train_sampling_strategy": "sequential",
+            "dataloader_drop_last": True, "disable_tqdm": True, "ddp_timeout": COLLECTIVE_TIMEOUT_SECONDS}
+
+
 def _local_update_would_differ(model: nn.Module) -> int:
     """Routers whose bias step `sign(mean - load)` from this rank's own loads differs from the global one's."""
     differ = 0
@@ -263,11 +290,8 @@ def train_parallel(kind: str, engine: str, batches, lr: float, reference: dict, 
             optimizer.step()  # the router-bias hook all-reduces the loads here (under every engine)
     if zero3:
         wrapped.destroy()  # removes its hooks from `inner`
-    biases = router_biases(inner)
-    bias_diff = max([(a - b).abs().max().item() for a, b in zip(biases, reference["biases"])], default=0.0)
     return {"loss_max_diff": max(loss_diffs), "grad_max_rel": max(grad_rel), "grad_max_abs": max(grad_abs),
-            "bias_max_diff": bias_diff, "biases_moved": any(b.abs().sum() > 0 for b in biases),
-            "zero_token_layer_steps": zero_token_layers, "local_update_would_differ": local_update_differs,
+            **bias_comparison(inner, reference), "zero_token_layer_steps": zero_token_layers, "local_update_would_differ": local_update_differs,
             "leaf_modules": leaf_modules, "losses": losses, "reference_losses": reference["losses"],
             "unchecked_parameters": sorted(set(reference["grads"][0]) - {name for name, _ in inner.named_parameters()}),
             "experts_local_shape": next((list(_local(p).shape) for name, p in inner.named_parameters()

@@ -62,16 +62,10 @@ def train_with_trainer(out_dir: str, kind: str, batches: list[dict[str, torch.Te
     `resume_at=k`: the run also saves a Trainer checkpoint at step k (DeepSpeed's sharded files), and a second
     Trainer resumes from it (`resume_from_checkpoint`); its losses are returned as `resumed_losses`.
     `local_loss=True`: a plain `Trainer` (each rank's own `outputs.loss`), the negative control."""
-    world_size = int(os.environ["WORLD_SIZE"])
-    rows = [{"input_ids": ids, "labels": ids.clone()} for batch in batches for ids in batch["input_ids"]]
-    settings = {
-        "output_dir": str(Path(out_dir, "trainer")),
-        "per_device_train_batch_size": parity.GLOBAL_BATCH // world_size, "max_steps": len(batches),
-        "learning_rate": lr, "lr_scheduler_type": "constant", "weight_decay": 0.0,
-        "optim": "adamw_torch", "max_grad_norm": 0.0, "logging_steps": 1, "report_to": [],
-        "save_strategy": "no" if resume_at is None else "steps", "save_steps": resume_at or 500,
-        "train_sampling_strategy": "sequential", "dataloader_drop_last": True, "disable_tqdm": True,
-        "ddp_timeout": parity.COLLECTIVE_TIMEOUT_SECONDS}
+    rows = parity.trainer_rows(batches)
+    settings = {**parity.trainer_settings(str(Path(out_dir, "trainer")), len(batches), lr,
+                                          int(os.environ["WORLD_SIZE"])),
+                "save_strategy": "no" if resume_at is None else "steps", "save_steps": resume_at or 500}
     args = zero3_training_arguments(**settings)
     probe = _EngineProbe()
     trainer_class = Trainer if local_loss else DataParallelMoeTrainer
@@ -86,9 +80,7 @@ def train_with_trainer(out_dir: str, kind: str, batches: list[dict[str, torch.Te
         "engine": type(engine).__name__, "zero_stage": engine.zero_optimization_stage(),
         "losses": losses, "reference_losses": reference["losses"],
         "loss_max_diff": max(abs(a - b) for a, b in zip(losses, reference["losses"])),
-        "bias_max_diff": max([(a - b).abs().max().item() for a, b in
-                              zip(parity.router_biases(trainer.model), reference["biases"])], default=0.0),
-        "biases_moved": any(b.abs().sum() > 0 for b in parity.router_biases(trainer.model)),
+        **parity.bias_comparison(trainer.model, reference),
         **probe.found,
     }
     trainer.save_model(str(Path(out_dir, "saved")))  # collective: ZeRO-3 gathers the 16-bit (here fp32) weights
@@ -111,8 +103,7 @@ def train_with_trainer(out_dir: str, kind: str, batches: list[dict[str, torch.Te
         result.update({
             "resumed_losses": [entry["loss"] for entry in again.state.log_history
                                if "loss" in entry and entry["step"] > resume_at],
-            "resumed_biases_max_diff": max([(a - b).abs().max().item() for a, b in
-                                            zip(parity.router_biases(again.model), reference["biases"])], default=0.0),
+            "resumed_biases_max_diff": parity.bias_comparison(again.model, reference)["bias_max_diff"],
             "checkpoint_files": sorted(str(f.relative_to(checkpoint)) for f in checkpoint.rglob("*") if f.is_file()),
         })
     return result
