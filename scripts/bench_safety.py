@@ -34,6 +34,9 @@ class BenchSafetyArguments:
     warmup: int = field(default=10, metadata={"help": "Untimed calls per variant before its timed block."})
     num_threads: int = field(default=1, metadata={"help": "torch and ONNX Runtime intra-op threads."})
     split: str = field(default="test", metadata={"help": "Saved split the prompts come from (test: held out)."})
+    deobfuscate: bool = field(default=False, metadata={
+        "help": "Also time DeobfuscatingFilter.check (the filter with the export's ONNX variant, plus its "
+                "de-obfuscated views: what serve.py screens with by default) as filter_onnx_<variant>_deobfuscating."})
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         folder = prepare_safety_output_dir(args.output_dir, args.model_dir)
         results, times = run_safety_latency(args.model_dir, args.num_prompts, args.rounds, args.warmup,
-                                            args.num_threads, args.split)
+                                            args.num_threads, args.split, args.deobfuscate)
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(write_safety_latency(folder, results, times))

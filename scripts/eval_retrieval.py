@@ -52,7 +52,7 @@ class EvalArguments:
     max_index_queries: int = field(default=2000, metadata={"help": "Held-out queries of the index comparison."})
     latency_tokens: int = field(default=64, metadata={"help": "Tokens generated per latency run (0 = skip; a "
                                                               "timing)."})
-    latency_repeats: int = field(default=3, metadata={"help": "Latency runs per path (median reported)."})
+    latency_repeats: int = field(default=7, metadata={"help": "Interleaved latency rounds (one run of each path per round; the overhead is the median of the rounds' paired ratios)."})
     qa_model_dir: str = field(default="", metadata={"help": "Also measure factual QA: a reader saved by "
                                                             "scripts/train_retrieval_qa.py, re-evaluated (exact "
                                                             "match with and without retrieved passages, written to "

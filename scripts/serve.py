@@ -25,7 +25,9 @@ module, then runs transformers' own `Serve` with:
   violation) in a `safety` field, and the model is not called for a blocked prompt; a streamed answer stops at its
   first violating chunk with one final chunk of that kind, then `data: [DONE]`. If the filter itself fails, the
   server fails closed: HTTP 503 "safety_filter_unavailable" naming the error (mid-stream: the final content_filter
-  chunk, `safety.decision` "error"). See lightarch.deploy.serving.SafetyMiddleware.
+  chunk, `safety.decision` "error"). See lightarch.deploy.serving.SafetyMiddleware. The filter also checks each
+  text with its obfuscations undone (leetspeak, letter spacing, homoglyphs, base64, split payloads;
+  lightarch.safety.DeobfuscatingFilter); --no_deobfuscate turns that off.
 
 The folder's tokenizer needs a chat template for /v1/chat/completions (the launcher refuses to start without one).
 It serves lightarch's text causal LMs: SparseMoe, and AdaptiveDepth (with continuous batching only under
@@ -85,6 +87,13 @@ class ServeArguments:
         metadata={"help": "'builtin': screen prompts and answers with the shipped safety rules (no classifier). "
                           "Use this or --safety_dir."},
     )
+    deobfuscate: bool = field(
+        default=True,
+        metadata={"help": "With --safety_dir / --safety: also check each prompt and answer with leetspeak, letter "
+                          "spacing, homoglyphs, base64 and split payloads undone (lightarch.safety."
+                          "DeobfuscatingFilter; --no_deobfuscate: the plain filter only, which obfuscated harmful "
+                          "prompts get past far more often)."},
+    )
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -100,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     from lightarch.deploy.serving import check_servable_folder, load_server_filter, serve_folder
 
     try:
-        load_server_filter(args.safety_dir, args.safety)
+        load_server_filter(args.safety_dir, args.safety, args.deobfuscate)
         check_servable_folder(args.model_dir, args.attn_implementation, args.continuous_batching)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")

@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TRAINING_DEFAULTS = {
     "output_dir": "outputs/safety",
     "use_cpu": True,
-    "num_train_epochs": 4,
+    "num_train_epochs": 6,  # (chosen on the validation split: 97.6% of harmful blocked against 95.9% at 4 epochs)
     "per_device_train_batch_size": 32,
     "learning_rate": 1.5e-4,
     "warmup_steps": 10,

@@ -14,6 +14,9 @@ import pytest
 import yaml
 from conftest import PROJECT_ROOT
 
+# the README's `-n 2 --dist loadgroup` runs this module on one xdist worker, so its module-scoped launch runs once
+pytestmark = pytest.mark.xdist_group("test_parallel_multinode")
+
 CONFIGS = PROJECT_ROOT / "modeling" / "training" / "parallel" / "configs"
 LAUNCH_TIMEOUT_SECONDS = 240  # a hung rendezvous or collective fails the test instead of blocking the suite
 STEPS = 10

@@ -13,6 +13,9 @@ from conftest import PROJECT_ROOT, tiny_sparse_moe_config
 from lightarch import SparseMoeForCausalLM
 from lightarch.training.parallel import data_parallel_moe_loss, local_balance_loss_gap
 
+# the README's `-n 2 --dist loadgroup` runs this module on one xdist worker, so its module-scoped launch runs once
+pytestmark = pytest.mark.xdist_group("test_parallel_parity")
+
 CASES = [f"{kind}/{engine}" for kind in ("sparse_moe_top_k", "sparse_moe_top_p", "adaptive_depth")
          for engine in ("ddp", "fsdp2")]
 

@@ -22,6 +22,9 @@ from lightarch.training.parallel.zero3 import (
     zero3_training_arguments,
 )
 
+# the README's `-n 2 --dist loadgroup` runs this module on one xdist worker, so its module-scoped launch runs once
+pytestmark = pytest.mark.xdist_group("test_parallel_zero3")
+
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (the parallel extra)")
 KINDS = ["sparse_moe_top_k", "sparse_moe_top_p"]

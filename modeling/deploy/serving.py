@@ -460,7 +460,8 @@ class TokenBudgetMiddleware:
 class SafetyMiddleware:
     """ASGI middleware for `transformers serve` (`serve.py --safety_dir` / `--safety builtin`) that screens what
     goes in and what comes out of every generating route (`/v1/chat/completions`, `/v1/completions`,
-    `/v1/responses`) with a `lightarch.safety.SafetyFilter`:
+    `/v1/responses`) with a `lightarch.safety.SafetyFilter` (from `serve.py`, by default a `DeobfuscatingFilter`:
+    `load_server_filter`):
 
     - the prompt (the last user message, or `prompt` / `input`) is checked first: a blocked prompt gets HTTP 200
       with an answer of the route's kind whose text is the filter's safe response, finish_reason "content_filter"
@@ -699,25 +700,31 @@ def check_batchable_exit_policy(config, model_dir) -> None:
             "runs generate() with its exit policy), or save it with exit_policy='full'.")
 
 
-def load_server_filter(safety_dir: str | None = None, safety: str | None = None):
+def load_server_filter(safety_dir: str | None = None, safety: str | None = None, deobfuscate: bool = True):
     """The SafetyFilter `serve.py` screens with: `safety_dir` (a folder written by `SafetyFilter.save_pretrained`),
-    `safety="builtin"` (the shipped rules, no classifier), or None (no screening). ValueError naming the option."""
+    `safety="builtin"` (the shipped rules, no classifier), or None (no screening). ValueError naming the option.
+
+    With `deobfuscate` (the default) it is wrapped in `lightarch.safety.DeobfuscatingFilter`, which also checks the
+    text with leetspeak, letter spacing, homoglyphs, base64 and split payloads undone: the red-team measured 96.5%
+    of obfuscated harmful prompts blocked with it against 77.4% without (README, Safety)."""
     if safety not in (None, "builtin"):
         raise ValueError(f"--safety {safety!r}: the only value is 'builtin' (the shipped rules); for a trained filter "
                          "pass its folder with --safety_dir.")
     if safety_dir is not None and safety is not None:
         raise ValueError("--safety_dir and --safety were both given: pass one (--safety_dir FOLDER for a saved "
                          "filter, --safety builtin for the shipped rules).")
-    from ..safety import SafetyFilter
+    from ..safety import DeobfuscatingFilter, SafetyFilter
 
-    if safety == "builtin":
-        return SafetyFilter.builtin()
-    if safety_dir is None:
+    if safety_dir is None and safety is None:
         return None
-    try:
-        return SafetyFilter.from_pretrained(safety_dir)
-    except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"--safety_dir {safety_dir}: cannot load a SafetyFilter ({error}).") from error
+    if safety == "builtin":
+        loaded = SafetyFilter.builtin()
+    else:
+        try:
+            loaded = SafetyFilter.from_pretrained(safety_dir)
+        except (OSError, ValueError, KeyError) as error:
+            raise ValueError(f"--safety_dir {safety_dir}: cannot load a SafetyFilter ({error}).") from error
+    return DeobfuscatingFilter(loaded) if deobfuscate else loaded
 
 
 def serve_folder(
@@ -733,13 +740,15 @@ def serve_folder(
     log_level: str = "warning",
     safety_dir: str | None = None,
     safety: str | None = None,
+    deobfuscate: bool = True,
 ) -> None:
     """Serve the saved lightarch folder `model_dir` with transformers' own `Serve` (OpenAI-compatible API) until
     stopped: continuous batching with a paged cache sized for `max_concurrent_requests` requests of
     `max_request_tokens` (`cpu_continuous_batching_config`); `TokenBudgetMiddleware` refusing malformed and
     over-budget requests with HTTP 400 and the model-loading routes with 403; `keep_worker_alive` replacing a dead
     batching worker on the next request; with `safety_dir` (a saved SafetyFilter folder) or `safety="builtin"`,
-    `SafetyMiddleware` screening prompts and answers in front of all of it (`load_server_filter`).
+    `SafetyMiddleware` screening prompts and answers in front of all of it (`load_server_filter`; with `deobfuscate`
+    the filter also checks the de-obfuscated views of each text).
 
     transformers 5.24's model manager resolves the class with `getattr(transformers, config.architectures[0])` (remote
     code is not looked up), so lightarch's classes are set on the transformers module first.
@@ -757,7 +766,7 @@ def serve_folder(
     from transformers import GenerationConfig
 
     config, tokenizer = check_servable_folder(model_dir, attn_implementation, continuous_batching)
-    safety_filter = load_server_filter(safety_dir, safety)
+    safety_filter = load_server_filter(safety_dir, safety, deobfuscate)
     try:
         model_samples = bool(GenerationConfig.from_pretrained(model_dir).do_sample)
     except OSError:  # no generation_config.json: transformers derives a greedy one from the model config

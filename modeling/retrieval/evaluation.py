@@ -176,31 +176,41 @@ def auto_temperatures(model, datastore: Datastore, blocks: torch.Tensor,
 
 
 def decode_latency(model, datastore: Datastore, prompts: torch.Tensor, new_tokens: int, knn_config: KnnLMConfig,
-                   repeats: int = 3) -> dict:
-    """Seconds per generated token (median of `repeats`, greedy, `(B, T)` prompts): plain `generate`, kNN-LM with
-    the search sequential (in the logits processor) and overlapped (worker thread started from the key hook). A
-    timing measurement: run it on a quiet machine. Also checks that both kNN-LM paths gave the same tokens."""
+                   repeats: int = 7) -> dict:
+    """Seconds per generated token (greedy, `(B, T)` prompts) of three paths: plain `generate`, kNN-LM with the
+    search sequential (in the logits processor) and overlapped (worker thread started from the key hook).
+
+    The paths run interleaved, `repeats` rounds of one run each (order rotated every round), and an overhead is the
+    median over rounds of that round's time against the round's plain run. A shared machine's speed drifts (other
+    jobs, clocks) over seconds; the three runs of a round see nearly the same machine, so the paired ratio is far
+    steadier than a ratio of medians taken minutes apart. A timing measurement all the same: run it on a quiet
+    machine. Also checks that both kNN-LM paths gave the same tokens."""
+    if repeats < 1 or new_tokens < 1:
+        raise ValueError(f"repeats ({repeats}) and new_tokens ({new_tokens}) must be >= 1.")
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    runs, outputs = {}, {}
+    with KnnLM(model, datastore, knn_config, overlap=False) as sequential, \
+            KnnLM(model, datastore, knn_config, overlap=True) as overlapped:
+        paths = {"plain": lambda: model.generate(prompts, **kwargs),
+                 "sequential": lambda: sequential.generate(prompts, **kwargs),
+                 "overlapped": lambda: overlapped.generate(prompts, **kwargs)}
+        outputs = {name: run() for name, run in paths.items()}  # warm-up (thread start, faiss buffers); tokens
+        names, times = list(paths), {name: [] for name in paths}
+        for round_index in range(repeats):
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                started = time.perf_counter()
+                paths[name]()
+                times[name].append((time.perf_counter() - started) / new_tokens)
 
-    def timed(fn):
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            out = fn()
-            times.append((time.perf_counter() - started) / new_tokens)
-        return statistics.median(times), out
+    def overheads(name: str) -> list[float]:  # one per round, against the same round's plain run
+        return [t / plain - 1.0 for t, plain in zip(times[name], times["plain"])]
 
-    model.generate(prompts, **kwargs)  # warm-up, as for the kNN-LM paths
-    runs["plain"], _ = timed(lambda: model.generate(prompts, **kwargs))
-    for name, overlap in (("sequential", False), ("overlapped", True)):
-        with KnnLM(model, datastore, knn_config, overlap=overlap) as knn:
-            knn.generate(prompts, **kwargs)  # warm-up (thread start, faiss buffers)
-            runs[name], outputs[name] = timed(lambda: knn.generate(prompts, **kwargs))
-    return {"seconds_per_token": runs, "new_tokens": new_tokens, "batch": int(prompts.shape[0]),
+    return {"seconds_per_token": {name: statistics.median(values) for name, values in times.items()},
+            "seconds_per_token_per_round": times, "new_tokens": new_tokens, "batch": int(prompts.shape[0]),
             "prompt_tokens": int(prompts.shape[1]), "repeats": repeats,
-            "overhead_sequential": runs["sequential"] / runs["plain"] - 1.0,
-            "overhead_overlapped": runs["overlapped"] / runs["plain"] - 1.0,
+            "overhead_sequential": statistics.median(overheads("sequential")),
+            "overhead_overlapped": statistics.median(overheads("overlapped")),
+            "overhead_per_round": {name: overheads(name) for name in ("sequential", "overlapped")},
             "same_tokens": bool(torch.equal(outputs["sequential"], outputs["overlapped"]))}
 
 
@@ -209,7 +219,7 @@ def evaluate_retrieval(model_dir: str | os.PathLike, datastore_dir: str | os.Pat
                        temperatures: Sequence[float] | None = None, lambda_modes: Sequence[str] = ("fixed",),
                        index_kinds: Sequence[str] = ("flat", "hnsw", "ivf"), index_k: int = 8,
                        max_index_queries: int = 2000,
-                       latency_tokens: int = 0, latency_repeats: int = 3) -> dict:
+                       latency_tokens: int = 0, latency_repeats: int = 7) -> dict:
     """Everything eval_retrieval reports, as one results dict. Held-out text: `lightarch.data.corpus.heldout_texts`
     (the files the model's run recorded as held out). Index comparison and latency are timings (quiet machine)."""
     from ..data.corpus import heldout_texts, token_blocks, tokenize_documents
@@ -275,13 +285,20 @@ def timing_tables(results: dict) -> list[str]:
     if results.get("latency"):
         lat = results["latency"]
         s = lat["seconds_per_token"]
-        lines += ["| decoding | ms / token | vs plain |", "|---|---:|---:|",
-                  f"| plain generate | {_fmt(1e3 * s['plain'])} | |",
+        rounds = lat.get("overhead_per_round", {})
+
+        def spread(name: str) -> str:  # the rounds' lowest and highest overhead, where recorded
+            values = rounds.get(name)
+            return f"{100 * min(values):+.1f}% .. {100 * max(values):+.1f}%" if values else ""
+
+        lines += ["| decoding | ms / token | vs plain (median of rounds) | rounds' range |", "|---|---:|---:|---:|",
+                  f"| plain generate | {_fmt(1e3 * s['plain'])} | | |",
                   f"| kNN-LM, search sequential | {_fmt(1e3 * s['sequential'])} | "
-                  f"{100 * lat['overhead_sequential']:+.1f}% |",
+                  f"{100 * lat['overhead_sequential']:+.1f}% | {spread('sequential')} |",
                   f"| kNN-LM, search overlapped | {_fmt(1e3 * s['overlapped'])} | "
-                  f"{100 * lat['overhead_overlapped']:+.1f}% |", "",
-                  f"Same tokens sequential vs overlapped: {lat['same_tokens']}.", ""]
+                  f"{100 * lat['overhead_overlapped']:+.1f}% | {spread('overlapped')} |", "",
+                  f"{lat['repeats']} interleaved rounds of {lat['new_tokens']} tokens (batch {lat['batch']}); "
+                  f"same tokens sequential vs overlapped: {lat['same_tokens']}.", ""]
     return lines
 
 

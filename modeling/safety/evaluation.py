@@ -82,6 +82,21 @@ def evaluate_filter(safety: SafetyFilter, examples: Sequence[Example], curve_sca
     return results
 
 
+HEADLINE_KEYS = (  # the rates a recipe compares: the block rate and the false refusals
+    "harmful_blocked", "false_refusal_lookalike", "false_refusal_ordinary", "false_refusal_benign", "blocks",
+    "blocks_without_explanation")
+
+
+def evaluate_deobfuscating(safety: SafetyFilter, examples: Sequence[Example]) -> dict:
+    """`evaluate_filter`'s block and false-refusal rates for `DeobfuscatingFilter(safety)`, the filter `serve.py`
+    screens with by default: its views of a text (leetspeak, spacing, ... undone) can only add blocks, so its
+    false refusals on benign prompts must be measured too, not assumed equal to the plain filter's."""
+    from .normalize import DeobfuscatingFilter
+
+    results = evaluate_filter(DeobfuscatingFilter(safety), examples, curve_scales=())
+    return {key: results[key] for key in HEADLINE_KEYS}
+
+
 def results_table(results: dict) -> str:
     """The headline numbers as a Markdown table (for eval output and the model card)."""
     def pct(value):
@@ -92,6 +107,14 @@ def results_table(results: dict) -> str:
              f"| false refusals, benign look-alikes | {pct(results['false_refusal_lookalike'])} | "
              f"{results['lookalike']} |",
              f"| false refusals, ordinary prompts | {pct(results['false_refusal_ordinary'])} | {results['ordinary']} |"]
+    if "deobfuscating" in results:  # (what serve.py screens with by default)
+        seen = results["deobfuscating"]
+        lines += [f"| with de-obfuscation: harmful prompts blocked | {pct(seen['harmful_blocked'])} | "
+                  f"{results['harmful']} |",
+                  f"| with de-obfuscation: false refusals, benign look-alikes | "
+                  f"{pct(seen['false_refusal_lookalike'])} | {results['lookalike']} |",
+                  f"| with de-obfuscation: false refusals, ordinary prompts | {pct(seen['false_refusal_ordinary'])} "
+                  f"| {results['ordinary']} |"]
     for source, rate in results["blocked_by_source"].items():
         lines.append(f"| blocked: {source} | {pct(rate)} | |")
     if "per_category" in results:

@@ -53,15 +53,18 @@ def collapse_spacing(text: str) -> str:
 
 
 def decode_base64_runs(text: str) -> str:
-    """Each base64 run of 16+ characters replaced by its text when it decodes to printable UTF-8."""
-    def decode(match: re.Match) -> str:
-        run = match.group(0)
+    """The text of each base64 run of 16+ characters that decodes to printable UTF-8, alone (joined by spaces); ''
+    when none does. Alone, because the payload is the hidden request: the instruction around it ("decode this and
+    answer it") dilutes a classifier's score as any wrapper does (the split payload's view is alone too)."""
+    decoded_runs = []
+    for run in BASE64_RUN.findall(text):
         try:
             decoded = base64.b64decode(run + "=" * (-len(run) % 4), validate=True).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError, ValueError):
-            return run
-        return decoded if decoded.isprintable() else run
-    return BASE64_RUN.sub(decode, text)
+            continue
+        if decoded.isprintable():
+            decoded_runs.append(decoded)
+    return " ".join(decoded_runs)
 
 
 def join_split_payload(text: str) -> str:
@@ -82,35 +85,46 @@ def deobfuscated_views(text: str) -> list[tuple[str, str]]:
         if view and view != text:
             views.append((name, view))
         if name != "payload_split":
-            chained = transform(chained)
+            chained = transform(chained) or chained  # the base64 view is '' when nothing decodes
     if chained != text and all(chained != v for _, v in views):
         views.append(("all", chained))
     return views
 
 
-class DeobfuscatingFilter:
-    """A SafetyFilter that also checks the de-obfuscated views of a text; same `check` / `apply` / `safe_response`."""
+class DeobfuscatingFilter(SafetyFilter):
+    """A SafetyFilter that also checks the de-obfuscated views of a text (what `serve.py` screens with by default).
+
+    It is a SafetyFilter over the same rules, classifier and thresholds as the one it wraps (shared, not copied), so
+    it goes wherever one goes: `SafetyMiddleware` (prompts, buffered answers, the growing text of a streamed
+    answer), `SafetyStoppingCriteria` / `SafetyStreamer` (partial answers, `use_classifier` included),
+    `evaluate_filter`, `apply` and `safe_response`. `save_pretrained` writes the wrapped filter's folder (the
+    views are a way of checking, not saved state); `from_pretrained` / `builtin` load one and wrap it."""
 
     def __init__(self, safety: SafetyFilter):
+        if not isinstance(safety, SafetyFilter):
+            raise TypeError(f"DeobfuscatingFilter(safety=...) takes a SafetyFilter, got {type(safety).__name__}")
+        safety = safety.safety if isinstance(safety, DeobfuscatingFilter) else safety  # views once, not of views
+        vars(self).update(vars(safety))  # engine, classifier, thresholds, policy: the same objects
         self.safety = safety
-        self.classifier, self.thresholds = safety.classifier, safety.thresholds
 
     def check(self, text: str, role: str = "user", use_classifier: bool = True) -> SafetyVerdict:
         """The verdict on `text`, or on the first view of it that is blocked (its explanation says which view)."""
-        verdict = self.safety.check(text, role, use_classifier)
+        verdict = super().check(text, role, use_classifier)
         if not verdict.allowed:
             return verdict
         for name, view in deobfuscated_views(text):
-            seen = self.safety.check(view, role, use_classifier)
+            seen = super().check(view, role, use_classifier)
             if not seen.allowed:
                 return dataclasses.replace(seen, explanation=f"{seen.explanation} (after undoing {name})")
         return verdict
 
-    def safe_response(self, verdict: SafetyVerdict) -> str:
-        """The wrapped filter's safe response."""
-        return self.safety.safe_response(verdict)
+    @classmethod
+    def from_pretrained(cls, folder, classifier=None, classifier_backend: str = "auto",
+                        num_threads: int = 0) -> "DeobfuscatingFilter":
+        """`SafetyFilter.from_pretrained(...)` (same arguments), wrapped."""
+        return cls(SafetyFilter.from_pretrained(folder, classifier, classifier_backend, num_threads))
 
-    def apply(self, text: str, role: str = "user") -> str:
-        """`text` when allowed (views included), else the safe response."""
-        verdict = self.check(text, role)
-        return text if verdict.allowed else self.safe_response(verdict)
+    @classmethod
+    def builtin(cls, classifier=None, **kwargs) -> "DeobfuscatingFilter":
+        """`SafetyFilter.builtin(...)` (the shipped rules), wrapped."""
+        return cls(SafetyFilter.builtin(classifier, **kwargs))

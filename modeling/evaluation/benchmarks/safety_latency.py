@@ -10,6 +10,9 @@ Protocol (`run_safety_latency`, run by scripts/bench_safety.py):
 - Each variant in its own block (`warmup` untimed calls, then `rounds` passes over the prompts), torch and ONNX
   Runtime on `num_threads` threads (1 for the target): ONNX Runtime's and torch's pools spin after a run, so
   interleaving them makes each pay for the other's idle threads (see `inference.measure_latency`).
+- With `deobfuscate`, one more variant: `DeobfuscatingFilter.check` over the whole filter with the export's ONNX
+  variant (`filter_onnx_<default>_deobfuscating`: what serve.py screens with by default; a text whose views are
+  all allowed costs one filter check per view).
 - p50 / p95 / p99 / mean / max per variant, the speedup of each classifier over torch at p50 and p95, and the
   target checked on the whole filter with the ONNX variant the folder's export chose.
 """
@@ -44,11 +47,13 @@ def held_out_prompts(model_dir: str | os.PathLike, num_prompts: int, split: str 
     return [texts[i] for i in ranks]
 
 
-def safety_runners(model_dir: str | os.PathLike, num_threads: int = 1) -> tuple[dict[str, Callable[[str], object]],
-                                                                               dict]:
+def safety_runners(model_dir: str | os.PathLike, num_threads: int = 1, deobfuscate: bool = False
+                   ) -> tuple[dict[str, Callable[[str], object]], dict]:
     """(variant name -> callable(prompt), info) for the filter in `model_dir`: rules, classifier_<backend>,
-    filter_<backend> for each backend of CLASSIFIERS; info names the export's default variant."""
+    filter_<backend> for each backend of CLASSIFIERS, and with `deobfuscate` filter_onnx_<default>_deobfuscating;
+    info names the export's default variant."""
     from ...safety.filter import SafetyFilter
+    from ...safety.normalize import DeobfuscatingFilter
     from ...safety.onnx_classifier import has_onnx_export, read_onnx_config
 
     safety = SafetyFilter.from_pretrained(model_dir, classifier_backend="torch")
@@ -71,7 +76,10 @@ def safety_runners(model_dir: str | os.PathLike, num_threads: int = 1) -> tuple[
         runners[f"classifier_{backend}"] = (lambda c: lambda text: c.predict([text]))(loaded.classifier)
     for backend, loaded in filters.items():
         runners[f"filter_{backend}"] = (lambda f: lambda text: f.check(text))(loaded)
-    return runners, {"onnx_default": f"onnx_{export['default']}", "max_length": export["max_length"],
+    default = f"onnx_{export['default']}"
+    if deobfuscate:
+        runners[f"filter_{default}_deobfuscating"] = DeobfuscatingFilter(filters[default]).check
+    return runners, {"onnx_default": default, "max_length": export["max_length"],
                      "onnx_agreement_with_torch": export["agreement_with_torch"]}
 
 
@@ -101,7 +109,8 @@ def time_runners(runners: dict[str, Callable[[str], object]], prompts: Sequence[
 
 
 def run_safety_latency(model_dir: str | os.PathLike, num_prompts: int = 300, rounds: int = 3, warmup: int = 10,
-                       num_threads: int = 1, split: str = "test") -> tuple[dict, dict[str, list[float]]]:
+                       num_threads: int = 1, split: str = "test", deobfuscate: bool = False
+                       ) -> tuple[dict, dict[str, list[float]]]:
     """The benchmark in the module docstring; returns (results, the raw times per variant for the plot)."""
     import torch
 
@@ -113,7 +122,7 @@ def run_safety_latency(model_dir: str | os.PathLike, num_prompts: int = 300, rou
                          "warmup >= 0, num_threads >= 1")
     torch.set_num_threads(num_threads)
     prompts = held_out_prompts(model_dir, num_prompts, split)
-    runners, info = safety_runners(model_dir, num_threads)
+    runners, info = safety_runners(model_dir, num_threads, deobfuscate)
     tokenizer = SafetyFilter.from_pretrained(model_dir, classifier_backend=info["onnx_default"]).classifier.tokenizer
     tokens = [len(ids) for ids in tokenizer(prompts, truncation=True, max_length=info["max_length"])["input_ids"]]
     times = time_runners(runners, prompts, rounds, warmup)
