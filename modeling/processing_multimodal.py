@@ -20,11 +20,6 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_utils_base import AddedToken
 
-try:  # optional: only audio at another rate than the feature extractor's needs it
-    from scipy.signal import resample_poly
-except ImportError:
-    resample_poly = None
-
 MAX_RESAMPLE_FACTOR = 1000  # polyphase up/down factors above this make enormous filters: refuse
 MIN_SAMPLING_RATE = 4000  # below, the speech band the log-mel features cover is gone
 SILENCE_PEAK = 1e-4  # peak amplitude under -80 dBFS counts as silent
@@ -347,11 +342,13 @@ class MultiModalProcessor(ProcessorMixin):
                     f"{up}/{down} needs a polyphase filter over {MAX_RESAMPLE_FACTOR}x; convert to a standard rate "
                     "(8000, 16000, 22050, 44100, 48000 Hz) first."
                 )
-            if resample_poly is None:
+            try:  # optional, and imported here: scipy.signal costs half a second at import, for audio at another rate
+                from scipy.signal import resample_poly
+            except ImportError:
                 raise ImportError(
                     f"Resampling audio from {sampling_rate} Hz to {target} Hz needs scipy, which is not installed: "
                     f"`pip install scipy`, or pass audio already at {target} Hz (sampling_rate={target})."
-                )
+                ) from None
             waveform = resample_poly(waveform, up, down).astype(np.float32)
         minimum = self.feature_extractor.n_fft
         if waveform.size < minimum:
