@@ -302,8 +302,29 @@ def test_decode_latency_interleaves_the_paths_and_reports_paired_overheads(oracl
         paired = sorted(t / p - 1 for t, p in zip(times[name], times["plain"]))
         assert result[f"overhead_{name}"] == pytest.approx((paired[1] + paired[2]) / 2)
         assert result["seconds_per_token"][name] == pytest.approx(statistics.median(times[name]))
+        assert result[f"overhead_{name}_fastest"] == pytest.approx(min(times[name]) / min(times["plain"]) - 1)
     with pytest.raises(ValueError, match="repeats"):
         evaluation.decode_latency(model, datastore, ids.view(-1, BLOCK)[:1, :4], 3, KnnLMConfig(), repeats=0)
+
+def test_decoding_searches_with_one_faiss_thread_and_restores_the_setting(oracle):
+    """One query per sequence: faiss's extra OpenMP threads would only spin beside the decoder's."""
+    import faiss
+
+    model, ids, folder = oracle
+    datastore = Datastore.from_pretrained(folder)
+    seen = []
+    search = datastore.search
+    datastore.search = lambda q, k: (seen.append(faiss.omp_get_max_threads()), search(q, k))[1]
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        for overlap in (False, True):
+            with KnnLM(model, datastore, KnnLMConfig(k=4), overlap=overlap) as knn:
+                knn.generate(ids.view(-1, BLOCK)[:1, :4], max_new_tokens=3, do_sample=False)
+        assert seen == [1] * 6 and faiss.omp_get_max_threads() == 2  # the main thread's setting is back
+    finally:
+        faiss.omp_set_num_threads(before)
+
 
 def test_bad_knn_arguments_name_the_field(oracle):
     model, _, folder = oracle

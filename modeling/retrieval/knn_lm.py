@@ -28,6 +28,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from .datastore import Datastore
 from .hooks import capture_keys
+from .index import faiss_threads
 from .overlap import Prefetcher
 
 LAMBDA_MODES = ("fixed", "distance", "entropy")
@@ -151,7 +152,8 @@ class KnnLM(nn.Module):
     def _search_step(self, query: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One decoding step's retrieval: neighbours' distances and tokens `(B, k)`, and log p_kNN `(B, V)` (on the
         worker when overlapped, so only the mixing itself is left for the logits processor)."""
-        distances, tokens = (torch.from_numpy(array) for array in self.search(query))
+        with faiss_threads(1):  # one query per sequence: nothing to split, and spinning threads would slow the decoder
+            distances, tokens = (torch.from_numpy(array) for array in self.search(query))
         vocab_size = int(self.model.config.get_text_config().vocab_size)  # a composite model's text config
         check_token_ids(tokens, vocab_size)
         return distances, tokens, knn_log_probs(distances, tokens, vocab_size, self.knn_config.temperature)
