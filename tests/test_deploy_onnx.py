@@ -18,6 +18,9 @@ from lightarch.data.tokenizers import byte_level_tokenizer  # noqa: E402
 from conftest import run_script  # noqa: E402
 from lightarch.data.corpus import ENGLISH_SAMPLE_TEXT, text_blocks  # noqa: E402
 
+# the README's `-n 2 --dist loadgroup` runs this module on one xdist worker, so its module-scoped export runs once
+pytestmark = pytest.mark.xdist_group("test_deploy_onnx")
+
 # A dense sliding layer then two MoE layers (full, sliding): every kind of block the export handles.
 OVERRIDES = dict(router_mode="top_p", router_top_p=0.7, num_shared_experts=1, first_k_dense_layers=1,
                  hidden_size=48, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,

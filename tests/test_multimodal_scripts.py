@@ -55,7 +55,8 @@ from lightarch.evaluation.multimodal import (
     recall_at_1,
 )
 
-
+# the README's `-n 2 --dist loadgroup` runs this module on one xdist worker, so its module-scoped training run runs once
+pytestmark = pytest.mark.xdist_group("test_multimodal_scripts")
 
 
 # ------------------------------------------------------------------------------------------------------ fixtures

@@ -44,7 +44,9 @@ TINY = [
 ]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+# tiny models (see conftest.one_thread); one xdist worker under the README's `--dist loadgroup`, so the module-scoped
+# training run runs once
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("test_train_script")]
 
 
 def run_train(output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
