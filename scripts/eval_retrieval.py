@@ -53,6 +53,9 @@ class EvalArguments:
     latency_tokens: int = field(default=64, metadata={"help": "Tokens generated per latency run (0 = skip; a "
                                                               "timing)."})
     latency_repeats: int = field(default=7, metadata={"help": "Interleaved latency rounds (one run of each path per round; the overhead is the median of the rounds' paired ratios)."})
+    latency_threads: int = field(default=1, metadata={"help": "torch threads for the latency runs (1: on 2 cores the "
+                                 "search worker gets the other core; plain decoding at the caller's --num_threads is "
+                                 "timed beside it, so the faster baseline is visible)."})
     qa_model_dir: str = field(default="", metadata={"help": "Also measure factual QA: a reader saved by "
                                                             "scripts/train_retrieval_qa.py, re-evaluated (exact "
                                                             "match with and without retrieved passages, written to "
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
             lambda_modes=[m.strip() for m in args.lambda_modes.split(",") if m.strip()],
             index_kinds=[m.strip() for m in args.index_kinds.split(",") if m.strip()],
             index_k=args.index_k, max_index_queries=args.max_index_queries, latency_tokens=args.latency_tokens,
-            latency_repeats=args.latency_repeats,
+            latency_repeats=args.latency_repeats, latency_threads=args.latency_threads,
         )
         if args.qa_model_dir:
             from lightarch.retrieval.evaluation import qa_summary

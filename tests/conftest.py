@@ -4,8 +4,11 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads crawl on a shared CPU
 
+import json
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,15 +24,66 @@ from lightarch import SparseMoeConfig  # noqa: E402
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run_script(name: str, *args: str, cwd: str | os.PathLike = PROJECT_ROOT, threads: int | None = 1
-               ) -> subprocess.CompletedProcess:
-    """`python scripts/<name>.py ARGS` as a user runs it, in a fresh interpreter (offline, `threads` OpenMP threads,
-    no progress bars); nothing imports a script."""
+def script_env(threads: int | None = 1) -> dict[str, str]:
+    """The environment scripts run in: offline, `threads` OpenMP threads (None: the machine's), no progress bars."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    return subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / f"{name}.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return env
+
+
+class ScriptZygote:
+    """tests/script_zygote.py, started once per test process: runs a script in a fork of an interpreter that has
+    imported torch / transformers / lightarch already (that module's docstring says why and how)."""
+
+    def __init__(self) -> None:
+        self.env = script_env(threads=1)
+        self.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("script_zygote.py"))],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=self.env,
+                                        cwd=PROJECT_ROOT)
+
+    def run(self, argv: list[str], cwd: str | os.PathLike, timeout: float) -> subprocess.CompletedProcess:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="lightarch-script-") as folder:
+            out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+            request = {"argv": argv, "cwd": str(Path(cwd).resolve()), "stdout": str(out), "stderr": str(err)}
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            pid = json.loads(self.process.stdout.readline())["pid"]
+            timer = threading.Timer(timeout, os.kill, (pid, signal.SIGKILL))
+            timer.start()
+            try:
+                code = json.loads(self.process.stdout.readline())["returncode"]
+            finally:
+                timed_out = not timer.is_alive()
+                timer.cancel()
+            stdout, stderr = (path.read_text(errors="replace") for path in (out, err))
+        if timed_out and code == -signal.SIGKILL:
+            raise subprocess.TimeoutExpired(argv, timeout, stdout, stderr)
+        return subprocess.CompletedProcess(argv, code, stdout, stderr)
+
+
+_zygote: ScriptZygote | None = None
+
+
+def _comparable(env: dict[str, str]) -> dict[str, str]:
+    return {key: value for key, value in env.items() if key != "PYTEST_CURRENT_TEST"}  # pytest's per-test marker
+
+
+def run_script(name: str, *args: str, cwd: str | os.PathLike = PROJECT_ROOT, threads: int | None = 1
+               ) -> subprocess.CompletedProcess:
+    """`python scripts/<name>.py ARGS` as a user runs it, in a new process (offline, `threads` OpenMP threads, no
+    progress bars); nothing imports a script. With one thread and the suite's own environment the process is a fork
+    of a warm interpreter (`ScriptZygote`); any other environment gets a fresh interpreter."""
+    global _zygote
+    argv, env = [str(PROJECT_ROOT / "scripts" / f"{name}.py"), *args], script_env(threads)
+    if _zygote is None and threads == 1 and hasattr(os, "fork"):
+        _zygote = ScriptZygote()
+    same_env = _zygote is not None and _comparable(env) == _comparable(_zygote.env)
+    if same_env and _zygote.process.poll() is None:
+        return _zygote.run(argv, cwd, timeout=600)
+    return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def tiny_sparse_moe_config(**overrides) -> SparseMoeConfig:

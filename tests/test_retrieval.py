@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import threading
 
@@ -23,12 +24,15 @@ from lightarch.retrieval import (
     KnnLM,
     KnnLMConfig,
     RalmConfig,
+    SearchProcess,
     build_datastore,
     build_comparison_index,
     build_index,
     compare_indexes,
     generate_with_context,
     interpolate,
+    knn_distribution,
+    neighbour_tokens,
     recall_at_k,
     window_plan,
 )
@@ -260,7 +264,7 @@ def test_generate_with_knn_lm_follows_the_datastore(make_model, tmp_path):
     assert not torch.equal(model.generate(prompt, max_new_tokens=10, do_sample=False), out)
 
 
-def test_overlapped_search_runs_on_the_worker_and_gives_the_sequential_tokens(oracle):
+def test_overlapped_search_runs_in_the_worker_process_and_gives_the_sequential_tokens(oracle):
     model, ids, folder = oracle
     datastore = Datastore.from_pretrained(folder)
     threads = []
@@ -271,10 +275,46 @@ def test_overlapped_search_runs_on_the_worker_and_gives_the_sequential_tokens(or
     for overlap in (True, False):
         with KnnLM(model, datastore, KnnLMConfig(k=8, lambda_=0.5, temperature=5.0), overlap=overlap) as knn:
             outputs[overlap] = knn.generate(prompt, max_new_tokens=12, do_sample=False)
+            if overlap:
+                worker = knn._search_process
+                assert worker.steps == 12 and worker.process.pid != os.getpid() and worker.process.poll() is None
+        if overlap:
+            assert worker.process.poll() == 0  # close() stopped it
     assert torch.equal(outputs[True], outputs[False])
-    assert len(threads) == 24 and all(t.startswith("lightarch-retrieval") for t in threads[:12])
-    assert not any(t.startswith("lightarch-retrieval") for t in threads[12:])
+    assert threads == ["MainThread"] * 12  # only the sequential run searched in this process
 
+
+def test_the_worker_process_computes_what_this_process_does():
+    """Batch of 3, k above the index size (missing neighbours), an exact and an HNSW index: the worker's p_kNN is the
+    in-process computation's, bit for bit."""
+    import faiss
+
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((40, 8)).astype(np.float32)
+    values = rng.integers(0, 5, 40)  # few tokens: neighbours share them
+    queries = rng.standard_normal((3, 8)).astype(np.float32)
+    for kind in ("flat", "hnsw"):
+        index = build_index(keys, kind)
+        worker = SearchProcess(index, values)
+        try:
+            for k in (4, 64):
+                worker.start(queries, k, 0.7)
+                got = worker.result()
+                want = knn_distribution(*neighbour_tokens(*index.search(queries, k), values), 0.7)
+                for field in ("rows", "tokens", "log_probs", "nearest"):
+                    assert np.array_equal(getattr(got, field), getattr(want, field)), (kind, k, field)
+            assert worker.worker_threads == 1 and faiss.omp_get_max_threads() >= 1
+            with pytest.raises(ValueError, match=r"queries must be \(B, 8\)"):
+                worker.start(queries[:, :4], 4, 0.7)
+        finally:
+            worker.close()
+    worker = SearchProcess(index, values)
+    worker.process.kill()
+    worker.process.wait()
+    worker.start(queries, 4, 0.7)
+    with pytest.raises(RuntimeError, match="worker process exited.*overlap=False"):
+        worker.result()
+    worker.close()
 
 
 def test_decode_latency_interleaves_the_paths_and_reports_paired_overheads(oracle, monkeypatch):
@@ -288,9 +328,10 @@ def test_decode_latency_interleaves_the_paths_and_reports_paired_overheads(oracl
     plain_generate, knn_generate = model.generate, KnnLM.generate
     monkeypatch.setattr(model, "generate", lambda *a, **k: (order.append("plain"), plain_generate(*a, **k))[1])
     monkeypatch.setattr(KnnLM, "generate", lambda self, *a, **k: (
-        order.append("overlapped" if self.prefetcher.overlap else "sequential"), knn_generate(self, *a, **k))[1])
+        order.append("overlapped" if self.overlap else "sequential"), knn_generate(self, *a, **k))[1])
     result = evaluation.decode_latency(model, datastore, ids.view(-1, BLOCK)[:1, :4], 3,
-                                       KnnLMConfig(k=4, lambda_=0.5, temperature=5.0), repeats=4)
+                                       KnnLMConfig(k=4, lambda_=0.5, temperature=5.0), repeats=4,
+                                       threads=torch.get_num_threads())
     # the KnnLM paths call model.generate too: keep each run's first name
     runs = [name for i, name in enumerate(order) if not (name == "plain" and i and order[i - 1] != "plain")]
     assert runs[:3] == ["plain", "sequential", "overlapped"]  # warm-up
@@ -305,6 +346,34 @@ def test_decode_latency_interleaves_the_paths_and_reports_paired_overheads(oracl
         assert result[f"overhead_{name}_fastest"] == pytest.approx(min(times[name]) / min(times["plain"]) - 1)
     with pytest.raises(ValueError, match="repeats"):
         evaluation.decode_latency(model, datastore, ids.view(-1, BLOCK)[:1, :4], 3, KnnLMConfig(), repeats=0)
+
+
+def test_decode_latency_times_plain_at_the_callers_threads_too_and_restores_them(oracle):
+    """The latency paths run at `threads` torch threads; plain decoding at the caller's count is a fourth path, so a
+    report shows whether the chosen baseline is the faster one."""
+    from lightarch.retrieval import evaluation
+
+    model, ids, folder = oracle
+    before = torch.get_num_threads()
+    seen = []
+    generate = model.generate
+    model.generate = lambda *a, **k: (seen.append(torch.get_num_threads()), generate(*a, **k))[1]
+    torch.set_num_threads(2)
+    try:
+        result = evaluation.decode_latency(model, Datastore.from_pretrained(folder), ids.view(-1, BLOCK)[:1, :4], 2,
+                                           KnnLMConfig(k=4), repeats=2, threads=1)
+        assert torch.get_num_threads() == 2 and sorted(set(seen)) == [1, 2]
+    finally:
+        torch.set_num_threads(before)
+        del model.generate
+    assert result["torch_threads"] == 1 and result["caller_threads"] == 2
+    assert set(result["seconds_per_token"]) == {"plain", "sequential", "overlapped", "plain_caller_threads"}
+    assert "overhead_plain_caller_threads" in result
+    lines = evaluation.timing_tables({"latency": result})
+    assert any(line.startswith("| plain generate, 2 torch threads |") for line in lines)
+    with pytest.raises(ValueError, match="threads"):
+        evaluation.decode_latency(model, Datastore.from_pretrained(folder), ids.view(-1, BLOCK)[:1, :4], 2,
+                                  KnnLMConfig(), threads=0)
 
 def test_decoding_searches_with_one_faiss_thread_and_restores_the_setting(oracle):
     """One query per sequence: faiss's extra OpenMP threads would only spin beside the decoder's."""
@@ -321,7 +390,9 @@ def test_decoding_searches_with_one_faiss_thread_and_restores_the_setting(oracle
         for overlap in (False, True):
             with KnnLM(model, datastore, KnnLMConfig(k=4), overlap=overlap) as knn:
                 knn.generate(ids.view(-1, BLOCK)[:1, :4], max_new_tokens=3, do_sample=False)
-        assert seen == [1] * 6 and faiss.omp_get_max_threads() == 2  # the main thread's setting is back
+                if overlap:
+                    assert knn._search_process.worker_threads == 1
+        assert seen == [1] * 3 and faiss.omp_get_max_threads() == 2  # the main thread's setting is back
     finally:
         faiss.omp_set_num_threads(before)
 

@@ -46,16 +46,17 @@ from .knn_lm import (
     KnnLogitsProcessor,
     interpolate,
     interpolation_weight,
-    knn_log_probs,
+    mix,
 )
 from .manifest import FolderIntegrityError
 from .overlap import Prefetcher
+from .search_process import KnnDistribution, SearchProcess, knn_distribution, neighbour_tokens
 
 __all__ = [
     "BM25Retriever", "build_comparison_index", "build_datastore", "build_index", "capture_keys", "compare_indexes",
     "CrossModalIndex", "CrossModalIndexConfig", "CrossModalIndexIntegrityError", "Datastore", "DatastoreConfig",
     "DatastoreIntegrityError", "decoder_layers", "DenseRetriever", "FolderIntegrityError", "generate_with_context",
-    "INDEX_KINDS", "index_nbytes", "interpolate", "interpolation_weight", "key_module", "KEY_SITES", "knn_log_probs",
-    "KnnLM", "KnnLMConfig", "KnnLogitsProcessor", "LIBRARY_KINDS", "model_fingerprint", "Prefetcher", "RalmConfig",
-    "RalmOutput", "recall_at_k", "window_plan"
+    "INDEX_KINDS", "index_nbytes", "interpolate", "interpolation_weight", "key_module", "KEY_SITES", "knn_distribution",
+    "KnnDistribution", "KnnLM", "KnnLMConfig", "KnnLogitsProcessor", "LIBRARY_KINDS", "mix", "model_fingerprint",
+    "neighbour_tokens", "Prefetcher", "RalmConfig", "RalmOutput", "recall_at_k", "SearchProcess", "window_plan"
 ]

@@ -31,6 +31,7 @@ from torch import nn
 from .hooks import KEY_SITES, capture_keys
 from .index import build_index, set_search_parameters
 from .manifest import FolderIntegrityError, verify_manifest, write_manifest
+from .search_process import neighbour_tokens
 
 CONFIG_NAME = "datastore_config.json"
 KEYS_NAME = "keys.npy"
@@ -111,11 +112,7 @@ class Datastore:
         if isinstance(queries, torch.Tensor):
             queries = queries.detach().float().cpu().numpy()
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.keys.shape[1])
-        distances, ids = self.index.search(queries, k)
-        missing = ids < 0
-        tokens = np.asarray(self.values)[np.where(missing, 0, ids)].astype(np.int64)
-        distances = np.where(missing, np.inf, distances).astype(np.float32)
-        return distances, np.where(missing, 0, tokens)
+        return neighbour_tokens(*self.index.search(queries, k), self.values)
 
     def reindex(self, kind: str, **options) -> None:
         """Replace the index by a new one of `kind` over the same keys (e.g. "flat" for exact search)."""

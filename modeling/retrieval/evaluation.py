@@ -176,43 +176,58 @@ def auto_temperatures(model, datastore: Datastore, blocks: torch.Tensor,
 
 
 def decode_latency(model, datastore: Datastore, prompts: torch.Tensor, new_tokens: int, knn_config: KnnLMConfig,
-                   repeats: int = 7) -> dict:
-    """Seconds per generated token (greedy, `(B, T)` prompts) of three paths: plain `generate`, kNN-LM with the
-    search sequential (in the logits processor) and overlapped (worker thread started from the key hook).
+                   repeats: int = 7, threads: int = 1) -> dict:
+    """Seconds per generated token (greedy, `(B, T)` prompts) of three paths at `threads` torch threads: plain
+    `generate`, kNN-LM with the search sequential (in the logits processor) and overlapped (in the worker process,
+    sent from the key hook). With 2 cores and 1 torch thread the worker has a core of its own; a fourth path, plain
+    `generate` at the caller's thread count (when it differs), shows whether the baseline chosen is the faster one.
 
     The paths run interleaved, `repeats` rounds of one run each (order rotated every round). Two overheads per path:
-    `overhead_*`, the median over rounds of that round's time against the same round's plain run (the three runs of
-    a round see nearly the same machine), and `overhead_*_fastest`, the fastest round against plain's fastest (as
+    `overhead_*`, the median over rounds of that round's time against the same round's plain run (the runs of a
+    round see nearly the same machine), and `overhead_*_fastest`, the fastest round against plain's fastest (as
     `timeit` advises: slower runs are the machine interfering, not the code; here identical plain runs of 128
     tokens varied from 2.2 to 4.2 ms per token on an idle VM). A timing measurement all the same: run it on a quiet
     machine. Also checks that both kNN-LM paths gave the same tokens."""
-    if repeats < 1 or new_tokens < 1:
-        raise ValueError(f"repeats ({repeats}) and new_tokens ({new_tokens}) must be >= 1.")
+    if repeats < 1 or new_tokens < 1 or threads < 1:
+        raise ValueError(f"repeats ({repeats}), new_tokens ({new_tokens}) and threads ({threads}) must be >= 1.")
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    caller_threads = torch.get_num_threads()
+
+    def at_threads(count: int, run):
+        def timed_run():
+            torch.set_num_threads(count)
+            return run()
+        return timed_run
+
     with KnnLM(model, datastore, knn_config, overlap=False) as sequential, \
             KnnLM(model, datastore, knn_config, overlap=True) as overlapped:
-        paths = {"plain": lambda: model.generate(prompts, **kwargs),
-                 "sequential": lambda: sequential.generate(prompts, **kwargs),
-                 "overlapped": lambda: overlapped.generate(prompts, **kwargs)}
-        outputs = {name: run() for name, run in paths.items()}  # warm-up (thread start, faiss buffers); tokens
-        names, times = list(paths), {name: [] for name in paths}
-        for round_index in range(repeats):
-            shift = round_index % len(names)
-            for name in names[shift:] + names[:shift]:
-                started = time.perf_counter()
-                paths[name]()
-                times[name].append((time.perf_counter() - started) / new_tokens)
+        paths = {"plain": at_threads(threads, lambda: model.generate(prompts, **kwargs)),
+                 "sequential": at_threads(threads, lambda: sequential.generate(prompts, **kwargs)),
+                 "overlapped": at_threads(threads, lambda: overlapped.generate(prompts, **kwargs))}
+        if caller_threads != threads:
+            paths["plain_caller_threads"] = at_threads(caller_threads, lambda: model.generate(prompts, **kwargs))
+        try:
+            outputs = {name: run() for name, run in paths.items()}  # warm-up (worker start, faiss buffers); tokens
+            names, times = list(paths), {name: [] for name in paths}
+            for round_index in range(repeats):
+                shift = round_index % len(names)
+                for name in names[shift:] + names[:shift]:
+                    run = paths[name]
+                    started = time.perf_counter()
+                    run()
+                    times[name].append((time.perf_counter() - started) / new_tokens)
+        finally:
+            torch.set_num_threads(caller_threads)
 
+    compared = [name for name in names if name != "plain"]
     per_round = {name: [t / plain - 1.0 for t, plain in zip(times[name], times["plain"])]  # vs the round's plain
-                 for name in ("sequential", "overlapped")}
+                 for name in compared}
     return {"seconds_per_token": {name: statistics.median(values) for name, values in times.items()},
             "seconds_per_token_per_round": times, "new_tokens": new_tokens, "batch": int(prompts.shape[0]),
-            "prompt_tokens": int(prompts.shape[1]), "repeats": repeats,
-            "overhead_sequential": statistics.median(per_round["sequential"]),
-            "overhead_overlapped": statistics.median(per_round["overlapped"]),
-            "overhead_per_round": per_round,
-            "overhead_sequential_fastest": min(times["sequential"]) / min(times["plain"]) - 1.0,
-            "overhead_overlapped_fastest": min(times["overlapped"]) / min(times["plain"]) - 1.0,
+            "prompt_tokens": int(prompts.shape[1]), "repeats": repeats, "torch_threads": threads,
+            "caller_threads": caller_threads, "overhead_per_round": per_round,
+            **{f"overhead_{name}": statistics.median(per_round[name]) for name in compared},
+            **{f"overhead_{name}_fastest": min(times[name]) / min(times["plain"]) - 1.0 for name in compared},
             "same_tokens": bool(torch.equal(outputs["sequential"], outputs["overlapped"]))}
 
 
@@ -221,7 +236,7 @@ def evaluate_retrieval(model_dir: str | os.PathLike, datastore_dir: str | os.Pat
                        temperatures: Sequence[float] | None = None, lambda_modes: Sequence[str] = ("fixed",),
                        index_kinds: Sequence[str] = ("flat", "hnsw", "ivf"), index_k: int = 8,
                        max_index_queries: int = 2000,
-                       latency_tokens: int = 0, latency_repeats: int = 7) -> dict:
+                       latency_tokens: int = 0, latency_repeats: int = 7, latency_threads: int = 1) -> dict:
     """Everything eval_retrieval reports, as one results dict. Held-out text: `lightarch.data.corpus.heldout_texts`
     (the files the model's run recorded as held out). Index comparison and latency are timings (quiet machine)."""
     from ..data.corpus import heldout_texts, token_blocks, tokenize_documents
@@ -253,7 +268,8 @@ def evaluate_retrieval(model_dir: str | os.PathLike, datastore_dir: str | os.Pat
         knn_config = KnnLMConfig(k=k, lambda_=best["lambda"], temperature=best["temperature"],
                                  lambda_mode=best["lambda_mode"], lambda_scale=best["temperature"])
         prompt = blocks[:1, : min(32, block_size)]
-        results["latency"] = decode_latency(model, datastore, prompt, latency_tokens, knn_config, latency_repeats)
+        results["latency"] = decode_latency(model, datastore, prompt, latency_tokens, knn_config, latency_repeats,
+                                            threads=latency_threads)
     return results
 
 
@@ -304,9 +320,12 @@ def timing_tables(results: dict) -> list[str]:
         lines += ["| decoding | ms / token (median) | vs plain (median of paired rounds) | rounds' range | "
                   "ms / token (fastest round) | vs plain (fastest rounds) |", "|---|---:|---:|---:|---:|---:|",
                   row("plain generate", "plain"), row("kNN-LM, search sequential", "sequential"),
-                  row("kNN-LM, search overlapped", "overlapped"),
-                  "", f"{lat['repeats']} interleaved rounds of {lat['new_tokens']} tokens (batch {lat['batch']}); "
-                  f"same tokens sequential vs overlapped: {lat['same_tokens']}.", ""]
+                  row("kNN-LM, search overlapped", "overlapped")]
+        if "plain_caller_threads" in s:
+            lines.append(row(f"plain generate, {lat['caller_threads']} torch threads", "plain_caller_threads"))
+        threads = f", {lat['torch_threads']} torch thread(s)" if "torch_threads" in lat else ""
+        lines += ["", f"{lat['repeats']} interleaved rounds of {lat['new_tokens']} tokens (batch {lat['batch']}"
+                  f"{threads}); same tokens sequential vs overlapped: {lat['same_tokens']}.", ""]
     return lines
 
 
@@ -374,8 +393,9 @@ def plots(results: dict) -> dict[str, bytes]:
     if results.get("latency"):
         s = results["latency"]["seconds_per_token"]
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        names = ["plain", "sequential", "overlapped"]
-        ax.bar(names, [1e3 * s[n] for n in names], color=["tab:gray", "tab:red", "tab:green"])
+        names = [n for n in ("plain", "sequential", "overlapped", "plain_caller_threads") if n in s]
+        ax.bar([n.replace("_", " ") for n in names], [1e3 * s[n] for n in names],
+               color=["tab:gray", "tab:red", "tab:green", "tab:blue"][: len(names)])
         ax.set_ylabel("ms / generated token")
         ax.set_title("Decoding with kNN-LM retrieval")
         out["latency.png"] = figure_to_png(fig)

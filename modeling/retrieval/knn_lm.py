@@ -5,9 +5,10 @@ Two ways in, one computation (`interpolate`):
     `KnnLM(model, datastore)(input_ids)`   a module whose logits are the mixture's log-probabilities, every position
                                            (perplexity: `lightarch.evaluation.perplexity.perplexity(knn_lm, blocks)`);
     `KnnLM.generate(...)`                  the model's own `generate()` with a `KnnLogitsProcessor`: a hook on the key
-                                           site starts the search as soon as the query exists, on a worker thread
-                                           (`overlap=True`), so it runs while the rest of the forward (the final
-                                           feed-forward, the LM head) does; the processor collects it.
+                                           site starts the search as soon as the query exists, in a worker process
+                                           (`overlap=True`, `search_process.py` says why not a thread), so it runs
+                                           while the rest of the forward (the final feed-forward, the LM head)
+                                           does; the processor collects it.
 
 The processor rewrites the raw next-token logits, so put it first: transformers appends user processors after its own,
 so with sampling warpers (temperature, top-k) these run before the mixture; greedy and beam search are exact.
@@ -29,7 +30,7 @@ from transformers.modeling_outputs import CausalLMOutput
 from .datastore import Datastore
 from .hooks import capture_keys
 from .index import faiss_threads
-from .overlap import Prefetcher
+from .search_process import KnnDistribution, SearchProcess, knn_distribution
 
 LAMBDA_MODES = ("fixed", "distance", "entropy")
 
@@ -59,20 +60,11 @@ class KnnLMConfig:
             raise ValueError(f"lambda_scale must be > 0, got {self.lambda_scale}.")
 
 
-def knn_log_probs(distances: torch.Tensor, tokens: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
-    """log p_kNN `(N, V)` from neighbours' squared distances `(N, k)` (inf = no neighbour) and next tokens `(N, k)`:
-    each neighbour's softmax(-d / temperature) weight summed onto its token; -inf for tokens no neighbour has."""
-    weights = torch.softmax(-distances.float() / temperature, dim=-1)  # (N, k); a row of all-inf gives nan
-    weights = torch.nan_to_num(weights, nan=0.0)
-    probs = torch.zeros(distances.shape[0], vocab_size, dtype=torch.float32, device=distances.device)
-    probs.scatter_add_(1, tokens.long(), weights)  # (N, V)
-    return probs.log()
-
-
-def interpolation_weight(config: KnnLMConfig, lm_log_probs: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
-    """lambda per row `(N, 1)`: fixed, from the nearest distance, or from the LM's entropy; 0 where no neighbour."""
-    lam = torch.full((lm_log_probs.shape[0], 1), config.lambda_, dtype=torch.float32, device=lm_log_probs.device)
-    nearest = distances.float().min(dim=-1, keepdim=True).values  # (N, 1)
+def interpolation_weight(config: KnnLMConfig, lm_log_probs: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+    """lambda per row `(N, 1)`: fixed, from the nearest distance `(N,)`, or from the LM's entropy; 0 where no
+    neighbour."""
+    nearest = nearest.view(-1, 1).float()  # (N, 1)
+    lam = torch.full_like(nearest, config.lambda_)
     if config.lambda_mode == "distance":
         lam = lam * torch.exp(-nearest.clamp_min(0) / config.lambda_scale)
     elif config.lambda_mode == "entropy":
@@ -81,35 +73,40 @@ def interpolation_weight(config: KnnLMConfig, lm_log_probs: torch.Tensor, distan
     return torch.where(torch.isfinite(nearest), lam, torch.zeros_like(lam))
 
 
-def interpolate(lm_logits: torch.Tensor, distances: torch.Tensor, tokens: torch.Tensor,
-                config: KnnLMConfig, knn: torch.Tensor | None = None) -> torch.Tensor:
-    """log(lambda * p_kNN + (1 - lambda) * p_LM) `(N, V)` from LM logits `(N, V)` and neighbours `(N, k)`, in log
-    space (logaddexp), so lambda = 0 gives exactly log_softmax(lm_logits). `knn` is log p_kNN when already computed
-    (`knn_log_probs` of the same neighbours, e.g. on the retrieval worker)."""
-    lm_log_probs = torch.log_softmax(lm_logits.float(), dim=-1)
-    if distances.shape[0] != lm_logits.shape[0]:
-        raise ValueError(f"{distances.shape[0]} neighbour rows for {lm_logits.shape[0]} logit rows.")
-    if knn is None:
-        check_token_ids(tokens, lm_logits.shape[-1])
-        knn = knn_log_probs(distances, tokens, lm_logits.shape[-1], config.temperature)
-    lam = interpolation_weight(config, lm_log_probs, distances)
-    return torch.logaddexp(torch.log(lam) + knn, torch.log1p(-lam) + lm_log_probs)
-
-
-def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
-    """ValueError when a neighbour's next token is outside the model's vocabulary (another tokenizer's datastore)."""
-    if tokens.numel() and int(tokens.max()) >= vocab_size:
-        raise ValueError(f"the datastore holds token id {int(tokens.max())}, outside the model's vocabulary of "
+def mix(lm_logits: torch.Tensor, knn: KnnDistribution, config: KnnLMConfig) -> torch.Tensor:
+    """log(lambda * p_kNN + (1 - lambda) * p_LM) `(N, V)` from LM logits `(N, V)`: log((1 - lambda) p_LM) everywhere,
+    then logaddexp with log(lambda p_kNN) on p_kNN's entries only, so lambda = 0 gives exactly log_softmax(lm_logits)
+    and a row without neighbours keeps the LM's distribution."""
+    lm_log_probs = torch.log_softmax(lm_logits.float(), dim=-1)  # (N, V)
+    if knn.nearest.shape[0] != lm_logits.shape[0]:
+        raise ValueError(f"{knn.nearest.shape[0]} neighbour rows for {lm_logits.shape[0]} logit rows.")
+    vocab_size = lm_logits.shape[-1]
+    if knn.tokens.size and int(knn.tokens.max()) >= vocab_size:
+        raise ValueError(f"the datastore holds token id {int(knn.tokens.max())}, outside the model's vocabulary of "
                          f"{vocab_size}: it was built with another tokenizer.")
+    device = lm_logits.device
+    lam = interpolation_weight(config, lm_log_probs, torch.from_numpy(knn.nearest).to(device))  # (N, 1)
+    mixed = lm_log_probs + torch.log1p(-lam)  # (N, V)
+    if knn.tokens.size:
+        rows, tokens = torch.from_numpy(knn.rows).to(device), torch.from_numpy(knn.tokens).to(device)  # (n,)
+        knn_part = torch.log(lam[rows, 0]) + torch.from_numpy(knn.log_probs).to(device)  # (n,)
+        mixed[rows, tokens] = torch.logaddexp(mixed[rows, tokens], knn_part)
+    return mixed
+
+
+def interpolate(lm_logits: torch.Tensor, distances: np.ndarray | torch.Tensor, tokens: np.ndarray | torch.Tensor,
+                config: KnnLMConfig) -> torch.Tensor:
+    """`mix` of LM logits `(N, V)` with the p_kNN of neighbours' distances and tokens `(N, k)`."""
+    return mix(lm_logits, knn_distribution(np.asarray(distances), np.asarray(tokens), config.temperature), config)
 
 
 class KnnLM(nn.Module):
     """A causal LM plus a datastore. Calling it gives the mixture's log-probabilities as `logits` (every position);
     `generate()` is the model's `generate()` with the mixture applied to each next-token distribution.
 
-    `overlap=True` runs each decoding step's search on a worker thread, started by the key hook during the forward;
-    `overlap=False` runs the same search in the logits processor (the sequential reference). Call `close()` (or use
-    it as a context manager) to stop the worker.
+    `overlap=True` runs each decoding step's search in a worker process (`SearchProcess`), sent by the key hook
+    during the forward; `overlap=False` runs the same search in the logits processor (the sequential reference). Call
+    `close()` (or use it as a context manager) to stop the worker.
     """
 
     def __init__(self, model: nn.Module, datastore: Datastore, config: KnnLMConfig | None = None,
@@ -122,7 +119,9 @@ class KnnLM(nn.Module):
         if hidden is not None and datastore.config.site == "ffn_input" and hidden != datastore.keys.shape[1]:
             raise ValueError(f"the datastore's keys have dim {datastore.keys.shape[1]}, the model's hidden_size is "
                              f"{hidden}: build the datastore with this model.")
-        self.prefetcher = Prefetcher(overlap)
+        self.overlap = overlap
+        self._search_process: SearchProcess | None = None  # the overlapped path's worker, from the first step
+        self._pending: np.ndarray | bool | None = None  # the sequential path's query, or True when sent to the worker
 
     @property
     def config(self):  # the wrapped model's config (what perplexity helpers and generate expect to find)
@@ -141,26 +140,38 @@ class KnnLM(nn.Module):
         hidden = captured[-1]  # (B, T, d)
         batch, length, vocab = logits.shape
         distances, tokens = self.search(hidden.reshape(batch * length, -1).float().cpu().numpy())
-        mixed = interpolate(logits.reshape(batch * length, vocab), torch.from_numpy(distances).to(logits.device),
-                            torch.from_numpy(tokens).to(logits.device), self.knn_config).view(batch, length, vocab)
+        mixed = interpolate(logits.reshape(batch * length, vocab), distances, tokens,
+                            self.knn_config).view(batch, length, vocab)
         loss = None
         if labels is not None:
             loss = nn.functional.nll_loss(mixed[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1),
                                           ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=mixed)
 
-    def _search_step(self, query: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One decoding step's retrieval: neighbours' distances and tokens `(B, k)`, and log p_kNN `(B, V)` (on the
-        worker when overlapped, so only the mixing itself is left for the logits processor)."""
-        with faiss_threads(1):  # one query per sequence: nothing to split, and spinning threads would slow the decoder
-            distances, tokens = (torch.from_numpy(array) for array in self.search(query))
-        vocab_size = int(self.model.config.get_text_config().vocab_size)  # a composite model's text config
-        check_token_ids(tokens, vocab_size)
-        return distances, tokens, knn_log_probs(distances, tokens, vocab_size, self.knn_config.temperature)
-
     def _start_step_search(self, hidden: torch.Tensor) -> None:
-        query = hidden[:, -1].float().cpu().numpy().copy()  # (B, d): the position whose next token is chosen
-        self.prefetcher.start(self._search_step, query)
+        """The key hook during decoding: send the last position's query `(B, d)` to the worker process (overlapped),
+        or keep it for the logits processor (sequential)."""
+        query = hidden[:, -1].float().cpu().numpy()  # (B, d): the position whose next token is chosen
+        if self.overlap:
+            if self._search_process is None:  # started at the first decoding step: perplexity alone never needs it
+                self._search_process = SearchProcess(self.datastore.index, self.datastore.values)
+            self._search_process.start(query, self.knn_config.k, self.knn_config.temperature)
+            self._pending = True
+        else:
+            self._pending = query.copy()
+
+    def _collect_step(self) -> KnnDistribution:
+        """The pending step's p_kNN: from the worker process, or searched here and now (the sequential reference,
+        the same numpy steps as the worker's)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            raise RuntimeError("KnnLogitsProcessor: no retrieval for this step; use it inside KnnLM.attached() "
+                               "(or call KnnLM.generate).")
+        if self.overlap:
+            return self._search_process.result()
+        with faiss_threads(1):  # one query per sequence: nothing to split, and idle threads would spin
+            distances, tokens = self.search(pending)
+        return knn_distribution(distances, tokens, self.knn_config.temperature)
 
     @contextlib.contextmanager
     def attached(self) -> Iterator["KnnLogitsProcessor"]:
@@ -177,7 +188,11 @@ class KnnLM(nn.Module):
             return self.model.generate(*args, logits_processor=processors, **kwargs)
 
     def close(self) -> None:
-        self.prefetcher.close()
+        """Stop the worker process (a later `generate` starts a new one)."""
+        self._pending = None
+        if self._search_process is not None:
+            self._search_process.close()
+            self._search_process = None
 
     def __enter__(self) -> "KnnLM":
         return self
@@ -194,10 +209,4 @@ class KnnLogitsProcessor(LogitsProcessor):
         self.knn_lm = knn_lm
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if not self.knn_lm.prefetcher.pending:
-            raise RuntimeError("KnnLogitsProcessor: no retrieval for this step; use it inside KnnLM.attached() "
-                               "(or call KnnLM.generate).")
-        distances, tokens, knn = (tensor.to(scores.device) for tensor in self.knn_lm.prefetcher.result())
-        if knn.shape[-1] != scores.shape[-1]:  # logits wider or narrower than config.vocab_size: weigh them here
-            knn = None
-        return interpolate(scores, distances, tokens, self.knn_lm.knn_config, knn=knn).to(scores.dtype)
+        return mix(scores, self.knn_lm._collect_step(), self.knn_lm.knn_config).to(scores.dtype)
