@@ -297,7 +297,7 @@ def test_the_worker_process_computes_what_this_process_does():
         index = build_index(keys, kind)
         worker = SearchProcess(index, values)
         try:
-            for k in (4, 64):
+            for k in (4, 64, 4):  # the second step grows the exchange file
                 worker.start(queries, k, 0.7)
                 got = worker.result()
                 want = knn_distribution(*neighbour_tokens(*index.search(queries, k), values), 0.7)
@@ -311,8 +311,8 @@ def test_the_worker_process_computes_what_this_process_does():
     worker = SearchProcess(index, values)
     worker.process.kill()
     worker.process.wait()
-    worker.start(queries, 4, 0.7)
     with pytest.raises(RuntimeError, match="worker process exited.*overlap=False"):
+        worker.start(queries, 4, 0.7)  # the first step maps the exchange file, and hears of the death at once
         worker.result()
     worker.close()
 

@@ -60,23 +60,24 @@ class KnnLMConfig:
             raise ValueError(f"lambda_scale must be > 0, got {self.lambda_scale}.")
 
 
-def interpolation_weight(config: KnnLMConfig, lm_log_probs: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
-    """lambda per row `(N, 1)`: fixed, from the nearest distance `(N,)`, or from the LM's entropy; 0 where no
-    neighbour."""
-    nearest = nearest.view(-1, 1).float()  # (N, 1)
-    lam = torch.full_like(nearest, config.lambda_)
+def interpolation_weight(config: KnnLMConfig, lm_log_probs: torch.Tensor, nearest: np.ndarray) -> np.ndarray:
+    """lambda per row `(N,)` float64: fixed, from the nearest distance `(N,)`, or from the LM's entropy (LM
+    log-probabilities `(N, V)`); 0 where no neighbour. numpy: N values, cheaper than torch calls per decoding step."""
+    nearest = np.asarray(nearest, dtype=np.float64)
+    lam = np.full(nearest.shape, config.lambda_)
     if config.lambda_mode == "distance":
-        lam = lam * torch.exp(-nearest.clamp_min(0) / config.lambda_scale)
+        lam = lam * np.exp(-np.clip(nearest, 0, None) / config.lambda_scale)
     elif config.lambda_mode == "entropy":
-        entropy = -(lm_log_probs.exp() * lm_log_probs).nan_to_num(0.0).sum(-1, keepdim=True)
-        lam = lam * (entropy / math.log(lm_log_probs.shape[-1])).clamp(0.0, 1.0)
-    return torch.where(torch.isfinite(nearest), lam, torch.zeros_like(lam))
+        entropy = -(lm_log_probs.exp() * lm_log_probs).nan_to_num(0.0).sum(-1)  # (N,)
+        lam = lam * np.clip(entropy.double().cpu().numpy() / math.log(lm_log_probs.shape[-1]), 0.0, 1.0)
+    return np.where(np.isfinite(nearest), lam, 0.0)
 
 
 def mix(lm_logits: torch.Tensor, knn: KnnDistribution, config: KnnLMConfig) -> torch.Tensor:
     """log(lambda * p_kNN + (1 - lambda) * p_LM) `(N, V)` from LM logits `(N, V)`: log((1 - lambda) p_LM) everywhere,
     then logaddexp with log(lambda p_kNN) on p_kNN's entries only, so lambda = 0 gives exactly log_softmax(lm_logits)
-    and a row without neighbours keeps the LM's distribution."""
+    and a row without neighbours keeps the LM's distribution. Five torch calls: this runs on the decoder's thread at
+    every step."""
     lm_log_probs = torch.log_softmax(lm_logits.float(), dim=-1)  # (N, V)
     if knn.nearest.shape[0] != lm_logits.shape[0]:
         raise ValueError(f"{knn.nearest.shape[0]} neighbour rows for {lm_logits.shape[0]} logit rows.")
@@ -84,13 +85,16 @@ def mix(lm_logits: torch.Tensor, knn: KnnDistribution, config: KnnLMConfig) -> t
     if knn.tokens.size and int(knn.tokens.max()) >= vocab_size:
         raise ValueError(f"the datastore holds token id {int(knn.tokens.max())}, outside the model's vocabulary of "
                          f"{vocab_size}: it was built with another tokenizer.")
+    lam = interpolation_weight(config, lm_log_probs, knn.nearest)  # (N,)
+    with np.errstate(divide="ignore"):  # log(0) = -inf: lambda = 0 leaves the LM's log-probability as it is
+        keep_lm = np.log1p(-lam).astype(np.float32)  # (N,) log(1 - lambda)
+        knn_part = (np.log(lam[knn.rows]) + knn.log_probs).astype(np.float32)  # (n,) log(lambda p_kNN)
     device = lm_logits.device
-    lam = interpolation_weight(config, lm_log_probs, torch.from_numpy(knn.nearest).to(device))  # (N, 1)
-    mixed = lm_log_probs + torch.log1p(-lam)  # (N, V)
+    mixed = lm_log_probs + torch.from_numpy(keep_lm).to(device)[:, None]  # (N, V)
     if knn.tokens.size:
-        rows, tokens = torch.from_numpy(knn.rows).to(device), torch.from_numpy(knn.tokens).to(device)  # (n,)
-        knn_part = torch.log(lam[rows, 0]) + torch.from_numpy(knn.log_probs).to(device)  # (n,)
-        mixed[rows, tokens] = torch.logaddexp(mixed[rows, tokens], knn_part)
+        flat = mixed.view(-1)  # (N * V,): one index for p_kNN's entries
+        where = torch.from_numpy(knn.rows * vocab_size + knn.tokens).to(device)  # (n,)
+        flat[where] = torch.logaddexp(flat[where], torch.from_numpy(knn_part).to(device))
     return mixed
 
 
