@@ -3,10 +3,12 @@
 blocked, false refusals on benign look-alikes and ordinary prompts, per-category precision / recall, threshold curve.
 
 Writes eval.json, eval.md and eval_per_category.png / eval_threshold_curve.png beside the filter in --model_dir
-(or into --output_dir). --rules_only measures the rules engine without the classifier.
+(or into --output_dir). --rules_only measures the rules engine without the classifier; --builtin_rules measures the
+folder's classifier and thresholds with the shipped rule files in place of the folder's (a rule change, no retraining).
 
     python scripts/eval_safety.py --model_dir outputs/safety
     python scripts/eval_safety.py --model_dir outputs/safety --rules_only
+    python scripts/eval_safety.py --model_dir outputs/safety --builtin_rules --output_dir /tmp/eval_new_rules
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ class SafetyEvalArguments:
     output_dir: str = field(default="", metadata={"help": "Where to write eval.*; empty: --model_dir."})
     split: str = field(default="test", metadata={"help": "Which saved split to measure: test or validation."})
     rules_only: bool = field(default=False, metadata={"help": "Measure the rules engine alone (no classifier)."})
+    builtin_rules: bool = field(default=False, metadata={
+        "help": "Use the rule files shipped with lightarch instead of the folder's rules/ (classifier and "
+                "thresholds stay the folder's): what a rule change does without retraining."})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,21 +47,19 @@ def main(argv: list[str] | None = None) -> None:
     from pathlib import Path
 
     from lightarch.safety.evaluation import evaluate_filter, plot_results, results_table
-    from lightarch.safety.filter import SafetyFilter
-    from lightarch.safety.recipe import load_splits
+    from lightarch.safety.recipe import evaluation_filter, load_splits
     from lightarch.training.checkpoints import write_atomically
 
     try:
         splits = load_splits(args.model_dir)
-        safety = SafetyFilter.from_pretrained(args.model_dir)
+        safety = evaluation_filter(args.model_dir, args.rules_only, args.builtin_rules)
     except FileNotFoundError as error:
         parser.error(str(error))
-    if args.rules_only:
-        safety.classifier = None
     results = evaluate_filter(safety, splits[args.split])
     out = Path(args.output_dir or args.model_dir)
     out.mkdir(parents=True, exist_ok=True)
     prefix = "eval_rules_only" if args.rules_only else "eval"
+    prefix += "_builtin_rules" if args.builtin_rules else ""
     write_atomically(out / f"{prefix}.json", json.dumps(results, indent=1))
     write_atomically(out / f"{prefix}.md", results_table(results) + "\n")
     for name, png in plot_results(results).items():

