@@ -42,12 +42,14 @@ class ScriptZygote:
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=self.env,
                                         cwd=PROJECT_ROOT)
 
-    def run(self, argv: list[str], cwd: str | os.PathLike, timeout: float) -> subprocess.CompletedProcess:
+    def run(self, argv: list[str], cwd: str | os.PathLike, timeout: float, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="lightarch-script-") as folder:
             out, err = Path(folder) / "stdout", Path(folder) / "stderr"
-            request = {"argv": argv, "cwd": str(Path(cwd).resolve()), "stdout": str(out), "stderr": str(err)}
+            request = {"argv": argv, "cwd": str(Path(cwd).resolve()), "stdout": str(out), "stderr": str(err),
+                       "env": env or self.env}
             self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()
             pid = json.loads(self.process.stdout.readline())["pid"]
@@ -66,23 +68,29 @@ class ScriptZygote:
 
 _zygote: ScriptZygote | None = None
 
+# Variables read when the interpreter or a library starts (OpenMP and BLAS at load, huggingface_hub / transformers /
+# tqdm at import): the warm interpreter has them already, so a run that changes one of them gets a fresh interpreter.
+# Any other variable is set in the fork before the script runs.
+IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH_",
+                   "TQDM_", "PYTHON", "LD_", "CUDA_", "TOKENIZERS_")
 
-def _comparable(env: dict[str, str]) -> dict[str, str]:
-    return {key: value for key, value in env.items() if key != "PYTEST_CURRENT_TEST"}  # pytest's per-test marker
+
+def _fork_can_run(env: dict[str, str], warm_env: dict[str, str]) -> bool:
+    changed = {key for key in set(env) | set(warm_env) if env.get(key) != warm_env.get(key)}
+    return not any(key.startswith(IMPORT_TIME_ENV) for key in changed)
 
 
 def run_script(name: str, *args: str, cwd: str | os.PathLike = PROJECT_ROOT, threads: int | None = 1
                ) -> subprocess.CompletedProcess:
     """`python scripts/<name>.py ARGS` as a user runs it, in a new process (offline, `threads` OpenMP threads, no
-    progress bars); nothing imports a script. With one thread and the suite's own environment the process is a fork
-    of a warm interpreter (`ScriptZygote`); any other environment gets a fresh interpreter."""
+    progress bars); nothing imports a script. With one thread and the import-time environment the suite started with,
+    the process is a fork of a warm interpreter (`ScriptZygote`); otherwise a fresh interpreter."""
     global _zygote
     argv, env = [str(PROJECT_ROOT / "scripts" / f"{name}.py"), *args], script_env(threads)
     if _zygote is None and threads == 1 and hasattr(os, "fork"):
         _zygote = ScriptZygote()
-    same_env = _zygote is not None and _comparable(env) == _comparable(_zygote.env)
-    if same_env and _zygote.process.poll() is None:
-        return _zygote.run(argv, cwd, timeout=600)
+    if _zygote is not None and _fork_can_run(env, _zygote.env) and _zygote.process.poll() is None:
+        return _zygote.run(argv, cwd, env=env, timeout=600)
     return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -6,7 +6,8 @@ thread exists to break a fork); each request is then a `fork()` whose child runs
 scripts/<name>.py ARGS` would (`runpy.run_path` as `__main__`, its own argv, cwd, sys.path[0] and output files), so
 every run is still its own process with its own state. Nothing imports a script: runpy executes it.
 
-Protocol (JSON lines): request {"argv": [...], "cwd": ..., "stdout": path, "stderr": path} on stdin; replies
+Protocol (JSON lines): request {"argv": [...], "cwd": ..., "env": {...}, "stdout": path, "stderr": path} on stdin
+(conftest sends here only runs whose import-time environment matches this process's); replies
 {"pid": child} then {"returncode": code} on stdout. The process exits when stdin closes.
 """
 
@@ -30,6 +31,8 @@ import lightarch.training  # noqa: F401
 def run_child(request: dict) -> int:
     """In the fork: become `python <argv>` and return its exit code (SystemExit's, 1 on an uncaught error)."""
     os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
     for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(target, fd)

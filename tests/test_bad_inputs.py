@@ -254,11 +254,13 @@ ORT_IDS = np.array([[5, 6, 7], [8, 9, 10]], dtype=np.int64)
     (lambda d: d.generate(np.array([[5, -1]]), max_new_tokens=2), r"generate: input_ids contain token id -1"),
 ], ids=["1-D", "float", "id -1", "id >= vocab", "mask length", "too long", "empty", "step mask", "step past",
         "max_new_tokens 0", "generate empty prompt", "generate id -1"])
+@pytest.mark.xdist_group("test_bad_inputs_ort_decoder")  # one worker exports the module-scoped decoder, not two
 def test_ort_decoder_names_the_bad_argument(ort_decoder, call, match):
     with pytest.raises(ValueError, match=match):
         call(ort_decoder)
 
 
+@pytest.mark.xdist_group("test_bad_inputs_ort_decoder")
 def test_ort_decoder_still_runs_valid_inputs(ort_decoder):
     assert ort_decoder.logits(ORT_IDS).shape == (2, 3, 259)
     assert ort_decoder.generate(ORT_IDS, max_new_tokens=2).shape == (2, 5)

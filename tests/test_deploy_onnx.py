@@ -78,7 +78,7 @@ def exported(tmp_path_factory):
 
 
 def run_export_script(*args: str, cwd) -> subprocess.CompletedProcess:
-    return run_script("export_onnx", *args, cwd=cwd, threads=None)
+    return run_script("export_onnx", *args, cwd=cwd)
 
 
 def test_fp32_onnx_logits_match_torch_with_cache_and_padding(exported):

@@ -57,3 +57,17 @@ def test_a_real_script_gives_what_a_fresh_interpreter_gives(tmp_path):
     assert forked.returncode == fresh.returncode == 2
     error = [line for line in fresh.stderr.splitlines() if line.startswith("train_adaptive.py: error:")]
     assert error and error == [line for line in forked.stderr.splitlines() if line.startswith("train_adaptive.py")]
+
+
+def test_the_fork_runs_in_the_runs_environment_and_import_time_changes_need_a_fresh_interpreter(tmp_path):
+    script = tmp_path / "env.py"
+    script.write_text("import os\nprint('probe', os.environ.get('LIGHTARCH_PROBE'), 'ppid', os.getppid())\n")
+    warm = zygote()
+    env = {**warm.env, "LIGHTARCH_PROBE": "set for this run"}
+    result = warm.run([str(script)], cwd=tmp_path, env=env, timeout=60)
+    assert f"probe set for this run ppid {warm.process.pid}" in result.stdout
+    assert "probe None" in warm.run([str(script)], cwd=tmp_path, timeout=60).stdout  # not left behind
+    assert conftest._fork_can_run(env, warm.env)
+    for key, value in (("OMP_NUM_THREADS", "2"), ("HF_HUB_OFFLINE", "0"), ("TQDM_DISABLE", "0")):
+        assert not conftest._fork_can_run({**warm.env, key: value}, warm.env), key
+    assert not conftest._fork_can_run({k: v for k, v in warm.env.items() if k != "HF_HUB_OFFLINE"}, warm.env)
