@@ -397,6 +397,16 @@ def test_decoding_searches_with_one_faiss_thread_and_restores_the_setting(oracle
         faiss.omp_set_num_threads(before)
 
 
+def test_the_processor_outside_attached_says_how_to_use_it(oracle):
+    from lightarch.retrieval import KnnLogitsProcessor
+
+    model, _, folder = oracle
+    for overlap in (False, True):
+        with KnnLM(model, Datastore.from_pretrained(folder), overlap=overlap) as knn:
+            with pytest.raises(RuntimeError, match=r"use it inside KnnLM.attached\(\)"):
+                KnnLogitsProcessor(knn)(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, model.config.vocab_size))
+
+
 def test_bad_knn_arguments_name_the_field(oracle):
     model, _, folder = oracle
     datastore = Datastore.from_pretrained(folder)

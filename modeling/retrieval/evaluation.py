@@ -18,7 +18,8 @@ import torch
 from .datastore import Datastore, DatastoreConfig, build_datastore
 from .hooks import capture_keys
 from .index import compare_indexes
-from .knn_lm import KnnLM, KnnLMConfig, interpolate
+from .knn_lm import KnnLM, KnnLMConfig, mix
+from .search_process import knn_distribution
 
 BUILD_SCRIPT = "build_datastore"
 EVAL_SCRIPT = "eval_retrieval"
@@ -117,7 +118,7 @@ def _batches(model, datastore: Datastore, blocks: torch.Tensor, k: int, batch_si
 def heldout_nll(model, datastore: Datastore, blocks: torch.Tensor, configs: Sequence[KnnLMConfig | None],
                 batch_size: int = 8, max_queries: int = 0) -> tuple[torch.Tensor, np.ndarray]:
     """Summed next-token NLL `(len(configs), num_blocks)` of each block under each config (None: the LM alone,
-    else the kNN-LM mixture of `interpolate`), and up to `max_queries` held-out queries `(Q, d)` for the index
+    else the kNN-LM mixture of `mix`), and up to `max_queries` held-out queries `(Q, d)` for the index
     comparison. Memory: one batch of logits at a time."""
     k = max([c.k for c in configs if c is not None] or [1])
     nll = torch.zeros(len(configs), len(blocks), dtype=torch.float64)
@@ -126,11 +127,16 @@ def heldout_nll(model, datastore: Datastore, blocks: torch.Tensor, configs: Sequ
         B, T = batch.shape
         keep = (torch.arange(B * T) % T) < T - 1  # positions with a next token inside the block
         targets = batch[:, 1:].reshape(-1)  # (B*(T-1),)
+        distributions = {}  # (k, temperature) -> p_kNN: the grid's lambdas and modes share it
         for i, config in enumerate(configs):
             if config is None:
                 log_probs = torch.log_softmax(logits[keep], -1)
             else:
-                log_probs = interpolate(logits[keep], distances[keep, : config.k], tokens[keep, : config.k], config)
+                key = (config.k, config.temperature)
+                if key not in distributions:
+                    distributions[key] = knn_distribution(distances[keep, : config.k].numpy(),
+                                                          tokens[keep, : config.k].numpy(), config.temperature)
+                log_probs = mix(logits[keep], distributions[key], config)
             picked = -log_probs.gather(1, targets[:, None]).view(B, T - 1)
             nll[i, row : row + B] = picked.double().sum(1)
         if kept < max_queries:
@@ -193,26 +199,24 @@ def decode_latency(model, datastore: Datastore, prompts: torch.Tensor, new_token
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     caller_threads = torch.get_num_threads()
 
-    def at_threads(count: int, run):
-        def timed_run():
-            torch.set_num_threads(count)
-            return run()
-        return timed_run
-
     with KnnLM(model, datastore, knn_config, overlap=False) as sequential, \
             KnnLM(model, datastore, knn_config, overlap=True) as overlapped:
-        paths = {"plain": at_threads(threads, lambda: model.generate(prompts, **kwargs)),
-                 "sequential": at_threads(threads, lambda: sequential.generate(prompts, **kwargs)),
-                 "overlapped": at_threads(threads, lambda: overlapped.generate(prompts, **kwargs))}
+        paths = {"plain": (threads, lambda: model.generate(prompts, **kwargs)),  # name -> (torch threads, run)
+                 "sequential": (threads, lambda: sequential.generate(prompts, **kwargs)),
+                 "overlapped": (threads, lambda: overlapped.generate(prompts, **kwargs))}
         if caller_threads != threads:
-            paths["plain_caller_threads"] = at_threads(caller_threads, lambda: model.generate(prompts, **kwargs))
+            paths["plain_caller_threads"] = (caller_threads, lambda: model.generate(prompts, **kwargs))
         try:
-            outputs = {name: run() for name, run in paths.items()}  # warm-up (worker start, faiss buffers); tokens
+            outputs = {}
+            for name, (count, run) in paths.items():  # warm-up (worker start, faiss buffers); the tokens
+                torch.set_num_threads(count)
+                outputs[name] = run()
             names, times = list(paths), {name: [] for name in paths}
             for round_index in range(repeats):
                 shift = round_index % len(names)
                 for name in names[shift:] + names[:shift]:
-                    run = paths[name]
+                    count, run = paths[name]
+                    torch.set_num_threads(count)  # outside the timed run
                     started = time.perf_counter()
                     run()
                     times[name].append((time.perf_counter() - started) / new_tokens)

@@ -1,7 +1,7 @@
 """kNN-LM (Khandelwal et al. 2020) over any causal LM: p = lambda * p_kNN + (1 - lambda) * p_LM, where p_kNN puts
 softmax(-distance / temperature) of the k nearest datastore keys on their next tokens.
 
-Two ways in, one computation (`interpolate`):
+Two ways in, one computation (`mix`):
     `KnnLM(model, datastore)(input_ids)`   a module whose logits are the mixture's log-probabilities, every position
                                            (perplexity: `lightarch.evaluation.perplexity.perplexity(knn_lm, blocks)`);
     `KnnLM.generate(...)`                  the model's own `generate()` with a `KnnLogitsProcessor`: a hook on the key
@@ -33,6 +33,8 @@ from .index import faiss_threads
 from .search_process import KnnDistribution, SearchProcess, knn_distribution
 
 LAMBDA_MODES = ("fixed", "distance", "entropy")
+NO_RETRIEVAL = ("KnnLogitsProcessor: no retrieval for this step; use it inside KnnLM.attached() (or call "
+                "KnnLM.generate).")
 
 
 @dataclass
@@ -101,7 +103,7 @@ def mix(lm_logits: torch.Tensor, knn: KnnDistribution, config: KnnLMConfig) -> t
 def interpolate(lm_logits: torch.Tensor, distances: np.ndarray | torch.Tensor, tokens: np.ndarray | torch.Tensor,
                 config: KnnLMConfig) -> torch.Tensor:
     """`mix` of LM logits `(N, V)` with the p_kNN of neighbours' distances and tokens `(N, k)`."""
-    return mix(lm_logits, knn_distribution(np.asarray(distances), np.asarray(tokens), config.temperature), config)
+    return mix(lm_logits, knn_distribution(distances, tokens, config.temperature), config)
 
 
 class KnnLM(nn.Module):
@@ -125,7 +127,7 @@ class KnnLM(nn.Module):
                              f"{hidden}: build the datastore with this model.")
         self.overlap = overlap
         self._search_process: SearchProcess | None = None  # the overlapped path's worker, from the first step
-        self._pending: np.ndarray | bool | None = None  # the sequential path's query, or True when sent to the worker
+        self._pending_query: np.ndarray | None = None  # the sequential path's query, until the processor searches it
 
     @property
     def config(self):  # the wrapped model's config (what perplexity helpers and generate expect to find)
@@ -160,21 +162,21 @@ class KnnLM(nn.Module):
             if self._search_process is None:  # started at the first decoding step: perplexity alone never needs it
                 self._search_process = SearchProcess(self.datastore.index, self.datastore.values)
             self._search_process.start(query, self.knn_config.k, self.knn_config.temperature)
-            self._pending = True
         else:
-            self._pending = query.copy()
+            self._pending_query = query.copy()
 
     def _collect_step(self) -> KnnDistribution:
         """The pending step's p_kNN: from the worker process, or searched here and now (the sequential reference,
         the same numpy steps as the worker's)."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            raise RuntimeError("KnnLogitsProcessor: no retrieval for this step; use it inside KnnLM.attached() "
-                               "(or call KnnLM.generate).")
         if self.overlap:
+            if self._search_process is None or not self._search_process.pending:
+                raise RuntimeError(NO_RETRIEVAL)
             return self._search_process.result()
+        query, self._pending_query = self._pending_query, None
+        if query is None:
+            raise RuntimeError(NO_RETRIEVAL)
         with faiss_threads(1):  # one query per sequence: nothing to split, and idle threads would spin
-            distances, tokens = self.search(pending)
+            distances, tokens = self.search(query)
         return knn_distribution(distances, tokens, self.knn_config.temperature)
 
     @contextlib.contextmanager
@@ -193,7 +195,7 @@ class KnnLM(nn.Module):
 
     def close(self) -> None:
         """Stop the worker process (a later `generate` starts a new one)."""
-        self._pending = None
+        self._pending_query = None
         if self._search_process is not None:
             self._search_process.close()
             self._search_process = None

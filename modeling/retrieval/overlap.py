@@ -1,5 +1,7 @@
 """A retrieval started now and collected later: on a worker thread while the decoder runs (overlapped), or run when
-collected (sequential, the reference path). faiss and torch release the GIL, so the overlap is real on CPU."""
+collected (sequential, the reference path). Retrieved context (`context.py`) uses it for its passage search, once
+every `stride` tokens. The kNN-LM's search, once per token, runs in a worker process instead: a thread shares the
+GIL with the decoder and measured no faster than searching in line (`search_process.py`)."""
 
 from __future__ import annotations
 

@@ -232,6 +232,11 @@ class SearchProcess:
         self._send(b"s")
         self._pending = True
 
+    @property
+    def pending(self) -> bool:
+        """A step was started and not yet collected."""
+        return self._pending
+
     def result(self) -> KnnDistribution:
         """The pending step's p_kNN (waits for the worker); RuntimeError if nothing is pending or the worker failed."""
         if not self._pending:
