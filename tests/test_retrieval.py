@@ -32,11 +32,14 @@ from lightarch.retrieval import (
     generate_with_context,
     interpolate,
     knn_distribution,
+    mixing_terms,
     neighbour_tokens,
     recall_at_k,
+    row_lambdas,
     window_plan,
 )
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.testing_utils import CaptureLogger
 
 VOCAB = 97
 BLOCK = 32
@@ -224,6 +227,21 @@ def test_interpolation_matches_a_naive_reference(mode):
     assert torch.allclose(interpolate(logits, distances, tokens, config).exp().sum(-1), torch.ones(5))
 
 
+@pytest.mark.parametrize("mode", ["fixed", "entropy"])
+def test_the_autograd_path_of_the_mixture_equals_the_in_place_numpy_path(mode):
+    """Logits that require grad (or live on another device) take the torch path; it gives the numpy path's values
+    and gradients flow through it."""
+    logits = torch.randn(3, 9)
+    distances, tokens = torch.rand(3, 4) * 3, torch.randint(0, 9, (3, 4))
+    config = KnnLMConfig(k=4, lambda_=0.4, temperature=0.7, lambda_mode=mode)
+    in_place = interpolate(logits, distances, tokens, config)
+    leaf = logits.clone().requires_grad_(True)
+    with_grad = interpolate(leaf, distances, tokens, config)
+    torch.testing.assert_close(with_grad.detach(), in_place, atol=1e-6, rtol=1e-6)
+    with_grad[:, 0].sum().backward()
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+
+
 def test_rows_without_neighbours_keep_the_lm_distribution():
     logits = torch.randn(2, 7)
     distances = torch.tensor([[0.5, 1.0], [float("inf"), float("inf")]])
@@ -264,7 +282,10 @@ def test_generate_with_knn_lm_follows_the_datastore(make_model, tmp_path):
     assert not torch.equal(model.generate(prompt, max_new_tokens=10, do_sample=False), out)
 
 
-def test_overlapped_search_runs_in_the_worker_process_and_gives_the_sequential_tokens(oracle):
+@pytest.mark.parametrize("mode", ["fixed", "distance", "entropy"])
+def test_overlapped_search_runs_in_the_worker_process_and_gives_the_sequential_tokens(oracle, mode):
+    """The worker also computes the mixing terms where lambda needs no LM output (fixed, distance); entropy mixes
+    them in this process. Either way the tokens are the sequential path's."""
     model, ids, folder = oracle
     datastore = Datastore.from_pretrained(folder)
     threads = []
@@ -273,11 +294,15 @@ def test_overlapped_search_runs_in_the_worker_process_and_gives_the_sequential_t
     prompt = ids.view(-1, BLOCK)[:2, :4] + 1  # not in the datastore: the mixture matters but does not copy
     outputs = {}
     for overlap in (True, False):
-        with KnnLM(model, datastore, KnnLMConfig(k=8, lambda_=0.5, temperature=5.0), overlap=overlap) as knn:
+        config = KnnLMConfig(k=8, lambda_=0.5, temperature=5.0, lambda_mode=mode, lambda_scale=5.0)
+        with KnnLM(model, datastore, config, overlap=overlap) as knn:
             outputs[overlap] = knn.generate(prompt, max_new_tokens=12, do_sample=False)
             if overlap:
                 worker = knn._search_process
                 assert worker.steps == 12 and worker.process.pid != os.getpid() and worker.process.poll() is None
+                worker.start(np.zeros((1, datastore.keys.shape[1]), np.float32), 8, 5.0, lambda_=0.5,
+                             lambda_mode=mode, lambda_scale=5.0)
+                assert (worker.result().log_keep is None) == (mode == "entropy")
         if overlap:
             assert worker.process.poll() == 0  # close() stopped it
     assert torch.equal(outputs[True], outputs[False])
@@ -297,15 +322,27 @@ def test_the_worker_process_computes_what_this_process_does():
         index = build_index(keys, kind)
         worker = SearchProcess(index, values)
         try:
-            for k in (4, 64, 4):  # the second step grows the exchange file
-                worker.start(queries, k, 0.7)
-                got = worker.result()
+            for k, mode in ((4, "fixed"), (64, "distance"), (4, None)):  # the second step grows the exchange file
+                worker.start(queries, k, 0.7, lambda_=None if mode is None else 0.3, lambda_mode=mode or "fixed",
+                             lambda_scale=1.5)
+                got = worker.result(copy=mode != "distance")
                 want = knn_distribution(*neighbour_tokens(*index.search(queries, k), values), 0.7)
                 for field in ("rows", "tokens", "log_probs", "nearest"):
                     assert np.array_equal(getattr(got, field), getattr(want, field)), (kind, k, field)
+                if mode is None:
+                    assert got.log_keep is None and got.log_weighted is None
+                else:  # the mixing terms this process would compute
+                    lam = row_lambdas(want.nearest, 0.3, mode, 1.5)
+                    for name, term in zip(("log_keep", "log_weighted"), mixing_terms(want, lam)):
+                        assert np.array_equal(getattr(got, name), term), (kind, k, name)
+            for copy in (False, True):  # views of the exchange file (valid until the next start), or copies
+                worker.start(queries, 4, 0.7)
+                assert np.shares_memory(worker.result(copy=copy).tokens, worker._exchange["tokens"]) is not copy
             assert worker.worker_threads == 1 and faiss.omp_get_max_threads() >= 1
             with pytest.raises(ValueError, match=r"queries must be \(B, 8\)"):
                 worker.start(queries[:, :4], 4, 0.7)
+            with pytest.raises(ValueError, match="lambda_mode must be one of"):
+                worker.start(queries, 4, 0.7, lambda_=0.3, lambda_mode="softmax")
         finally:
             worker.close()
     worker = SearchProcess(index, values)
@@ -524,3 +561,23 @@ def test_bad_folders_are_refused_naming_the_option(model_folder, tmp_path):
         load_causal_lm(tmp_path / "missing")
     with pytest.raises(ValueError, match="no such folder"):
         Datastore.from_pretrained(tmp_path / "missing")
+
+
+def test_the_worker_polls_only_when_the_decoder_leaves_a_core_free(oracle, monkeypatch):
+    """A polling worker beside torch threads on every core doubled the time per token: it then blocks instead, and a
+    warning says how to give it a core."""
+    import lightarch.retrieval.knn_lm as knn_module
+
+    model, ids, folder = oracle
+    prompt = ids.view(-1, BLOCK)[:1, :4]
+    seen = {}
+    for cpus in (torch.get_num_threads() + 1, torch.get_num_threads()):
+        monkeypatch.setattr(knn_module, "available_cpus", lambda: cpus)
+        knn_module.logger.warning_once.cache_clear()
+        with KnnLM(model, Datastore.from_pretrained(folder), KnnLMConfig(k=4)) as knn, \
+                CaptureLogger(knn_module.logger) as captured:
+            knn.generate(prompt, max_new_tokens=2, do_sample=False)
+            spin = knn._search_process.spin_seconds
+        seen[cpus > torch.get_num_threads()] = (spin, captured.out)  # CaptureLogger fills .out on exit
+    assert seen[True] == (knn_module.SPIN_SECONDS, "")
+    assert seen[False][0] == 0.0 and "torch.set_num_threads" in seen[False][1]

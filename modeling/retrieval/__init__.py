@@ -50,13 +50,15 @@ from .knn_lm import (
 )
 from .manifest import FolderIntegrityError
 from .overlap import Prefetcher
-from .search_process import KnnDistribution, SearchProcess, knn_distribution, neighbour_tokens
+from .search_process import (KnnDistribution, SearchProcess, knn_distribution, mixing_terms, neighbour_tokens,
+                             row_lambdas)
 
 __all__ = [
     "BM25Retriever", "build_comparison_index", "build_datastore", "build_index", "capture_keys", "compare_indexes",
     "CrossModalIndex", "CrossModalIndexConfig", "CrossModalIndexIntegrityError", "Datastore", "DatastoreConfig",
     "DatastoreIntegrityError", "decoder_layers", "DenseRetriever", "FolderIntegrityError", "generate_with_context",
     "INDEX_KINDS", "index_nbytes", "interpolate", "interpolation_weight", "key_module", "KEY_SITES", "knn_distribution",
-    "KnnDistribution", "KnnLM", "KnnLMConfig", "KnnLogitsProcessor", "LIBRARY_KINDS", "mix", "model_fingerprint",
-    "neighbour_tokens", "Prefetcher", "RalmConfig", "RalmOutput", "recall_at_k", "SearchProcess", "window_plan"
+    "KnnDistribution", "KnnLM", "KnnLMConfig", "KnnLogitsProcessor", "LIBRARY_KINDS", "mix", "mixing_terms",
+    "model_fingerprint", "neighbour_tokens", "Prefetcher", "RalmConfig", "RalmOutput", "recall_at_k", "row_lambdas",
+    "SearchProcess", "window_plan"
 ]

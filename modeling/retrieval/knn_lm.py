@@ -26,13 +26,21 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.modeling_outputs import CausalLMOutput
+from transformers.utils import logging
+
+from ..training.cli import available_cpus
 
 from .datastore import Datastore
 from .hooks import capture_keys
 from .index import faiss_threads
-from .search_process import KnnDistribution, SearchProcess, knn_distribution
+from .search_process import (LAMBDA_MODES, KnnDistribution, SearchProcess, knn_distribution, mixing_terms,
+                             row_lambdas)
+logger = logging.get_logger(__name__)
 
-LAMBDA_MODES = ("fixed", "distance", "entropy")
+# How long the search worker and the decoder poll for each other's byte before blocking, when the decoder's torch
+# threads leave a core free (`SearchProcess`): longer than a decoding step, so that the worker stays awake through a
+# generation.
+SPIN_SECONDS = 0.05
 NO_RETRIEVAL = ("KnnLogitsProcessor: no retrieval for this step; use it inside KnnLM.attached() (or call "
                 "KnnLM.generate).")
 
@@ -64,39 +72,49 @@ class KnnLMConfig:
 
 def interpolation_weight(config: KnnLMConfig, lm_log_probs: torch.Tensor, nearest: np.ndarray) -> np.ndarray:
     """lambda per row `(N,)` float64: fixed, from the nearest distance `(N,)`, or from the LM's entropy (LM
-    log-probabilities `(N, V)`); 0 where no neighbour. numpy: N values, cheaper than torch calls per decoding step."""
-    nearest = np.asarray(nearest, dtype=np.float64)
-    lam = np.full(nearest.shape, config.lambda_)
-    if config.lambda_mode == "distance":
-        lam = lam * np.exp(-np.clip(nearest, 0, None) / config.lambda_scale)
-    elif config.lambda_mode == "entropy":
+    log-probabilities `(N, V)`); 0 where no neighbour (`row_lambdas`)."""
+    entropy_fraction = None
+    if config.lambda_mode == "entropy":
         entropy = -(lm_log_probs.exp() * lm_log_probs).nan_to_num(0.0).sum(-1)  # (N,)
-        lam = lam * np.clip(entropy.double().cpu().numpy() / math.log(lm_log_probs.shape[-1]), 0.0, 1.0)
-    return np.where(np.isfinite(nearest), lam, 0.0)
+        entropy_fraction = np.clip(entropy.detach().double().cpu().numpy() / math.log(lm_log_probs.shape[-1]), 0.0, 1.0)
+    return row_lambdas(nearest, config.lambda_, config.lambda_mode, config.lambda_scale, entropy_fraction)
+
+
+def check_datastore_tokens(max_token: int, vocab_size: int) -> None:
+    """ValueError when the datastore's largest next-token id does not fit the model's vocabulary."""
+    if max_token >= vocab_size:
+        raise ValueError(f"the datastore holds token id {max_token}, outside the model's vocabulary of {vocab_size}: "
+                         "it was built with another tokenizer.")
 
 
 def mix(lm_logits: torch.Tensor, knn: KnnDistribution, config: KnnLMConfig) -> torch.Tensor:
     """log(lambda * p_kNN + (1 - lambda) * p_LM) `(N, V)` from LM logits `(N, V)`: log((1 - lambda) p_LM) everywhere,
     then logaddexp with log(lambda p_kNN) on p_kNN's entries only, so lambda = 0 gives exactly log_softmax(lm_logits)
-    and a row without neighbours keeps the LM's distribution. Five torch calls: this runs on the decoder's thread at
-    every step."""
+    and a row without neighbours keeps the LM's distribution (`mixing_terms`; taken from `knn` when the search worker
+    computed them, whose token ids KnnLM checked once against the vocabulary).
+
+    This runs on the decoder's thread at every step, where each call costs tens of microseconds (the forward in
+    between evicts the caches): on CPU without autograd the steps after the log-softmax are three numpy calls, in
+    place on its output."""
     lm_log_probs = torch.log_softmax(lm_logits.float(), dim=-1)  # (N, V)
     if knn.nearest.shape[0] != lm_logits.shape[0]:
         raise ValueError(f"{knn.nearest.shape[0]} neighbour rows for {lm_logits.shape[0]} logit rows.")
-    vocab_size = lm_logits.shape[-1]
-    if knn.tokens.size and int(knn.tokens.max()) >= vocab_size:
-        raise ValueError(f"the datastore holds token id {int(knn.tokens.max())}, outside the model's vocabulary of "
-                         f"{vocab_size}: it was built with another tokenizer.")
-    lam = interpolation_weight(config, lm_log_probs, knn.nearest)  # (N,)
-    with np.errstate(divide="ignore"):  # log(0) = -inf: lambda = 0 leaves the LM's log-probability as it is
-        keep_lm = np.log1p(-lam).astype(np.float32)  # (N,) log(1 - lambda)
-        knn_part = (np.log(lam[knn.rows]) + knn.log_probs).astype(np.float32)  # (n,) log(lambda p_kNN)
-    device = lm_logits.device
-    mixed = lm_log_probs + torch.from_numpy(keep_lm).to(device)[:, None]  # (N, V)
+    if knn.log_keep is None:
+        if knn.tokens.size:
+            check_datastore_tokens(int(knn.tokens.max()), lm_logits.shape[-1])
+        log_keep, log_weighted = mixing_terms(knn, interpolation_weight(config, lm_log_probs, knn.nearest))
+    else:
+        log_keep, log_weighted = knn.log_keep, knn.log_weighted  # (N,), (n,)
+    if lm_log_probs.device.type == "cpu" and not lm_log_probs.requires_grad:
+        mixed = lm_log_probs.numpy()  # (N, V): the tensor's own memory, written in place; the tensor is returned
+        mixed += log_keep[:, None]
+        mixed[knn.rows, knn.tokens] = np.logaddexp(mixed[knn.rows, knn.tokens], log_weighted)
+        return lm_log_probs
+    device = lm_log_probs.device
+    mixed = lm_log_probs + torch.from_numpy(log_keep).to(device)[:, None]  # (N, V)
     if knn.tokens.size:
-        flat = mixed.view(-1)  # (N * V,): one index for p_kNN's entries
-        where = torch.from_numpy(knn.rows * vocab_size + knn.tokens).to(device)  # (n,)
-        flat[where] = torch.logaddexp(flat[where], torch.from_numpy(knn_part).to(device))
+        rows, tokens = torch.from_numpy(knn.rows).to(device), torch.from_numpy(knn.tokens).to(device)
+        mixed[rows, tokens] = torch.logaddexp(mixed[rows, tokens], torch.from_numpy(log_weighted).to(device))
     return mixed
 
 
@@ -125,8 +143,14 @@ class KnnLM(nn.Module):
         if hidden is not None and datastore.config.site == "ffn_input" and hidden != datastore.keys.shape[1]:
             raise ValueError(f"the datastore's keys have dim {datastore.keys.shape[1]}, the model's hidden_size is "
                              f"{hidden}: build the datastore with this model.")
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        vocab_size = getattr(head, "out_features", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+        if vocab_size is not None and len(datastore):
+            check_datastore_tokens(int(np.max(datastore.values)), int(vocab_size))
+        self._tokens_checked = vocab_size is not None  # then the worker may compute the mixing terms unchecked
         self.overlap = overlap
         self._search_process: SearchProcess | None = None  # the overlapped path's worker, from the first step
+        self._spin_seconds = 0.0  # the worker's polling, set per generation by attached()
         self._pending_query: np.ndarray | None = None  # the sequential path's query, until the processor searches it
 
     @property
@@ -157,11 +181,18 @@ class KnnLM(nn.Module):
     def _start_step_search(self, hidden: torch.Tensor) -> None:
         """The key hook during decoding: send the last position's query `(B, d)` to the worker process (overlapped),
         or keep it for the logits processor (sequential)."""
-        query = hidden[:, -1].float().cpu().numpy()  # (B, d): the position whose next token is chosen
+        if hidden.device.type == "cpu" and hidden.dtype == torch.float32:
+            query = hidden.numpy()[:, -1]  # (B, d): the position whose next token is chosen (a view: one call)
+        else:
+            query = hidden[:, -1].float().cpu().numpy()
         if self.overlap:
             if self._search_process is None:  # started at the first decoding step: perplexity alone never needs it
                 self._search_process = SearchProcess(self.datastore.index, self.datastore.values)
-            self._search_process.start(query, self.knn_config.k, self.knn_config.temperature)
+            self._search_process.spin_seconds = self._spin_seconds
+            config = self.knn_config
+            self._search_process.start(query, config.k, config.temperature,
+                                       lambda_=config.lambda_ if self._tokens_checked else None,
+                                       lambda_mode=config.lambda_mode, lambda_scale=config.lambda_scale)
         else:
             self._pending_query = query.copy()
 
@@ -171,7 +202,7 @@ class KnnLM(nn.Module):
         if self.overlap:
             if self._search_process is None or not self._search_process.pending:
                 raise RuntimeError(NO_RETRIEVAL)
-            return self._search_process.result()
+            return self._search_process.result(copy=False)  # mixed before the next step overwrites it
         query, self._pending_query = self._pending_query, None
         if query is None:
             raise RuntimeError(NO_RETRIEVAL)
@@ -182,7 +213,18 @@ class KnnLM(nn.Module):
     @contextlib.contextmanager
     def attached(self) -> Iterator["KnnLogitsProcessor"]:
         """Hook the model for decoding: each forward starts the search for its last position. Yields the logits
-        processor that collects it (pass it to `model.generate(logits_processor=...)` yourself, or use `generate`)."""
+        processor that collects it (pass it to `model.generate(logits_processor=...)` yourself, or use `generate`).
+
+        The overlapped search needs a core the decoder does not use: with torch's threads on every core the worker
+        does not poll (and a warning says so), and searching in line may then be as fast."""
+        if self.overlap:
+            free_core = torch.get_num_threads() < available_cpus()
+            self._spin_seconds = SPIN_SECONDS if free_core else 0.0
+            if not free_core:
+                logger.warning_once(
+                    f"KnnLM(overlap=True): torch uses {torch.get_num_threads()} threads on {available_cpus()} CPUs, so "
+                    "the search worker has no core of its own and competes with the forward; call "
+                    "torch.set_num_threads(<CPUs - 1>) or use overlap=False.")
         with capture_keys(self.model, self._start_step_search, self.datastore.config.layer,
                           self.datastore.config.site):
             yield KnnLogitsProcessor(self)
