@@ -156,3 +156,39 @@ def run_without_lightarch(script: str, tmp_path: Path) -> None:
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE-CODE-OK" in result.stdout
+
+
+# ---- torchrun launches ---------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (another process may still take it before torchrun binds it)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_was_taken(stderr: str) -> bool:
+    """A launch that failed because its rendezvous port was taken between `free_port()` and the bind (torch's
+    TCPStore: "EADDRINUSE ... address already in use"): the one failure worth launching again."""
+    text = stderr.lower()
+    return "eaddrinuse" in text or "address already in use" in text
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> None:
+    """`python -m torch.distributed.run --nproc_per_node NPROC` on 127.0.0.1 with one thread per process, the hub off
+    and the project importable. Launched a second time on a new port only if the first launch could not bind its
+    port; any other failure fails the test at once with the launcher's stderr (a silent retry doubled a 80 s run)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(PROJECT_ROOT), HF_HUB_OFFLINE="1")
+    errors = []
+    for _attempt in range(2):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+                   "127.0.0.1", "--master_port", str(free_port()), *args]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+        if result.returncode == 0:
+            return
+        errors.append(result.stderr[-3000:])
+        if not port_was_taken(result.stderr):
+            break
+    raise AssertionError("torchrun failed:\n" + "\n----\n".join(errors))

@@ -1,23 +1,13 @@
 """Tensor and expert parallelism through transformers' plans: 2 CPU processes (gloo) match one process."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROJECT_ROOT, tiny_sparse_moe_config
+from conftest import PROJECT_ROOT, tiny_sparse_moe_config, torchrun
 
 from lightarch import SparseMoeForCausalLM
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +26,7 @@ def saved_model(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("mode", ["tensor_parallel", "expert_parallel"])
 def test_parallel_plans_match_a_single_process(saved_model, mode):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(PROJECT_ROOT), HF_HUB_OFFLINE="1")
-    errors = []
-    for _attempt in range(2):  # a second launch only if the first could not start (e.g. its free port was taken)
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                   "127.0.0.1", "--master_port", str(free_port()), str(PROJECT_ROOT / "tests" / "parallel_worker.py"),
-                   mode, str(saved_model)]
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-        if result.returncode == 0:
-            break
-        errors.append(result.stderr[-3000:])
-    assert result.returncode == 0, "\n----\n".join(errors)
+    torchrun(str(PROJECT_ROOT / "tests" / "parallel_worker.py"), mode, str(saved_model))
     ranks = [json.loads((saved_model / f"{mode}-rank{rank}.json").read_text()) for rank in (0, 1)]
     assert sorted(rank["rank"] for rank in ranks) == [0, 1]
     for rank in ranks:

@@ -4,7 +4,6 @@ accelerate CPU config, and training under the models' tensor- / expert-parallel 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, free_port, port_was_taken
 
 # the README's `-n 2 --dist loadgroup` runs this module on one xdist worker, so its module-scoped launch runs once
 pytestmark = pytest.mark.xdist_group("test_parallel_multinode")
@@ -20,12 +19,6 @@ pytestmark = pytest.mark.xdist_group("test_parallel_multinode")
 CONFIGS = PROJECT_ROOT / "modeling" / "training" / "parallel" / "configs"
 LAUNCH_TIMEOUT_SECONDS = 240  # a hung rendezvous or collective fails the test instead of blocking the suite
 STEPS = 10
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(commands: list[list[str]]) -> list[subprocess.CompletedProcess]:
@@ -48,13 +41,16 @@ def launch(commands: list[list[str]]) -> list[subprocess.CompletedProcess]:
 
 
 def launch_until_started(make_commands) -> None:
-    """`launch(make_commands(port))`, once more on a new port if the first launch failed (its free port was taken)."""
+    """`launch(make_commands(port))`, once more on a new port only if the first launch could not bind its port."""
     errors = []
     for _attempt in range(2):
         results = launch(make_commands(free_port()))
         if all(result.returncode == 0 for result in results):
             return
-        errors += [result.stderr[-3000:] for result in results if result.returncode != 0]
+        failed = [result.stderr for result in results if result.returncode != 0]
+        errors += [stderr[-3000:] for stderr in failed]
+        if not any(port_was_taken(stderr) for stderr in failed):
+            break
     raise AssertionError("\n----\n".join(errors))
 
 

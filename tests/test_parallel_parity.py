@@ -2,14 +2,10 @@
 AdaptiveDepth, including experts that receive no token on one rank and the all-reduced router-bias update."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import PROJECT_ROOT, tiny_sparse_moe_config
+from conftest import tiny_sparse_moe_config, torchrun
 from lightarch import SparseMoeForCausalLM
 from lightarch.training.parallel import data_parallel_moe_loss, local_balance_loss_gap
 
@@ -20,27 +16,11 @@ CASES = [f"{kind}/{engine}" for kind in ("sparse_moe_top_k", "sparse_moe_top_p",
          for engine in ("ddp", "fsdp2")]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory) -> list[dict]:
     """One torchrun launch runs every case (launching costs more than the tiny models' training)."""
     out = tmp_path_factory.mktemp("parity")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(PROJECT_ROOT), HF_HUB_OFFLINE="1")
-    errors = []
-    for _attempt in range(2):  # a second launch only if the first could not start (e.g. its free port was taken)
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                   "127.0.0.1", "--master_port", str(free_port()), "-m", "lightarch.training.parallel.parity",
-                   str(out), "--steps", "10"]
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-        if result.returncode == 0:
-            break
-        errors.append(result.stderr[-3000:])
-    assert result.returncode == 0, "\n----\n".join(errors)
+    torchrun("-m", "lightarch.training.parallel.parity", str(out), "--steps", "10")
     return [json.loads((out / f"parity-rank{rank}.json").read_text()) for rank in (0, 1)]
 
 

@@ -5,14 +5,10 @@ their sharded checkpoints resume with the losses of an uninterrupted run and con
 
 import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import PROJECT_ROOT
+from conftest import torchrun
 from lightarch import SparseMoeForCausalLM
 from lightarch.training.parallel import parity
 from lightarch.training.parallel.zero3 import (
@@ -31,26 +27,6 @@ KINDS = ["sparse_moe_top_k", "sparse_moe_top_p"]
 RESUME_AT = 5
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _torchrun(module: str, *args: str) -> None:
-    """2 gloo processes on 127.0.0.1; a second launch only if the first could not start (its free port taken)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(PROJECT_ROOT), HF_HUB_OFFLINE="1")
-    errors = []
-    for _attempt in range(2):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                   "127.0.0.1", "--master_port", str(_free_port()), "-m", module, *args]
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
-        if result.returncode == 0:
-            return
-        errors.append(result.stderr[-3000:])
-    raise AssertionError("\n----\n".join(errors))
-
-
 # FSDP2's own parity is tests/test_parallel_parity.py's; here it is the sharded-checkpoint case
 ZERO3_CASES = [f"{kind}/zero3" for kind in KINDS] + [f"sparse_moe_top_k/{engine}" for engine in
                                                     ("trainer_zero3", "trainer_zero3_local")]
@@ -62,7 +38,7 @@ SHARDED = [case for case in CASES if case.endswith(("/fsdp2", "/zero3"))]
 def runs(tmp_path_factory):
     """One launch: ZeRO-3 parity (loop and Trainer); FSDP2 / ZeRO-3 checkpoints after 5 steps, resumed runs."""
     out = tmp_path_factory.mktemp("zero3")
-    _torchrun("lightarch.training.parallel.parity", str(out), "--steps", "10", "--cases", ",".join(CASES),
+    torchrun("-m", "lightarch.training.parallel.parity", str(out), "--steps", "10", "--cases", ",".join(CASES),
               "--resume_at", str(RESUME_AT))
     return out, [json.loads((out / f"parity-rank{rank}.json").read_text())["cases"] for rank in (0, 1)]
 

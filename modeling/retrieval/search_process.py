@@ -1,11 +1,13 @@
 """The kNN-LM's decoding-time search in a worker process, so that it runs beside the decoder for real, and the numpy
-steps both the worker and the in-process (sequential) path share: neighbours' tokens and the sparse p_kNN.
+steps both the worker and the in-process (sequential) path share: neighbours' tokens, the sparse p_kNN, lambda and
+the mixing terms.
 
 Why a process and not a thread (measured on the 2-core machine, `outputs/sparse_moe`, 128 greedy tokens, 1 torch
 thread, interleaved rounds): a worker thread shares the GIL with the decoder, whose forward takes it back between
 every torch op, so the thread's Python glue and numpy work stall the forward; overlapped on a thread was no faster
-than the search done in line (+38% against +32% per token); in a process it costs +12% to +28% against +24% to +35%
-(README, Retrieval).
+than the search done in line (+38% against +32% per token); in a process it costs +4.9% to +6.5% against +11% to
++12% sequential on an 11 ms step, and cost +12% to +28% against +24% to +35% on a faster machine's 3-4 ms step before
+the decoder's share of the work was cut (README, Retrieval).
 
 This file imports numpy only at the top (faiss inside the functions that need it), and the worker runs it as a
 script, not as part of the package: it starts without torch in about a second. The index reaches the worker
