@@ -261,6 +261,15 @@ def test_lambda_zero_is_the_plain_lm_exactly(oracle):
                            model.generate(prompt, max_new_tokens=8, do_sample=False))
 
 
+def test_a_datastore_built_with_another_vocabulary_is_refused_once_at_construction(oracle):
+    """The token-id check runs when KnnLM is built (the worker's mixing terms rely on it), not at every step."""
+    model, _ids, folder = oracle
+    datastore = Datastore.from_pretrained(folder)
+    datastore.values = np.asarray(datastore.values) + VOCAB  # ids a larger tokenizer would give
+    with pytest.raises(ValueError, match=rf"token id \d+, outside the model's vocabulary of {VOCAB}"):
+        KnnLM(model, datastore)
+
+
 def test_a_datastore_of_the_evaluation_text_drives_perplexity_near_one(oracle):
     model, ids, folder = oracle
     blocks = ids.view(-1, BLOCK)

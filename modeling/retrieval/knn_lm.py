@@ -29,12 +29,12 @@ from transformers.modeling_outputs import CausalLMOutput
 from transformers.utils import logging
 
 from ..training.cli import available_cpus
-
 from .datastore import Datastore
 from .hooks import capture_keys
 from .index import faiss_threads
 from .search_process import (LAMBDA_MODES, KnnDistribution, SearchProcess, knn_distribution, mixing_terms,
                              row_lambdas)
+
 logger = logging.get_logger(__name__)
 
 # How long the search worker and the decoder poll for each other's byte before blocking, when the decoder's torch
