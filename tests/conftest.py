@@ -179,7 +179,7 @@ def port_was_taken(stderr: str) -> bool:
 def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> None:
     """`python -m torch.distributed.run --nproc_per_node NPROC` on 127.0.0.1 with one thread per process, the hub off
     and the project importable. Launched a second time on a new port only if the first launch could not bind its
-    port; any other failure fails the test at once with the launcher's stderr (a silent retry doubled a 80 s run)."""
+    port; any other failure fails the test at once with the launcher's stderr (a silent retry doubled an 80 s run)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(PROJECT_ROOT), HF_HUB_OFFLINE="1")
     errors = []
     for _attempt in range(2):

@@ -218,11 +218,11 @@ class KnnLM(nn.Module):
         The overlapped search needs a core the decoder does not use: with torch's threads on every core the worker
         does not poll (and a warning says so), and searching in line may then be as fast."""
         if self.overlap:
-            free_core = torch.get_num_threads() < available_cpus()
-            self._spin_seconds = SPIN_SECONDS if free_core else 0.0
-            if not free_core:
+            threads, cpus = torch.get_num_threads(), available_cpus()
+            self._spin_seconds = SPIN_SECONDS if threads < cpus else 0.0
+            if threads >= cpus:
                 logger.warning_once(
-                    f"KnnLM(overlap=True): torch uses {torch.get_num_threads()} threads on {available_cpus()} CPUs, so "
+                    f"KnnLM(overlap=True): torch uses {threads} threads on {cpus} CPUs, so "
                     "the search worker has no core of its own and competes with the forward; call "
                     "torch.set_num_threads(<CPUs - 1>) or use overlap=False.")
         with capture_keys(self.model, self._start_step_search, self.datastore.config.layer,

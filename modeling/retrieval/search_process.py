@@ -157,9 +157,8 @@ def exchange_nbytes(rows: int, k: int, dim: int) -> int:
 def exchange_arrays(buffer, rows: int, k: int, dim: int) -> dict[str, np.ndarray]:
     """The exchange file's arrays (both processes map the same layout): control int64 [rows, k, n], params float64
     [temperature, lambda_ (nan: no mixing terms), lambda mode (index in LAMBDA_MODES), lambda_scale, spin_seconds],
-    queries
-    float32 (rows, dim), and the result: p_kNN's entries rows / tokens int64 (rows*k), log_probs float32 (rows*k),
-    nearest float32 (rows), and the mixing terms log_keep float32 (rows), log_weighted float32 (rows*k)."""
+    queries float32 (rows, dim), and the result: p_kNN's entries rows / tokens int64 (rows*k), log_probs float32
+    (rows*k), nearest float32 (rows), and the mixing terms log_keep float32 (rows), log_weighted float32 (rows*k)."""
     arrays, offset = {}, 0
     for name, dtype, shape in _exchange_layout(rows, k, dim):
         arrays[name] = np.frombuffer(buffer, dtype, int(np.prod(shape)), offset).reshape(shape)
@@ -187,7 +186,7 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
         setup = json.loads(bytes(_read_exact(requests, length)))
         index = faiss.deserialize_index(np.frombuffer(_read_exact(requests, setup["index_nbytes"]), np.uint8))
         values = np.frombuffer(_read_exact(requests, 8 * setup["values_count"]), np.int64)
-        spin_seconds = float(setup["spin_seconds"])
+        spin_seconds = 0.0  # until the first step's params say otherwise
         _write_all(replies, struct.pack("=q", faiss.omp_get_max_threads()))
         exchange = None
         while True:
@@ -209,7 +208,7 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
                 for name in ("rows", "tokens", "log_probs"):
                     exchange[name][:n] = getattr(knn, name)
                 exchange["nearest"][:count] = knn.nearest
-                if lambda_ == lambda_:  # not nan: this lambda mode needs no LM output
+                if not np.isnan(lambda_):  # this lambda mode needs no LM output
                     lam = row_lambdas(knn.nearest, lambda_, LAMBDA_MODES[int(mode)], scale)
                     exchange["log_keep"][:count], exchange["log_weighted"][:n] = mixing_terms(knn, lam)
                 exchange["control"][2] = n
@@ -264,8 +263,7 @@ class SearchProcess:
         self.spin_seconds = float(spin_seconds)
         payload = faiss.serialize_index(index)  # (nbytes,) uint8
         values = np.ascontiguousarray(values, dtype=np.int64)
-        header = json.dumps({"index_nbytes": int(payload.nbytes), "values_count": int(values.size),
-                             "spin_seconds": self.spin_seconds}).encode()
+        header = json.dumps({"index_nbytes": int(payload.nbytes), "values_count": int(values.size)}).encode()
         try:
             for part in (struct.pack("=q", len(header)) + header, payload, values):
                 _write_all(self.process.stdin, part)
@@ -328,7 +326,7 @@ class SearchProcess:
         count, _, n = exchange["control"].tolist()
         knn = KnnDistribution(rows=exchange["rows"][:n], tokens=exchange["tokens"][:n],
                               log_probs=exchange["log_probs"][:n], nearest=exchange["nearest"][:count])
-        if self._params[1] == self._params[1]:  # not nan: the worker computed the mixing terms
+        if not np.isnan(self._params[1]):  # the worker computed the mixing terms
             knn.log_keep, knn.log_weighted = exchange["log_keep"][:count], exchange["log_weighted"][:n]
         if copy:
             knn = KnnDistribution(**{name: None if value is None else value.copy()
