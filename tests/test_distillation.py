@@ -266,6 +266,50 @@ def test_precomputed_teacher_outputs_give_the_same_loss_without_running_the_teac
     assert not calls
 
 
+def test_unlabelled_transfer_rows_learn_from_the_teacher_only(tmp_path):
+    """Label -100 (a transfer example): no cross-entropy from it; the labelled rows' cross-entropy is their mean."""
+    teacher, student = _teacher(), _student()
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=_args(tmp_path, alpha=0.5), tasks=TASKS,
+                                  train_dataset=[])
+    student.eval()
+    rows = _dataset(8)
+    batch = {k: torch.stack([row[k] for row in rows]) for k in rows[0]}
+    only_a = {k: v[batch["task_ids"] == 0] for k, v in batch.items()}  # task a: rows 0, 2, 4, 6
+    unlabelled = dict(only_a, labels=only_a["labels"].clone())
+    unlabelled["labels"][1:] = -100  # one labelled row left
+    loss = trainer.compute_loss(student, unlabelled)
+    logits = student(input_ids=only_a["input_ids"], attention_mask=only_a["attention_mask"]).logits[:, :3]
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=only_a["teacher_input_ids"],
+                                 attention_mask=only_a["teacher_attention_mask"]).logits[:, :3]
+    expected = (0.5 * F.cross_entropy(logits[:1], only_a["labels"][:1])
+                + 0.5 * distillation_divergence(logits, teacher_logits))
+    torch.testing.assert_close(loss, expected)
+    unlabelled["labels"][:] = -100  # no label at all: the teacher's part only, finite
+    torch.testing.assert_close(trainer.compute_loss(student, unlabelled),
+                               0.5 * distillation_divergence(logits, teacher_logits))
+
+
+def test_teacher_outputs_keep_the_rows_order_when_batched_by_length():
+    from lightarch.training.distillation.multitask import MultiTaskCollator, encode_split
+
+    class Tokenizer:
+        def __call__(self, texts, **_):
+            longest = max(len(t) for t in texts)
+            ids = torch.tensor([[3 + ord(c) % 90 for c in t] + [0] * (longest - len(t)) for t in texts])
+            return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+    teacher = _teacher()
+    texts = ["abcdefgh", "ab", "abcdefghijkl", "abc", "abcdef", "a b"]
+    collator = MultiTaskCollator(Tokenizer(), max_length=16)
+    rows = [{"text": t, "labels": 0, "task_ids": 0} for t in texts]
+    logits, features = encode_split(teacher, collator, rows, batch_size=2, feature_layers=[2])
+    for i, row in enumerate(rows):  # each row alone: the same outputs, in the rows' order
+        alone_logits, alone_features = encode_split(teacher, collator, [row], batch_size=1, feature_layers=[2])
+        torch.testing.assert_close(logits[i], alone_logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(features[i], alone_features[0], atol=1e-5, rtol=1e-5)
+
+
 def test_distill_and_eval_scripts_end_to_end(tmp_path):
     """Two tasks, a few steps: every model folder, the results, the table, the plot and the card."""
     import json
@@ -281,10 +325,11 @@ def test_distill_and_eval_scripts_end_to_end(tmp_path):
                         "--teacher_epochs", "0.1", "--teacher_batch_size", "16", "--max_steps", "3",
                         "--per_device_train_batch_size", "8", "--student_vocab_size", "300",
                         "--config_overrides", "hidden_size=32,num_hidden_layers=2,layer_types=null,num_experts=4",
-                        "--logging_steps", "1", "--output_dir", str(out))
+                        "--transfer_size", "20", "--logging_steps", "1", "--output_dir", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((out / "distill_results.json").read_text())
     assert record["student"]["steps"] == record["baseline"]["steps"] == 3
+    assert 0 < record["training_rows"]["transfer"] <= 40 and record["training_rows"]["labelled"] > 0
     assert record["student_sum"]["task_weighting"] == "sum" and record["student"]["task_weighting"] == "uncertainty"
     assert record["student_fraction_of_teacher"] <= 1 / 20
     log = json.loads((out / "student" / "training_log.json").read_text())

@@ -36,6 +36,22 @@ def test_splits_are_deterministic_disjoint_and_labelled(name, loaded):
     assert 0.0 <= task.majority_baseline() < 0.75
 
 
+@pytest.mark.parametrize("name", [n for n in ("grammar_drop", "shakespeare_genre") if n in AVAILABLE])
+def test_the_transfer_set_is_unlabelled_training_text_outside_the_labelled_splits(name, loaded):
+    task = suite.load_task(name, seed=0, max_examples=600, transfer_size=50)
+    assert task.splits == loaded[name].splits  # the labelled splits do not depend on transfer_size
+    assert len(task.transfer) == 50 and len(set(task.transfer)) == 50
+    labelled = {text for split in suite.SPLITS for text in task.texts(split)}
+    assert not set(task.transfer) & labelled
+    # every transfer text comes from a training-split group: the builder's own (text, label, group) triples
+    groups = {text: group for text, _, group in suite.TASKS[name].builder(0)}
+    assert all(suite.split_of(name, groups[text], 0) == "train" for text in task.transfer)
+    assert suite.load_task(name, seed=0, max_examples=600, transfer_size=50).transfer == task.transfer
+    assert loaded[name].transfer == []
+    with pytest.raises(ValueError, match="transfer_size"):
+        suite.load_task(name, seed=0, max_examples=600, transfer_size=-1)
+
+
 def test_another_seed_gives_other_splits():
     name = AVAILABLE[0]
     assert suite.load_task(name, seed=0, max_examples=600).splits != suite.load_task(name, seed=1,

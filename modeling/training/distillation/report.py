@@ -136,6 +136,8 @@ def student_model_card(results: dict, student_config) -> str:
         "baseline_mean": f"{100 * means.get('baseline', float('nan')):.1f}",
         "gain": f"{results['distillation_gain_points']:+.1f}",
         "max_examples": results["tasks_record"]["max_examples"],
+        "labelled_rows": f"{training.get('training_rows', {}).get('labelled', 0):,}",
+        "transfer_rows": f"{training.get('training_rows', {}).get('transfer', 0):,}",
     })
 
 

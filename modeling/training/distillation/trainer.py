@@ -5,6 +5,7 @@ Batches may carry, beside the student's `input_ids` / `attention_mask` / `labels
   them the teacher gets the student's inputs;
 - `task_ids` [B]: the task of each example, with `tasks=[(name, num_labels), ...]`: one classification head over all
   tasks' classes (the teacher's and the student's heads have sum(num_labels) outputs, task k owns its slice).
+  A classification label of -100 marks an unlabelled (transfer) example: only the teacher's outputs teach it.
 - `teacher_logits` [B, ...] and `teacher_features` [B, pairs, teacher_width] (pooled, one per layer pair):
   precomputed teacher outputs (offline distillation); with what the loss needs precomputed, the teacher is not run.
 
@@ -321,7 +322,10 @@ class DistillationTrainer(Trainer):
                 task_ids = torch.zeros(student_logits.shape[0], dtype=torch.long, device=device)
             for k, name, rows, head in task_rows(task_ids, self.tasks):
                 s = student_logits[rows, head]  # [b_k, C_k]
-                ce = F.cross_entropy(s.float(), labels[rows]) if labels is not None else torch.zeros((), device=device)
+                ce = torch.zeros((), device=device)
+                if labels is not None:  # the mean over labelled rows (-100: a teacher-labelled transfer example)
+                    labelled = (labels[rows] != -100).sum().clamp(min=1)
+                    ce = F.cross_entropy(s.float(), labels[rows], ignore_index=-100, reduction="sum") / labelled
                 kd = torch.zeros((), device=device)
                 if args.alpha > 0:
                     t = teacher_logits[rows, head]
