@@ -399,6 +399,8 @@ def load_task(name: str, seed: int = 0, max_per_class: int = 400, min_per_class:
     `transfer_size`."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {list(TASK_NAMES)}.")
+    if transfer_size < 0:
+        raise ValueError(f"transfer_size must be >= 0, got {transfer_size}.")
     missing = missing_requirements(name)
     if missing:
         raise FileNotFoundError(f"task {name!r} needs {', '.join(missing)}.")
@@ -423,11 +425,10 @@ def load_task(name: str, seed: int = 0, max_per_class: int = 400, min_per_class:
         rng.shuffle(items)
         for text, group in items[:per_class]:
             splits[split_of(name, group, seed)].append((text, label_id))
-        left_over.extend(text for text, group in items[per_class:] if split_of(name, group, seed) == "train")
+        if transfer_size:
+            left_over.extend(text for text, group in items[per_class:] if split_of(name, group, seed) == "train")
     for split in SPLITS:
         rng.shuffle(splits[split])
-    if transfer_size < 0:
-        raise ValueError(f"transfer_size must be >= 0, got {transfer_size}.")
     random.Random(f"{name}:{seed}:transfer").shuffle(left_over)
     return TaskData(name, spec.description, labels, splits, spec.metric, spec.source, left_over[:transfer_size])
 

@@ -119,9 +119,9 @@ def encode_split(model, collator: MultiTaskCollator, rows: list[dict], batch_siz
     model.eval()
     logits, features = [], []
     num_layers = model.config.num_hidden_layers
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["text"]))
+    order = torch.tensor(sorted(range(len(rows)), key=lambda i: len(rows[i]["text"])), dtype=torch.long)
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False):
-        batch = collator([rows[i] for i in order[start : start + batch_size]])
+        batch = collator([rows[i] for i in order[start : start + batch_size].tolist()])
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
         outputs = model(**inputs, output_hidden_states=bool(feature_layers))
         logits.append(outputs.logits.float())
@@ -129,8 +129,7 @@ def encode_split(model, collator: MultiTaskCollator, rows: list[dict], batch_siz
             pooled = [masked_mean_pool(select_layer(outputs.hidden_states, layer, num_layers),
                                        inputs["attention_mask"]) for layer in feature_layers]  # each [b, H]
             features.append(torch.stack(pooled, dim=1))  # [b, layers, H]
-    inverse = torch.empty(len(rows), dtype=torch.long)
-    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(rows))
+    inverse = order.argsort()  # sorted position of each row
     return torch.cat(logits)[inverse], (torch.cat(features)[inverse] if feature_layers else None)
 
 
@@ -163,7 +162,6 @@ class DistillOptions:
     teacher_learning_rate: float = 1e-4
     teacher_batch_size: int = 32
     student_vocab_size: int = 2048
-    transfer_size: int = 0
     extra_weightings: tuple[str, ...] = ()
     time_budget_minutes: float = 55.0
 
@@ -296,11 +294,12 @@ def run_distillation(tasks: Sequence[TaskData], student_config, args: Distillati
     steps_done = None
     for index, (name, run_args) in enumerate(runs):
         phase = time.perf_counter()
-        remaining = budget - (time.perf_counter() - start) if budget else None
-        deadline = time.perf_counter() + remaining / (len(runs) - index) if remaining else None
-        if steps_done is not None and name == "baseline":
+        if name == "baseline":
             run_args = replace(run_args, max_steps=steps_done)  # the same steps as the distilled student
             deadline = None
+        else:
+            remaining = budget - (time.perf_counter() - start) if budget else None
+            deadline = time.perf_counter() + remaining / (len(runs) - index) if remaining else None
         run_args = replace(run_args, output_dir=str(output / f"{name}_run"))
         torch.manual_seed(args.seed)
         student = build_student(student_config, tokenizer, tasks)
@@ -398,14 +397,13 @@ def prepare_distill_run(args, training_args: DistillationConfig) -> tuple[list[T
     extra = tuple(w for w in extra if w != training_args.task_weighting and w != "fixed")
     if args.teacher_dir and not Path(args.teacher_dir, "config.json").is_file():
         raise ValueError(f"--teacher_dir {args.teacher_dir} holds no saved model (config.json).")
-    prepare_output_dir(training_args.output_dir, SCRIPT, {"--teacher_dir": args.teacher_dir})
     if args.transfer_size < 0:
         raise ValueError(f"--transfer_size must be >= 0, got {args.transfer_size}.")
+    prepare_output_dir(training_args.output_dir, SCRIPT, {"--teacher_dir": args.teacher_dir})
     tasks = load_suite(names, seed=training_args.seed, max_per_class=args.max_per_class,
                        max_examples=args.max_examples, transfer_size=args.transfer_size)
     options = DistillOptions(args.max_length, args.teacher_dir, args.teacher_epochs, args.teacher_learning_rate,
-                             args.teacher_batch_size, args.student_vocab_size, args.transfer_size, extra,
-                             args.time_budget_minutes)
+                             args.teacher_batch_size, args.student_vocab_size, extra, args.time_budget_minutes)
     record = {"names": names, "seed": training_args.seed, "max_per_class": args.max_per_class,
               "max_examples": args.max_examples, "max_length": args.max_length, "transfer_size": args.transfer_size}
     return tasks, options, record

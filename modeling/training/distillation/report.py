@@ -120,6 +120,7 @@ def student_model_card(results: dict, student_config) -> str:
     template = model_card_template("distilled")
     training = results["training"]
     student = training["student"]
+    rows = training.get("training_rows", {})  # runs before the transfer set have no count
     means = results["means"]
     return render_model_card(template, {
         "num_tasks": len(results["tasks"]), "vocab_size": student_config.vocab_size,
@@ -136,8 +137,7 @@ def student_model_card(results: dict, student_config) -> str:
         "baseline_mean": f"{100 * means.get('baseline', float('nan')):.1f}",
         "gain": f"{results['distillation_gain_points']:+.1f}",
         "max_examples": results["tasks_record"]["max_examples"],
-        "labelled_rows": f"{training.get('training_rows', {}).get('labelled', 0):,}",
-        "transfer_rows": f"{training.get('training_rows', {}).get('transfer', 0):,}",
+        "labelled_rows": f"{rows.get('labelled', 0):,}", "transfer_rows": f"{rows.get('transfer', 0):,}",
     })
 
 
