@@ -373,12 +373,14 @@ _FEW_PAIRS = 4
 _FORWARDS_BEFORE_MISSING_UPDATE_WARNING = 1000
 
 
-def update_router_biases(model: nn.Module) -> int:
+def update_router_biases(model: nn.Module, group=None) -> int:
     """DeepSeek-V3 auxiliary-loss-free balancing: move each expert's selection bias towards equal load.
 
     `bias_i += rate * sign(mean_load - load_i)` for every balanced router in `model` (any module, wrapped or not),
     with the load counted since the last update. Under torch.distributed the loads of all routers are all-reduced
-    in one call (every rank calls it, even with no tokens), so every rank keeps the same bias. Call it after each
+    in one call over `group` (default: every rank; every rank of the group calls it, even with no tokens), so every
+    rank keeps the same bias. The ranks of `group` must hold the same routers: under pipeline parallelism pass the
+    stage's data-parallel group (`lightarch.training.parallel.pipeline_data_parallel_group`). Call it after each
     optimizer step: `lightarch.training.RouterBiasUpdateCallback` (Trainer) or `register_router_bias_hook` (custom
     loops) do. Returns the number of routers updated.
     """
@@ -391,7 +393,7 @@ def update_router_biases(model: nn.Module) -> int:
     with torch.no_grad():
         loads = torch.stack([router.tokens_per_expert for router in routers])  # (routers, num_experts)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(loads)
+            torch.distributed.all_reduce(loads, group=group)
         updated = 0
         for router, load in zip(routers, loads):
             router.tokens_per_expert.zero_()

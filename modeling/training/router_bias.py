@@ -36,15 +36,16 @@ class RouterBiasUpdateCallback(TrainerCallback):
             update_router_biases(model)
 
 
-def register_router_bias_hook(optimizer: Optimizer, model: nn.Module) -> RemovableHandle:
+def register_router_bias_hook(optimizer: Optimizer, model: nn.Module, group=None) -> RemovableHandle:
     """After each `optimizer.step()`, update the bias of every balanced router in `model`. For custom loops.
 
     The optimizer is only the clock: its parameters need not be the model's (FSDP, DeepSpeed and Opacus train
-    flattened, sharded or wrapped copies). Returns the hook's handle: `handle.remove()` stops the updates.
+    flattened, sharded or wrapped copies). `group`: the process group whose loads are summed (default: every rank;
+    a pipeline stage passes its data-parallel group). Returns the hook's handle: `handle.remove()` stops the updates.
     """
 
     def update_after_step(optimizer: Optimizer, args, kwargs) -> None:
-        update_router_biases(model)
+        update_router_biases(model, group=group)
 
     return optimizer.register_step_post_hook(update_after_step)
 

@@ -13,6 +13,8 @@ lightarch models, and a paper scaling model (`planner`) for ZeRO / FSDP / TP / P
   tensor- / expert-parallel plans through `from_pretrained(distributed_config=...)`), also over several nodes.
 - `accelerate launch --config_file configs/accelerate_cpu.yaml -m lightarch.training.parallel.accelerate_trainer OUT`:
   a Trainer run launched by accelerate on CPU (DDP over gloo; `configs/accelerate_cpu_multinode.yaml` for 2 nodes).
+- `pipeline_stage` / `build_pipeline`: a SparseMoe decoder cut into pipeline stages from its pipeline plan, trained
+  with `torch.distributed.pipelining`'s GPipe or 1F1B schedule (the router auxiliary loss carried across stages).
 - `lightarch.training.parallel.planner`: memory, compute and communication per step; `scripts/plan_parallel.py`.
 """
 
@@ -21,6 +23,13 @@ from .moe_loss import (
     global_router_aux_loss,
     local_balance_loss_gap,
     record_routers,
+)
+from .pipeline import (
+    SparseMoePipelineStage,
+    build_pipeline,
+    pipeline_data_parallel_group,
+    pipeline_loss_fn,
+    pipeline_stage,
 )
 from .sharded_checkpoints import (
     consolidate_zero3_checkpoint,
@@ -39,8 +48,10 @@ from .zero3 import (
 
 __all__ = [
     "DataParallelMoeTrainer",
+    "SparseMoePipelineStage",
     "apply_ddp",
     "apply_fsdp2",
+    "build_pipeline",
     "consolidate_zero3_checkpoint",
     "data_parallel_moe_loss",
     "decoder_layers",
@@ -50,6 +61,9 @@ __all__ = [
     "global_router_aux_loss",
     "load_sharded",
     "local_balance_loss_gap",
+    "pipeline_data_parallel_group",
+    "pipeline_loss_fn",
+    "pipeline_stage",
     "record_routers",
     "save_consolidated",
     "save_sharded",

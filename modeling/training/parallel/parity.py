@@ -171,16 +171,30 @@ def _zero3_held_fractions(model: nn.Module) -> dict[str, float]:
     }
 
 
-def train_reference(kind: str, batches, lr: float, weight_decay: float = 0.01) -> dict:
-    """One process over the full global batches: the losses, the gradients at every step, the final biases."""
+def train_reference(kind: str, batches, lr: float, weight_decay: float = 0.01, micro_batches: int = 1) -> dict:
+    """One process over the full global batches: the losses, the gradients at every step, the final biases.
+    `micro_batches > 1`: gradient accumulation over that many row chunks of each batch (loss = their mean), the
+    one-process equivalent of a pipeline schedule's micro-batches, in its order of operations: one backward per
+    micro-batch, then the summed gradients divided by their number (Adam turns a rounding difference in a gradient
+    that should be zero into a full step, so the order matters)."""
     model = build_model(kind)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     register_router_bias_hook(optimizer, model)
     losses, grads = [], []
     for batch in batches:
         optimizer.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
+        if micro_batches == 1:
+            loss = model(**batch).loss
+            loss.backward()
+        else:
+            loss = 0.0
+            for rows in zip(*(value.chunk(micro_batches) for value in batch.values())):
+                micro_loss = model(**dict(zip(batch, rows))).loss
+                micro_loss.backward()
+                loss = loss + micro_loss.detach() / micro_batches
+            for parameter in model.parameters():
+                if parameter.grad is not None:
+                    parameter.grad.div_(micro_batches)
         losses.append(loss.item())
         grads.append({name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None})
         optimizer.step()
@@ -188,6 +202,8 @@ def train_reference(kind: str, batches, lr: float, weight_decay: float = 0.01) -
 
 
 PLAN_ENGINES = ("tp", "ep")  # the model's own plans, through from_pretrained: every rank trains on the full batch
+PIPELINE_ENGINES = {"pp_gpipe": "gpipe", "pp_1f1b": "1f1b"}  # one stage per rank, `PIPELINE_MICRO_BATCHES` each step
+PIPELINE_MICRO_BATCHES = 2
 
 
 def load_with_plan(folder: str | os.PathLike, engine: str) -> nn.Module:
@@ -298,6 +314,66 @@ def train_parallel(kind: str, engine: str, batches, lr: float, reference: dict, 
                                          if name.endswith("experts.gate_up_proj")), None), **held}
 
 
+def train_pipeline(kind: str, engine: str, batches, lr: float, reference: dict) -> dict:
+    """The same training as `reference` (accumulating `PIPELINE_MICRO_BATCHES` micro-batches) with one pipeline
+    stage per rank (`lightarch.training.parallel.pipeline`) and the `engine`'s schedule; every rank compares the
+    gradients of the parameters its stage holds, by name, and the final router biases of its routers."""
+    from .pipeline import build_pipeline, pipeline_data_parallel_group, pipeline_stage
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    stage = pipeline_stage(build_model(kind), rank, world_size)
+    micro_batch_shape = (GLOBAL_BATCH // PIPELINE_MICRO_BATCHES, SEQUENCE_LENGTH)
+    schedule = build_pipeline(stage, rank, world_size, PIPELINE_MICRO_BATCHES, micro_batch_shape,
+                              PIPELINE_ENGINES[engine])
+    optimizer = torch.optim.AdamW(stage.parameters(), lr=lr)
+    register_router_bias_hook(optimizer, stage, group=pipeline_data_parallel_group(world_size))
+    num_experts = stage.model.config.num_experts
+    parameters = dict(stage.model.named_parameters())
+    loss_diffs, grad_rel, losses, zero_token_records, worst_parameters = [], [], [], 0, []
+    for step, batch in enumerate(batches):
+        optimizer.zero_grad()
+        micro_losses: list[torch.Tensor] = []
+        with record_routers(stage) as records:
+            if stage.is_first and stage.is_last:
+                schedule.step(batch["input_ids"], target=batch["labels"], losses=micro_losses)
+            elif stage.is_first:
+                schedule.step(batch["input_ids"])
+            elif stage.is_last:
+                schedule.step(target=batch["labels"], losses=micro_losses)
+            else:
+                schedule.step()
+        loss = torch.stack(micro_losses).mean().detach() if micro_losses else torch.zeros(())
+        dist.broadcast(loss, src=world_size - 1)  # the last stage computed it
+        losses.append(loss.item())
+        loss_diffs.append(abs(loss.item() - reference["losses"][step]))
+        step_rel = {}
+        for name, parameter in parameters.items():
+            expected = reference["grads"][step].get(name, torch.zeros_like(parameter))
+            grad = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
+            step_rel[name] = (((grad - expected).norm() / expected.norm().clamp(min=1e-12)).item()
+                              if expected.norm() > 0 else (grad - expected).norm().item())
+        grad_rel.append(max(step_rel.values()))
+        worst_parameters.append(max(step_rel, key=step_rel.get))
+        zero_token_records += sum(int((torch.bincount(indices.flatten(), minlength=num_experts + 1)[:num_experts] == 0)
+                                      .any()) for _, indices in records)  # (layer, micro-batch) with an idle expert
+        optimizer.step()  # the router-bias hook updates this stage's routers from its own loads
+    biases = {name: buffer for name, buffer in stage.model.named_buffers() if name.endswith("e_score_correction_bias")}
+    total = sum(value.numel() for name, value in reference["state"].items() if name not in reference_buffers(kind))
+    return {"loss_max_diff": max(loss_diffs), "grad_max_rel": max(grad_rel), "losses": losses,
+            "reference_losses": reference["losses"], "checked_parameters": sorted(parameters),
+            "grad_rel_per_step": grad_rel, "worst_parameter_per_step": worst_parameters,
+            "layers": [stage.start, stage.end], "zero_token_records": zero_token_records,
+            "bias_max_diff": max([(value - reference["state"][name]).abs().max().item()
+                                  for name, value in biases.items()], default=0.0),
+            "biases_moved": any(value.abs().sum() > 0 for value in biases.values()),
+            "held_parameters": sum(p.numel() for p in parameters.values()) / total}
+
+
+def reference_buffers(kind: str) -> set[str]:
+    """Names of `build_model(kind)`'s buffers (in its state dict beside the parameters)."""
+    return {name for name, _ in build_model(kind).named_buffers()}
+
+
 def _save_outputs(wrapped: nn.Module, inner: nn.Module, engine: str, batch, checkpoint_dir: str) -> None:
     """At the checkpoint: the sharded model's logits on `batch` (every rank runs the forward), and for FSDP2 the
     consolidated folder, so that a single process can check that `from_pretrained` gives the same outputs."""
@@ -331,7 +407,10 @@ def run(out_dir: str, steps: int = 10, lr: float = 1e-3, engines: tuple[str, ...
     # before any process group exists (the bias update all-reduces once one does); the Trainer's AdamW decays no
     # norm weight, so its reference has no weight decay
     trainer_engines = ("trainer_zero3", "trainer_zero3_local")
-    references = {kind: train_reference(kind, batches, lr) for kind, engine in pairs if engine not in trainer_engines}
+    references = {kind: train_reference(kind, batches, lr) for kind, engine in pairs
+                  if engine not in trainer_engines and engine not in PIPELINE_ENGINES}
+    pipeline_references = {kind: train_reference(kind, batches, lr, micro_batches=PIPELINE_MICRO_BATCHES)
+                           for kind, engine in pairs if engine in PIPELINE_ENGINES}
     trainer_references = {kind: train_reference(kind, batches, lr, weight_decay=0.0)
                           for kind, engine in pairs if engine in trainer_engines}
     dist.init_process_group("gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_SECONDS))
@@ -352,6 +431,10 @@ def run(out_dir: str, steps: int = 10, lr: float = 1e-3, engines: tuple[str, ...
                 results["cases"][f"{kind}/{engine}"] = train_with_trainer(
                     str(Path(out_dir, f"{engine}-{kind}")), kind, batches, lr, trainer_references[kind],
                     None if local else resume_at, local_loss=local)
+                continue
+            if engine in PIPELINE_ENGINES:
+                results["cases"][f"{kind}/{engine}"] = train_pipeline(kind, engine, batches, lr,
+                                                                      pipeline_references[kind])
                 continue
             sharded = engine in ("fsdp2", "zero3") and resume_at is not None
             checkpoint_dir = str(Path(out_dir, "checkpoints", f"{kind}-{engine}")) if sharded else None
@@ -376,7 +459,8 @@ def main() -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--engines", default="ddp,fsdp2", help="comma-separated: ddp, fsdp2, zero3, tp, ep")
+    parser.add_argument("--engines", default="ddp,fsdp2",
+                        help="comma-separated: ddp, fsdp2, zero3, tp, ep, pp_gpipe, pp_1f1b")
     parser.add_argument("--kinds", default="sparse_moe_top_k,sparse_moe_top_p,adaptive_depth")
     parser.add_argument("--resume_at", type=int, default=None,
                         help="also checkpoint FSDP2 / ZeRO-3 runs after this many steps and resume from there")
