@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_sparse_moe_config, torchrun
 from lightarch import SparseMoeForCausalLM
 from lightarch.training.parallel import data_parallel_moe_loss, local_balance_loss_gap
+from lightarch.training.parallel.parity import tiny_config
 
 # the README's `-n 2 --dist loadgroup` runs this module on one xdist worker, so its module-scoped launch runs once
 pytestmark = pytest.mark.xdist_group("test_parallel_parity")
@@ -114,7 +115,7 @@ def test_pipeline_training_equals_one_process_over_the_same_micro_batches(parity
     assert parity[0]["cases"][case]["layers"] == [0, 2] and parity[1]["cases"][case]["layers"] == [2, 3]
     assert sorted(checked) == sorted(set(checked))  # no parameter on both stages
     kind = case.split("/")[0]
-    model = SparseMoeForCausalLM(build_model_config(kind))
+    model = SparseMoeForCausalLM(tiny_config(kind))
     assert set(checked) == {name for name, _ in model.named_parameters()}
     assert sum(rank["cases"][case]["held_parameters"] for rank in parity) == pytest.approx(1.0)
 
@@ -126,12 +127,6 @@ def test_pipeline_router_bias_updates_per_stage(parity):
         result = rank["cases"]["sparse_moe_top_k/pp_gpipe"]
         assert result["biases_moved"]
         assert result["bias_max_diff"] == 0.0
-
-
-def build_model_config(kind):
-    from lightarch.training.parallel.parity import tiny_config
-
-    return tiny_config(kind)
 
 
 def test_pipeline_stage_refuses_what_it_cannot_cut():

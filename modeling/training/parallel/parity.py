@@ -94,17 +94,25 @@ def build_model(kind: str) -> nn.Module:
     return model_class(config).train()
 
 
-def router_biases(model: nn.Module) -> list[torch.Tensor]:
-    return [m.e_score_correction_bias.detach().clone() for m in model.modules()
-            if hasattr(m, "e_score_correction_bias")]
+def router_biases(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every balanced router's bias by buffer name (a pipeline stage holds only its own routers' biases)."""
+    return {name: buffer.detach().clone() for name, buffer in model.named_buffers()
+            if name.endswith("e_score_correction_bias")}
 
 
 def bias_comparison(model: nn.Module, reference: dict) -> dict:
-    """`bias_max_diff` (the router biases against `reference["biases"]`) and `biases_moved` (the update ran)."""
+    """`bias_max_diff` (the router biases against `reference["biases"]`, by name) and `biases_moved` (the update
+    ran)."""
     biases = router_biases(model)
-    return {"bias_max_diff": max([(a - b).abs().max().item() for a, b in zip(biases, reference["biases"])],
-                                 default=0.0),
-            "biases_moved": any(b.abs().sum() > 0 for b in biases)}
+    return {"bias_max_diff": max([(bias - reference["biases"][name]).abs().max().item()
+                                  for name, bias in biases.items()], default=0.0),
+            "biases_moved": any(bias.abs().sum() > 0 for bias in biases.values())}
+
+
+def relative_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """|got - expected| / |expected| (Frobenius norms); the absolute norm where `expected` is zero."""
+    difference = (got - expected).norm()
+    return (difference / expected.norm().clamp(min=1e-12)).item() if expected.norm() > 0 else difference.item()
 
 
 def trainer_rows(batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
@@ -289,8 +297,7 @@ def train_parallel(kind: str, engine: str, batches, lr: float, reference: dict, 
             grad = torch.zeros_like(parameter.data if expected is None else expected) if grad is None else grad
             expected = torch.zeros_like(grad) if expected is None else expected
             grad_abs.append((grad - expected).abs().max().item())
-            grad_rel.append(((grad - expected).norm() / expected.norm().clamp(min=1e-12)).item()
-                            if expected.norm() > 0 else (grad - expected).norm().item())
+            grad_rel.append(relative_difference(grad, expected))
         counts = torch.stack([torch.bincount(indices.flatten(), minlength=config.num_experts + 1)[:config.num_experts]
                               for _, indices in records])  # (layers, E) on this rank
         all_counts = [torch.zeros_like(counts) for _ in range(world_size)]
@@ -321,7 +328,9 @@ def train_pipeline(kind: str, engine: str, batches, lr: float, reference: dict) 
     from .pipeline import build_pipeline, pipeline_data_parallel_group, pipeline_stage
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    stage = pipeline_stage(build_model(kind), rank, world_size)
+    model = build_model(kind)
+    total_parameters = sum(p.numel() for p in model.parameters())  # before the stage drops the others
+    stage = pipeline_stage(model, rank, world_size)
     micro_batch_shape = (GLOBAL_BATCH // PIPELINE_MICRO_BATCHES, SEQUENCE_LENGTH)
     schedule = build_pipeline(stage, rank, world_size, PIPELINE_MICRO_BATCHES, micro_batch_shape,
                               PIPELINE_ENGINES[engine])
@@ -350,28 +359,18 @@ def train_pipeline(kind: str, engine: str, batches, lr: float, reference: dict) 
         for name, parameter in parameters.items():
             expected = reference["grads"][step].get(name, torch.zeros_like(parameter))
             grad = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
-            step_rel[name] = (((grad - expected).norm() / expected.norm().clamp(min=1e-12)).item()
-                              if expected.norm() > 0 else (grad - expected).norm().item())
+            step_rel[name] = relative_difference(grad, expected)
         grad_rel.append(max(step_rel.values()))
         worst_parameters.append(max(step_rel, key=step_rel.get))
         zero_token_records += sum(int((torch.bincount(indices.flatten(), minlength=num_experts + 1)[:num_experts] == 0)
                                       .any()) for _, indices in records)  # (layer, micro-batch) with an idle expert
         optimizer.step()  # the router-bias hook updates this stage's routers from its own loads
-    biases = {name: buffer for name, buffer in stage.model.named_buffers() if name.endswith("e_score_correction_bias")}
-    total = sum(value.numel() for name, value in reference["state"].items() if name not in reference_buffers(kind))
     return {"loss_max_diff": max(loss_diffs), "grad_max_rel": max(grad_rel), "losses": losses,
             "reference_losses": reference["losses"], "checked_parameters": sorted(parameters),
             "grad_rel_per_step": grad_rel, "worst_parameter_per_step": worst_parameters,
             "layers": [stage.start, stage.end], "zero_token_records": zero_token_records,
-            "bias_max_diff": max([(value - reference["state"][name]).abs().max().item()
-                                  for name, value in biases.items()], default=0.0),
-            "biases_moved": any(value.abs().sum() > 0 for value in biases.values()),
-            "held_parameters": sum(p.numel() for p in parameters.values()) / total}
-
-
-def reference_buffers(kind: str) -> set[str]:
-    """Names of `build_model(kind)`'s buffers (in its state dict beside the parameters)."""
-    return {name for name, _ in build_model(kind).named_buffers()}
+            **bias_comparison(stage.model, reference),
+            "held_parameters": sum(p.numel() for p in parameters.values()) / total_parameters}
 
 
 def _save_outputs(wrapped: nn.Module, inner: nn.Module, engine: str, batch, checkpoint_dir: str) -> None:

@@ -87,9 +87,7 @@ class SparseMoePipelineStage(nn.Module):
             setattr(model, head_name, nn.Identity())
         self.model = model  # `stage.model.<name>` is the one-process parameter `<name>`
         self.layers_name, self.embed_name, self.norm_name, self.head_name = layers_name, embed_name, norm_name, head_name
-        config = model.config
-        self.num_moe_layers = config.num_hidden_layers - config.first_k_dense_layers
-        self.records_routers = self.num_moe_layers > 0
+        self.num_moe_layers = model.config.num_hidden_layers - model.config.first_k_dense_layers
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         base = self.model.model
@@ -99,7 +97,7 @@ class SparseMoePipelineStage(nn.Module):
             aux = hidden_states.new_zeros(1)
         else:
             hidden_states, aux = inputs  # (B, T, H), (1,)
-        batch_size, sequence_length = hidden_states.shape[:2]
+        sequence_length = hidden_states.shape[1]
         position_ids = torch.arange(sequence_length, device=hidden_states.device).unsqueeze(0)  # (1, T)
         masks = base._attention_masks(hidden_states, None, position_ids, None, False, None)
         position_embeddings = base.rotary_emb(hidden_states, position_ids)
